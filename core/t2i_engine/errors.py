@@ -1,0 +1,39 @@
+"""Exceptions the engine raises on purpose: each carries a message meant for a person.
+
+The CLI prints ``str(error)`` and exits with :attr:`T2IError.exit_code` (no traceback unless
+``--debug``); library users catch them like any exception.
+"""
+
+from __future__ import annotations
+
+
+class T2IError(Exception):
+    """Base of the engine's own errors."""
+
+    exit_code: int = 1
+
+
+class ConfigError(T2IError, ValueError):
+    """A configuration value, key, file or component name is wrong (CLI exit status 2)."""
+
+    exit_code = 2
+
+
+class PluginError(T2IError):
+    """A plugin failed to load, clashes with another, or is missing (CLI exit status 2)."""
+
+    exit_code = 2
+
+
+class CheckpointError(T2IError):
+    """A checkpoint file is unreadable, of an unknown format, or does not fit the model."""
+
+    exit_code = 2
+
+
+class DataError(T2IError):
+    """A dataset is unusable (too many corrupt samples, an empty folder ...)."""
+
+
+class TrainingError(T2IError):
+    """Training cannot go on (too many non-finite losses in a row ...)."""

@@ -1,0 +1,143 @@
+"""Attention blocks: multi-head (cross-)attention, the GEGLU feed-forward, the transformer block,
+the spatial transformer that runs it over a feature map, and the single-head spatial self-attention
+of autoencoders.
+
+References: "Attention Is All You Need" (Vaswani et al. 2017); GEGLU from "GLU Variants Improve
+Transformer" (Shazeer 2020); the spatial transformer from Latent Diffusion (Rombach et al. 2022).
+Parameter names follow the diffusers layout (``to_q``, ``to_out.0``, ``ff.net.0.proj`` ...).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from t2i_engine.nn import ops
+from t2i_engine.nn.resblock import GroupNorm
+
+
+class Attention(nn.Module):
+    """Multi-head attention of ``x (B, L, query_dim)`` over ``context (B, Lc, context_dim)``.
+
+    Without a context it is self-attention. ``context_mask`` ``(B, Lc)`` is True for real tokens.
+    """
+
+    def __init__(self, query_dim: int, *, context_dim: int | None = None, heads: int = 8,
+                 head_dim: int = 64, qkv_bias: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        context_dim = context_dim or query_dim
+        self.heads = heads
+        self.head_dim = head_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+        out = ops.attention(q, k, v, key_padding_mask=context_mask)  # (B, heads, L, head_dim)
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, L, inner)
+        return self.to_out[1](self.to_out[0](out))
+
+
+class GEGLU(nn.Module):
+    """Linear projection to twice the width, gated by the GELU of one half."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward: ``dim -> mult*dim (gated) -> dim``; keys ``net.0.proj``, ``net.2``."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: self-attention, cross-attention to the context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int | None,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout=dropout)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, context_mask=context_mask if context is not None else None)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer blocks over the pixels of a feature map, conditioned by cross-attention.
+
+    ``x (B, C, H, W), context (B, Lc, context_dim) -> (B, C, H, W)``. ``linear_projection``
+    selects linear (SD 2) instead of 1x1-convolution (SD 1) projections in and out.
+    """
+
+    def __init__(self, channels: int, *, heads: int, context_dim: int | None, depth: int = 1,
+                 groups: int = 32, linear_projection: bool = False, dropout: float = 0.0) -> None:
+        super().__init__()
+        head_dim = channels // heads
+        self.linear_projection = linear_projection
+        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
+        self.proj_in = proj()
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, heads=heads, head_dim=head_dim, context_dim=context_dim, dropout=dropout)
+            for _ in range(depth)
+        )
+        self.proj_out = proj()
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
+        b, c, hgt, wid = x.shape
+        h = self.norm(x)
+        if not self.linear_projection:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(b, hgt * wid, c)  # (B, HW, C)
+        if self.linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context, context_mask=context_mask)
+        if self.linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(b, hgt, wid, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        if not self.linear_projection:
+            h = self.proj_out(h)
+        return x + h
+
+
+class SpatialSelfAttention(Attention):
+    """Single-head self-attention over a feature map with its own GroupNorm and a residual
+    (the mid-block attention of the KL autoencoder): ``(B, C, H, W) -> (B, C, H, W)``."""
+
+    def __init__(self, channels: int, *, groups: int = 32, eps: float = 1e-6) -> None:
+        super().__init__(channels, heads=1, head_dim=channels, qkv_bias=True)
+        self.group_norm = GroupNorm(groups, channels, eps=eps)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        b, c, hgt, wid = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        h = super().forward(h)
+        return x + h.transpose(1, 2).reshape(b, c, hgt, wid)

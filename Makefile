@@ -1,0 +1,37 @@
+# t2i-engine: `make demo` runs the quickstart, `make test` runs the whole suite.
+# Both create .venv on first use (python3 -m venv) and install torch first, then the engine,
+# the SDK and every plugin in editable mode with their test extras.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.t2i-installed
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+
+.PHONY: demo test install bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml sdk/pyproject.toml $(PLUGINS)
+	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PIP) install --quiet -e '.[test]' -e 'sdk[test]' $(foreach p,$(PLUGINS),-e '$(dir $(p))[test]')
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/t2i-engine plugins
+
+test: $(STAMP)
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) benchmarks/sampler_overhead.py
+	$(PY) benchmarks/train_loop.py
+	$(PY) benchmarks/kernels.py
+
+clean:
+	rm -rf $(VENV) outputs runs

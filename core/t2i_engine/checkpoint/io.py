@@ -1,0 +1,144 @@
+"""Atomic, fsspec-aware weight I/O.
+
+Every file the engine writes goes through :func:`atomic_write_bytes`: the bytes are written to a
+temporary name beside the target and then renamed over it (``os.replace`` locally, ``fs.mv`` on
+other fsspec filesystems), so a reader never sees a half-written file under the final name.
+Weights are safetensors; anything pickled is read only with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import torch
+from torch import Tensor, nn
+
+from t2i_engine.errors import CheckpointError
+
+__all__ = [
+    "atomic_write_bytes",
+    "load_safetensors",
+    "load_state_dict_strict",
+    "read_bytes",
+    "safe_torch_load",
+    "save_safetensors",
+    "save_torch",
+]
+
+
+def _tmp_name(path: str) -> str:
+    head, _, tail = path.rpartition("/")
+    name = f".{tail}.tmp-{uuid.uuid4().hex[:12]}"
+    return f"{head}/{name}" if head else name
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to ``url`` (a path or fsspec URL) atomically.
+
+    The data goes to a hidden temporary name in the same folder first; only once it is complete
+    (and fsynced, for local files) is it renamed to ``url``. A crash mid-write leaves the old
+    file (if any) untouched; the stray temporary file is ignored by every reader.
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rpartition("/")[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = _tmp_name(path)
+    if isinstance(fs, LocalFileSystem):
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+        return
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)  # object stores: the final name appears only once the upload completed
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a whole file from a path or fsspec URL; a missing file is a :class:`CheckpointError`."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint file not found: {url}") from e
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], url: str, *,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Save a flat ``name -> tensor`` mapping as safetensors at ``url``, atomically.
+
+    Tensors are made contiguous and moved to the CPU; tensors sharing storage are cloned
+    (safetensors refuses shared storage).
+    """
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(url, save(clean, metadata=dict(metadata) if metadata else None))
+
+
+def load_safetensors(url: str, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """Load a safetensors file from a path or fsspec URL into a ``name -> tensor`` dict."""
+    from safetensors.torch import load
+
+    data = read_bytes(url)
+    try:
+        tensors = load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{url} is not a readable safetensors file: {e}") from e
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def save_torch(obj: Any, url: str) -> None:
+    """``torch.save`` ``obj`` to ``url`` atomically; keep it loadable with ``weights_only=True``
+    (tensors, numbers, strings, lists, tuples and dicts only)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(url, buf.getvalue())
+
+
+def safe_torch_load(url: str, *, map_location: str | torch.device = "cpu") -> Any:
+    """Load a pickled file (``.pt``, ``.ckpt``, ``.pth``) with ``torch.load(weights_only=True)``.
+
+    Anything that needs arbitrary code to unpickle is refused with a :class:`CheckpointError`
+    that explains why, instead of being executed.
+    """
+    data = read_bytes(url)
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"refusing to load {url}: it cannot be read with torch.load(weights_only=True) ({e}). "
+            "Pickles that need arbitrary code are not loaded; convert the file to safetensors "
+            "with a trusted tool first.") from e
+
+
+def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], *,
+                           source: str = "checkpoint") -> None:
+    """Load ``state`` into ``module``; missing or unexpected keys, or a shape mismatch, are a
+    :class:`CheckpointError` that lists them (the first 20 of each)."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", wrong)):
+            if keys:
+                more = f" ... (+{len(keys) - 20} more)" if len(keys) > 20 else ""
+                if label == "shape mismatches":
+                    shown = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in keys[:20]]
+                else:
+                    shown = keys[:20]
+                parts.append(f"{label} ({len(keys)}): {', '.join(shown)}{more}")
+        raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts))
+    module.load_state_dict(dict(state), strict=True)

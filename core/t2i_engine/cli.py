@@ -1,0 +1,133 @@
+"""``t2i-engine``: the one command for every job.
+
+    t2i-engine run CONFIG.toml [--set key.path=value ...] [--debug]
+    t2i-engine config CONFIG.toml [--set ...]      print the resolved config, defaults filled in
+    t2i-engine plugins [--json]                     installed plugins and what each registers
+    t2i-engine new-plugin NAME [--dir DIR]          scaffold a plugin distribution
+    t2i-engine --version
+
+Exit status: 0 on success, 2 for a configuration or plugin error (one readable message on
+stderr, a traceback only with ``--debug``), 1 for any other failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from t2i_engine import __version__
+from t2i_engine.errors import T2IError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i-engine", description="Plugin-based text-to-image engine.")
+    parser.add_argument("--version", action="version", version=f"t2i-engine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="the job's TOML file")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a value, e.g. --set sampler.steps=30 (repeatable)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    with_config(sub.add_parser("run", help="run the job a config describes"))
+    with_config(sub.add_parser("config", help="print the resolved config with every default"))
+    p = sub.add_parser("plugins", help="list installed plugins and what they register")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--debug", action="store_true", help="show load tracebacks")
+    p = sub.add_parser("new-plugin", help="write a new plugin distribution to start from")
+    p.add_argument("name", help="plugin name (the distribution is t2i-plugin-NAME)")
+    p.add_argument("--dir", default=".", help="folder to create it in")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("T2I_DEBUG") == "1"
+    try:
+        if args.command == "run":
+            return _cmd_run(args, debug=debug)
+        if args.command == "config":
+            return _cmd_config(args)
+        if args.command == "plugins":
+            return _cmd_plugins(args)
+        if args.command == "new-plugin":
+            from t2i_engine.scaffold import write_plugin
+
+            path = write_plugin(args.name, Path(args.dir))
+            print(f"wrote {path}; install it with `pip install -e {path}`")
+            return 0
+    except T2IError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"t2i-engine: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("t2i-engine: interrupted", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _load(args: argparse.Namespace) -> tuple[Any, Any]:
+    from t2i_engine.config.loader import load_config
+    from t2i_engine.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    return pm, load_config(args.config, pm, overrides=args.overrides)
+
+
+def _cmd_run(args: argparse.Namespace, *, debug: bool) -> int:
+    from t2i_engine.runner import run_config
+
+    pm, config = _load(args)
+    summary = run_config(config, pm, debug=debug)
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from t2i_engine.config.render import render_toml
+
+    _, config = _load(args)
+    sys.stdout.write(render_toml(config))
+    return 0
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from t2i_engine.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    pm.registries()  # fills each plugin's `registers`
+    infos = list(pm.plugins.values())
+    if args.json:
+        print(json.dumps([{
+            "name": i.name, "distribution": i.distribution, "version": i.version,
+            "registers": i.registers, "error": i.error,
+        } for i in infos], indent=2))
+        return 0
+    for info in infos:
+        status = "ok" if info.loaded else "FAILED"
+        print(f"{info.name}  ({info.distribution or '?'} {info.version or ''})  [{status}]".replace(" )", ")"))
+        for kind, names in sorted(info.registers.items()):
+            print(f"    {kind}: {', '.join(sorted(names))}")
+        if info.error:
+            print(f"    error: {info.error}")
+            if args.debug and info.traceback:
+                print(info.traceback)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Load a TOML config into a :class:`~t2i_engine.config.schema.RunConfig`.
+
+Steps: parse (syntax errors name file, line and column), apply ``--set`` overrides, check the
+top-level tables, validate ``[engine]``, load and require the plugins it lists, then validate
+each component table against the ``Config`` of the component it selects. Every failure is a
+:class:`~t2i_engine.errors.ConfigError` whose message names the dotted key and the file:line.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from t2i_engine.config.paths import BASE_DIR
+from t2i_engine.config.schema import COMPONENT_TABLES, TOP_LEVEL, ComponentConfig, EngineConfig, RunConfig
+from t2i_engine.config.structure import Locate, structure
+from t2i_engine.errors import ConfigError
+from t2i_engine.plugins.manager import EnginePluginManager, did_you_mean
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+_KEY = re.compile(r"^\s*([A-Za-z0-9_\-\"']+)\s*=")
+
+
+def index_lines(text: str) -> dict[str, int]:
+    """Map dotted keys and table names to the (1-based) line that defines them.
+
+    Array-of-tables entries are indexed as ``name[i]``. This is a light scanner for error
+    messages, not a TOML parser; keys it cannot place are simply not found.
+    """
+    where: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    table = ""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER.match(line)
+        if header:
+            name = header.group(2).replace('"', "").replace("'", "").strip()
+            if header.group(1) == "[[":
+                i = counts.get(name, 0)
+                counts[name] = i + 1
+                name = f"{name}[{i}]"
+            table = name
+            where.setdefault(table, lineno)
+            continue
+        key = _KEY.match(line)
+        if key:
+            k = key.group(1).strip("\"'")
+            where.setdefault(f"{table}.{k}" if table else k, lineno)
+    return where
+
+
+def make_locator(source: Path | None, text: str | None) -> Locate:
+    """A function giving `` (file:line)`` for a dotted key, falling back to its parents."""
+    if source is None or text is None:
+        return lambda _key: ""
+    lines = index_lines(text)
+
+    def locate(key: str) -> str:
+        probe = key
+        while probe:
+            if probe in lines:
+                return f" ({source}:{lines[probe]})"
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return f" ({source})"
+
+    return locate
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``key.path=value`` -> (["key", "path"], value); the value is read as TOML, else a string."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key.path=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set {item!r}: the key is empty")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> None:
+    """Set each ``key.path=value`` in ``data`` (creating tables as needed)."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict | list):
+                raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' is not a table")
+            node = nxt
+        node[parts[-1]] = value
+
+
+def read_toml(path: Path) -> tuple[dict[str, Any], str]:
+    """Parse ``path``; a missing file or a syntax error is a ConfigError with file:line:col."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: '{path}'")
+    text = path.read_text(encoding="utf-8")
+    try:
+        return tomllib.loads(text), text
+    except tomllib.TOMLDecodeError as exc:
+        line = getattr(exc, "lineno", None)
+        col = getattr(exc, "colno", None)
+        msg = getattr(exc, "msg", str(exc))
+        if line is None:  # Python < 3.14: position only inside the message "(at line L, column C)"
+            found = re.search(r"at line (\d+), column (\d+)", str(exc))
+            if found:
+                line, col = int(found.group(1)), int(found.group(2))
+                msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        where = f"{path}:{line}:{col}" if line is not None else str(path)
+        raise ConfigError(f"{where}: TOML syntax error: {msg}") from exc
+
+
+def _component(pm: EnginePluginManager, table_name: str, table: Any, locate: Locate,
+               *, kind: str, selector: str) -> ComponentConfig:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{table_name}: expected a table, got {table!r}{locate(table_name)}")
+    if selector not in table:
+        raise ConfigError(f"{table_name}.{selector}: required key is missing (which {kind} to use)"
+                          f"{locate(table_name)}")
+    name = table[selector]
+    if not isinstance(name, str):
+        raise ConfigError(f"{table_name}.{selector}: expected a string, got {name!r}"
+                          f"{locate(f'{table_name}.{selector}')}")
+    try:
+        reg = pm.get(kind, name, key=f"{table_name}.{selector}")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{locate(f'{table_name}.{selector}')}") from None
+    schema = getattr(reg.factory, "Config", None)
+    if schema is None:
+        extra = [k for k in table if k != selector]
+        if extra:
+            raise ConfigError(f"{table_name}.{extra[0]}: unknown key; {kind} '{name}' takes no "
+                              f"options{locate(f'{table_name}.{extra[0]}')}")
+        options = None
+    else:
+        options = structure(schema, table, table_name, locate, ignore=(selector,))
+    return ComponentConfig(kind=kind, name=name, options=options, plugin=reg.plugin)
+
+
+def resolve_config(data: dict[str, Any], pm: EnginePluginManager, *, source: Path | None = None,
+                   text: str | None = None) -> RunConfig:
+    """Validate parsed TOML ``data`` into a RunConfig, loading plugins as ``[engine]`` asks."""
+    locate = make_locator(source, text)
+    token = BASE_DIR.set(source.parent.resolve() if source is not None else None)
+    try:
+        for key in data:
+            if key not in TOP_LEVEL:
+                raise ConfigError(f"{key}: unknown table{did_you_mean(key, TOP_LEVEL)}; valid "
+                                  f"tables: {', '.join(TOP_LEVEL)}{locate(key)}")
+        engine = structure(EngineConfig, data.get("engine", {}), "engine", locate)
+        pm.load()
+        try:
+            pm.require(engine.plugins)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}{locate('engine.plugins')}") from None
+        if "task" not in data:
+            raise ConfigError(f"task: the [task] table is missing (name = the job to run)"
+                              f"{f' ({source})' if source else ''}")
+        parts: dict[str, Any] = {}
+        for table_name, (kind, selector) in COMPONENT_TABLES.items():
+            if table_name in data:
+                parts[table_name] = _component(pm, table_name, data[table_name], locate,
+                                               kind=kind, selector=selector)
+        conditioners = data.get("conditioners", [])
+        if not isinstance(conditioners, list):
+            raise ConfigError(f"conditioners: expected an array of tables ([[conditioners]])"
+                              f"{locate('conditioners')}")
+        conds = [_component(pm, f"conditioners[{i}]", c, locate, kind="conditioner", selector="type")
+                 for i, c in enumerate(conditioners)]
+        train = None
+        if "train" in data:
+            from t2i_engine.training.config import TrainConfig
+
+            train = structure(TrainConfig, data["train"], "train", locate)
+        return RunConfig(engine=engine, train=train, conditioners=conds,
+                         source=source.resolve() if source else None, **parts)
+    finally:
+        BASE_DIR.reset(token)
+
+
+def load_config(path: str | Path, pm: EnginePluginManager, *, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read, override and validate the config file at ``path``."""
+    source = Path(path)
+    data, text = read_toml(source)
+    apply_overrides(data, overrides)
+    return resolve_config(data, pm, source=source, text=text)

@@ -1,0 +1,110 @@
+"""Backend choice shared by every kernel: the ``T2I_KERNELS`` switch and where Triton can run.
+
+``T2I_KERNELS`` (read on every call, so tests can flip it; a compiled graph keeps the choice it
+was traced with):
+
+* ``auto`` (default): Triton for CUDA tensors the kernel supports, PyTorch everywhere else.
+* ``torch``: always the PyTorch path.
+* ``triton``: always Triton; inputs it cannot take raise :class:`KernelUnavailableError`.
+  CPU tensors run through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` as well
+  (slow: meant for tests on machines without a GPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Literal
+
+import torch
+
+from t2i_engine.errors import T2IError
+
+__all__ = [
+    "BACKEND_ENV",
+    "Backend",
+    "KernelUnavailableError",
+    "interpret_mode",
+    "requested_backend",
+    "triton_available",
+    "use_triton",
+]
+
+BACKEND_ENV = "T2I_KERNELS"
+Backend = Literal["auto", "torch", "triton"]
+_BACKENDS: tuple[Backend, ...] = ("auto", "torch", "triton")
+_TRUE = ("1", "true", "yes", "on")
+
+# None until first asked; a module global (not functools.cache) so torch.compile can read it.
+_TRITON_OK: bool | None = None
+
+
+class KernelUnavailableError(T2IError, RuntimeError):
+    """``T2I_KERNELS=triton`` forced a Triton kernel onto inputs it cannot run on."""
+
+
+def requested_backend() -> Backend:
+    """The backend named by ``T2I_KERNELS`` (``auto`` when unset)."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in _BACKENDS:
+        raise KernelUnavailableError(
+            f"{BACKEND_ENV}={value!r} is not one of {', '.join(_BACKENDS)}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def interpret_mode() -> bool:
+    """True when ``TRITON_INTERPRET`` asks for Triton's CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported (checked once, lazily)."""
+    global _TRITON_OK
+    if _TRITON_OK is None:
+        ok = importlib.util.find_spec("triton") is not None
+        if ok:
+            try:
+                import triton  # noqa: F401
+            except Exception:  # a broken install must not break the engine
+                ok = False
+        _TRITON_OK = ok
+    return _TRITON_OK
+
+
+def use_triton(op: str, device: torch.device, unsupported: str | None) -> bool:
+    """Decide whether ``op`` runs its Triton kernel.
+
+    Args:
+        op: the op's name, for error messages.
+        device: the device of the inputs.
+        unsupported: why the Triton kernel cannot take these inputs (dtype, shape ...),
+            or None when it can.
+
+    Returns:
+        True for Triton, False for the PyTorch path.
+
+    Raises:
+        KernelUnavailableError: ``T2I_KERNELS=triton`` but Triton cannot run here.
+    """
+    backend = requested_backend()
+    if backend == "torch":
+        return False
+    reason = unsupported
+    if reason is None and device.type not in ("cuda", "cpu"):
+        reason = f"device {device.type} is not supported"
+    if reason is None and device.type == "cpu" and not interpret_mode():
+        reason = "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+    if reason is None and not triton_available():
+        reason = "the triton package is not installed"
+    if backend == "triton":
+        if reason is not None:
+            raise KernelUnavailableError(f"{op}: {BACKEND_ENV}=triton but {reason}")
+        return True
+    # auto: only real GPUs; the interpreter is for tests that force it.
+    return reason is None and device.type == "cuda"
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (n >= 1)."""
+    return 1 << (max(n, 1) - 1).bit_length()

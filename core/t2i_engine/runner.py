@@ -1,0 +1,54 @@
+"""Run one validated job: pick the device, seed everything, build the task and call it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from t2i_engine.config.schema import RunConfig
+from t2i_engine.errors import ConfigError
+from t2i_engine.interfaces import RunContext, Task
+from t2i_engine.plugins.manager import EnginePluginManager
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cuda`` without a GPU is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"engine.device: not a device: {name!r} (use auto, cpu, cuda or cuda:N)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"engine.device: {name!r} was asked for but no CUDA GPU is available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_config(config: RunConfig, pm: EnginePluginManager, *, debug: bool = False) -> Mapping[str, Any]:
+    """Execute ``config``'s task and return its summary; lifecycle hooks observe the run."""
+    device = resolve_device(config.engine.device)
+    seed_everything(config.engine.seed)
+    output_dir = config.output_dir
+    output_dir.mkdir(parents=True, exist_ok=True)
+    task = pm.build(config.task)
+    if not isinstance(task, Task):
+        raise ConfigError(f"task.name: '{config.task.name}' (from plugin '{config.task.plugin}') "
+                          "did not build a Task (an object with run(ctx))")
+    ctx = RunContext(config=config, plugins=pm, output_dir=output_dir, device=device,
+                     seed=config.engine.seed, debug=debug)
+    pm.hook.on_run_start(task_name=config.task.name, config=config)
+    summary = dict(task.run(ctx) or {})
+    pm.hook.on_run_end(task_name=config.task.name, summary=summary)
+    return summary

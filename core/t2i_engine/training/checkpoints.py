@@ -1,0 +1,119 @@
+"""Training checkpoints: a folder per step, a ``latest`` pointer, the last K kept.
+
+Layout under ``<checkpoint_dir>`` (any fsspec URL)::
+
+    step-000000300/model.safetensors   full model state_dict (strictly loaded back)
+    step-000000300/ema.safetensors     EMA shadow of the trainable weights (when EMA is on)
+    step-000000300/state.pt            optimizer, LR scheduler, RNG states, step, data position
+    latest                             text: the name of the newest complete checkpoint
+
+Each file is written atomically and ``latest`` is rewritten (atomically) only after all of a
+checkpoint's files exist, so a crash at any moment leaves the previous checkpoint complete and
+marked latest. ``state.pt`` holds only plain containers and tensors and is read back with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import fsspec
+from torch import Tensor
+
+from t2i_engine.checkpoint.io import (
+    atomic_write_bytes,
+    load_safetensors,
+    read_bytes,
+    safe_torch_load,
+    save_safetensors,
+    save_torch,
+)
+from t2i_engine.errors import CheckpointError
+
+__all__ = ["CheckpointPaths", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "prune_checkpoints", "save_checkpoint"]
+
+_STEP_RE = re.compile(r"^step-(\d{9})$")
+LATEST = "latest"
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+class CheckpointPaths:
+    """The URLs of one checkpoint's files."""
+
+    def __init__(self, checkpoint_dir: str, step: int) -> None:
+        self.name = f"step-{step:09d}"
+        self.dir = _join(checkpoint_dir, self.name)
+        self.model = _join(self.dir, "model.safetensors")
+        self.ema = _join(self.dir, "ema.safetensors")
+        self.state = _join(self.dir, "state.pt")
+
+
+def save_checkpoint(checkpoint_dir: str, step: int, *, model_state: dict[str, Tensor],
+                    ema_state: dict[str, Tensor] | None, train_state: dict[str, Any],
+                    keep_last: int) -> str:
+    """Write one checkpoint, point ``latest`` at it, prune to ``keep_last``; return its folder."""
+    paths = CheckpointPaths(checkpoint_dir, step)
+    meta = {"step": str(step), "format": "t2i-engine-train-checkpoint-1"}
+    save_safetensors(model_state, paths.model, metadata=meta)
+    if ema_state is not None:
+        save_safetensors(ema_state, paths.ema, metadata=meta)
+    save_torch(train_state, paths.state)
+    atomic_write_bytes(_join(checkpoint_dir, LATEST), paths.name.encode())
+    prune_checkpoints(checkpoint_dir, keep_last=keep_last)
+    return paths.dir
+
+
+def list_checkpoints(checkpoint_dir: str) -> list[int]:
+    """Steps of the checkpoint folders present (complete or not), ascending."""
+    fs, path = fsspec.core.url_to_fs(checkpoint_dir)
+    if not fs.exists(path):
+        return []
+    steps = []
+    for entry in fs.ls(path, detail=False):
+        m = _STEP_RE.match(entry.rstrip("/").rpartition("/")[2])
+        if m:
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_checkpoint(checkpoint_dir: str) -> int | None:
+    """The step of the checkpoint ``latest`` points at, or None when there is none yet."""
+    fs, path = fsspec.core.url_to_fs(checkpoint_dir)
+    if not fs.exists(_join(path, LATEST)):
+        return None
+    name = read_bytes(_join(checkpoint_dir, LATEST)).decode().strip()
+    m = _STEP_RE.match(name)
+    if not m:
+        raise CheckpointError(f"{_join(checkpoint_dir, LATEST)} holds {name!r}, not a checkpoint name")
+    return int(m.group(1))
+
+
+def prune_checkpoints(checkpoint_dir: str, *, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints up to ``latest`` (never ``latest``),
+    and any incomplete folder left by a crash."""
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        return
+    fs, _ = fsspec.core.url_to_fs(checkpoint_dir)
+    steps = list_checkpoints(checkpoint_dir)
+    kept = [s for s in steps if s <= latest][-keep_last:]
+    for s in steps:
+        if s not in kept and s < latest:
+            fs.rm(fsspec.core.url_to_fs(CheckpointPaths(checkpoint_dir, s).dir)[1], recursive=True)
+
+
+def load_checkpoint(checkpoint_dir: str, step: int, *,
+                    with_ema: bool) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
+    """Read the checkpoint of ``step``: ``(model_state, ema_state or None, train_state)``."""
+    paths = CheckpointPaths(checkpoint_dir, step)
+    model_state = load_safetensors(paths.model)
+    ema_state = load_safetensors(paths.ema) if with_ema else None
+    train_state = safe_torch_load(paths.state)
+    if not isinstance(train_state, dict) or train_state.get("step") != step:
+        raise CheckpointError(f"{paths.state} does not describe step {step}")
+    return model_state, ema_state, train_state

@@ -1,0 +1,64 @@
+"""Conformance checks a plugin runs in its own tests.
+
+    from t2i_sdk.testing import check_plugin
+    import t2i_plugin_mine.plugin
+
+    def test_conforms():
+        check_plugin(t2i_plugin_mine.plugin)
+
+The checks: the module registers cleanly beside the core (no name clashes), every registration
+hook returns ``str -> callable``, every declared ``Config`` is a frozen attrs class with
+annotated fields whose defaults (when all fields have defaults) build, and factories that need
+no arguments build.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import attrs
+
+from t2i_engine.hookspecs import REGISTRATION_HOOKS
+from t2i_engine.plugins.manager import EnginePluginManager, Registration
+
+
+def plugin_manager_with(module: ModuleType | object, *, name: str = "under-test") -> EnginePluginManager:
+    """A fresh manager holding the core's built-ins and ``module`` only (no autoload)."""
+    pm = EnginePluginManager()
+    pm.load(autoload=False)
+    pm.register(module, name=name)
+    return pm
+
+
+def check_registration(reg: Registration) -> None:
+    """Check one registered factory (raises AssertionError naming it)."""
+    label = f"{reg.kind} '{reg.name}' (plugin '{reg.plugin}')"
+    assert isinstance(reg.name, str) and reg.name, f"{label}: names must be non-empty strings"
+    assert callable(reg.factory), f"{label}: the factory must be callable"
+    schema: Any = getattr(reg.factory, "Config", None)
+    if schema is None:
+        return
+    assert attrs.has(schema), f"{label}: Config must be an attrs class"
+    fields = attrs.fields(schema)
+    for f in fields:
+        assert f.type is not None, f"{label}: Config field '{f.name}' has no type annotation"
+    if all(f.default is not attrs.NOTHING for f in fields):
+        config = schema()
+        try:
+            attrs.evolve(config)
+        except Exception as exc:  # pragma: no cover - evolve only fails on broken classes
+            raise AssertionError(f"{label}: Config cannot be copied: {exc}") from exc
+
+
+def check_plugin(module: ModuleType | object, *, name: str = "under-test") -> dict[str, list[str]]:
+    """Run every check on ``module``; returns what it registers (kind -> names)."""
+    pm = plugin_manager_with(module, name=name)
+    registries = pm.registries()
+    info = pm.plugins[name]
+    assert info.error is None, f"plugin '{name}' failed: {info.error}"
+    for kind in REGISTRATION_HOOKS.values():
+        for reg in registries[kind].values():
+            if reg.plugin == name:
+                check_registration(reg)
+    return info.registers

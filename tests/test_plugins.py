@@ -1,0 +1,107 @@
+"""The plugin manager against real entry points of a pip-installed distribution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from t2i_engine.errors import ConfigError, PluginError
+from t2i_engine.plugins.manager import EnginePluginManager
+from tests.conftest import run_cli
+
+
+def test_core_builtins_register_through_hooks() -> None:
+    pm = EnginePluginManager().load(autoload=False)
+    regs = pm.registries()
+    assert pm.plugins["core"].error is None
+    assert "euler" in regs["sampler"] and regs["sampler"]["euler"].plugin == "core"
+    assert "shapes" in regs["dataset"]
+    assert "preview-data" in regs["task"]
+
+
+def test_discovery_through_entry_points(demo_plugin: str) -> None:
+    pm = EnginePluginManager().load()
+    info = pm.plugins["demo"]
+    assert info.distribution == "t2i-plugin-demo" and info.version == "0.0.1"
+    regs = pm.registries()
+    assert regs["task"]["demo-hello"].plugin == "demo"
+    assert regs["model"]["demo-model"].plugin == "demo"
+    assert set(info.registers) == {"model", "text_encoder", "autoencoder", "sampler", "schedule",
+                                   "conditioner", "task", "checkpoint_format", "dataset"}
+
+
+def test_import_failure_is_isolated(demo_plugin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("T2I_DEMO_BROKEN", "1")
+    pm = EnginePluginManager().load()
+    assert "fails to import on purpose" in (pm.plugins["demo_broken"].error or "")
+    assert "demo_broken" in capsys.readouterr().err
+    assert "demo-hello" in pm.registry("task")  # the others still load
+    with pytest.raises(PluginError, match="demo_broken.*failed to load"):
+        pm.require(["demo_broken"])
+
+
+def test_name_clash_names_both_plugins(demo_plugin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T2I_DEMO_CLASH", "1")
+    pm = EnginePluginManager().load()
+    with pytest.raises(PluginError, match=r"task 'demo-hello' is registered by two plugins: 'demo' and 'demo_clash'"):
+        pm.registries()
+
+
+def test_autoload_switch(demo_plugin: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("T2I_DISABLE_PLUGIN_AUTOLOAD", "1")
+    pm = EnginePluginManager().load()
+    assert set(pm.plugins) == {"core"}
+    with pytest.raises(ConfigError, match="pip install t2i-plugin-demo"):
+        pm.require(["demo"])
+
+
+def test_trace_prints_hook_calls(demo_plugin: str) -> None:
+    done = run_cli("plugins", env={"T2I_TRACE_PLUGINS": "1"})
+    assert done.returncode == 0, done.stderr
+    assert "[t2i trace] register_tasks" in done.stderr
+
+
+def test_plugins_command_lists_builtins_and_errors(demo_plugin: str) -> None:
+    done = run_cli("plugins", "--json", env={"T2I_DEMO_BROKEN": "1"})
+    assert done.returncode == 0, done.stderr
+    listed = {p["name"]: p for p in json.loads(done.stdout)}
+    assert "euler" in listed["core"]["registers"]["sampler"]
+    assert listed["demo"]["distribution"] == "t2i-plugin-demo"
+    assert "on purpose" in listed["demo_broken"]["error"]
+    text = run_cli("plugins", env={"T2I_DEMO_BROKEN": "1"})
+    assert "FAILED" in text.stdout and "demo_broken" in text.stdout
+
+
+def test_job_runs_when_an_unrelated_plugin_is_broken(demo_plugin: str, tmp_path) -> None:
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[engine]\nplugins = ["demo"]\noutput_dir = "out"\n[task]\nname = "demo-hello"\n'
+                   'greeting = "hi"\nrepeat = 2\n[model]\ntype = "demo-model"\n')
+    done = run_cli("run", str(cfg), env={"T2I_DEMO_BROKEN": "1"})
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "out" / "hello.txt").read_text() == "hi\nhi\n"
+
+
+def test_lifecycle_hooks_are_called(demo_plugin: str, tmp_path) -> None:
+    events = tmp_path / "events.jsonl"
+    cfg = tmp_path / "job.toml"
+    cfg.write_text('[engine]\noutput_dir = "out"\n[task]\nname = "demo-hello"\n')
+    done = run_cli("run", str(cfg), env={"T2I_DEMO_EVENTS": str(events)})
+    assert done.returncode == 0, done.stderr
+    names = [json.loads(line)["event"] for line in events.read_text().splitlines()]
+    assert names == ["on_run_start", "on_run_end"]
+
+
+@pytest.mark.parametrize("hook_name", [
+    "register_models", "register_text_encoders", "register_autoencoders", "register_samplers",
+    "register_schedules", "register_conditioners", "register_tasks",
+    "register_checkpoint_formats", "register_datasets",
+])
+def test_each_registration_hook_reaches_the_plugin(demo_plugin: str, hook_name: str) -> None:
+    from t2i_engine.hookspecs import REGISTRATION_HOOKS
+
+    pm = EnginePluginManager().load()
+    results = getattr(pm.hook, hook_name)()
+    assert any(any(name.startswith("demo-") for name in r) for r in results)
+    kind = REGISTRATION_HOOKS[hook_name]
+    assert any(r.plugin == "demo" for r in pm.registry(kind).values())

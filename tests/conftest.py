@@ -32,11 +32,3 @@ def demo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield "t2i-plugin-demo"
     finally:
         _pip("uninstall", "--yes", "--quiet", "t2i-plugin-demo")
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``t2i-engine`` console script in a subprocess."""
-    exe = Path(sys.executable).parent / "t2i-engine"
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
-                          cwd=cwd, check=False, timeout=600)

@@ -9,7 +9,7 @@ import pytest
 from t2i_engine.config.loader import index_lines, load_config
 from t2i_engine.errors import ConfigError
 from t2i_engine.plugins.manager import EnginePluginManager
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 GOOD = """\
 [engine]

@@ -8,7 +8,7 @@ import pytest
 
 from t2i_engine.errors import ConfigError, PluginError
 from t2i_engine.plugins.manager import EnginePluginManager
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_core_builtins_register_through_hooks() -> None:

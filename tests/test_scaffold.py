@@ -6,7 +6,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_new_plugin_scaffold_conforms(tmp_path: Path) -> None:

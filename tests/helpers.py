@@ -1,0 +1,16 @@
+"""Helpers shared by test modules (import as tests.helpers)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``t2i-engine`` console script in a subprocess."""
+    exe = Path(sys.executable).parent / "t2i-engine"
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
+                          cwd=cwd, check=False, timeout=600)

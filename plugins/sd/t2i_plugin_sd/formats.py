@@ -1,0 +1,269 @@
+"""Checkpoint formats: diffusers folders, single-file CompVis/A1111 checkpoints, NeMo archives.
+
+Each format has ``detect(path) -> bool`` (from the files and keys themselves), ``load(path) ->
+Weights`` and, where the engine can write it, ``save(model, path)``. :func:`detect_format` picks
+the one format that claims a path and explains when none or several do. Nothing is fetched from
+a network; pickles load only through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import tarfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+from torch import Tensor
+
+from t2i_engine.checkpoint.io import load_safetensors, read_bytes, safe_torch_load, save_safetensors
+from t2i_engine.errors import CheckpointError
+from t2i_engine.nn import UNetConfig
+from t2i_plugin_sd import keymaps
+from t2i_plugin_sd.model import StableDiffusion, Weights
+from t2i_plugin_sd.presets import ScheduleConfig
+from t2i_plugin_sd.tokenizer_files import read_pad, write_clip_tokenizer
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+HF_TEXT_PREFIX = "cond_stage_model.transformer."
+OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."
+_SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "timestep_spacing", "steps_offset")
+
+
+class CheckpointFormat(Protocol):
+    """What every format offers (``save`` only where the engine can write the format)."""
+
+    name: str
+
+    def detect(self, path: str) -> bool:
+        """True when ``path`` is in this format (decided from its files and keys)."""
+        ...
+
+    def load(self, path: str) -> Weights:
+        """Read ``path`` into our layout."""
+        ...
+
+
+# --- reading state dicts ---------------------------------------------------------------------
+
+
+def safetensors_keys(path: str) -> list[str] | None:
+    """Tensor names from a safetensors header, or None when ``path`` is not safetensors."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return None
+            (n,) = struct.unpack("<Q", head)
+            if n > 100_000_000:
+                return None
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
+
+
+def read_state_dict(path: str) -> dict[str, Tensor]:
+    """A flat state dict from ``.safetensors`` or a weights-only pickle (``state_dict`` unwrapped)."""
+    if safetensors_keys(path) is not None:
+        return load_safetensors(path)
+    obj = safe_torch_load(path)
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return dict(obj)
+
+
+def _pick(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# --- single file (CompVis / A1111) -----------------------------------------------------------
+
+
+def _unet_skeleton(compvis: Mapping[str, Tensor]) -> UNetConfig:
+    """The level structure of a CompVis UNet, enough to build its key table."""
+    downs = sorted({int(k.split(".")[1]) for k in compvis if k.startswith("input_blocks.") and ".0.op." in k})
+    outputs = {int(k.split(".")[1]) for k in compvis if k.startswith("output_blocks.")}
+    n = len(downs) + 1
+    if not outputs or len(outputs) % n:
+        raise CheckpointError("the UNet weights do not have the CompVis input/output block structure")
+    layers = len(outputs) // n - 1
+    attention = [f"input_blocks.{1 + i * (layers + 1)}.1.proj_in.weight" in compvis for i in range(n)]
+    return UNetConfig(channels=(1,) * n, attention=attention, heads=(1,) * n, layers_per_block=layers)
+
+
+def split_single_file(sd: Mapping[str, Tensor], *, source: str) -> Weights:
+    """Split a CompVis-layout state dict into our layout (the rest goes to ``extras``)."""
+    unet_c, vae_c = _pick(sd, UNET_PREFIX), _pick(sd, VAE_PREFIX)
+    if not unet_c:
+        raise CheckpointError(f"{source}: no UNet weights (keys starting with {UNET_PREFIX!r})")
+    if not vae_c:
+        raise CheckpointError(f"{source}: no autoencoder weights (keys starting with {VAE_PREFIX!r})")
+    unet, u_unknown = keymaps.convert(unet_c, keymaps.unet_table(_unet_skeleton(unet_c)), forward=False)
+    levels = len({k.split(".")[2] for k in vae_c if k.startswith("encoder.down.")})
+    layers = len({k.split(".")[4] for k in vae_c if k.startswith("encoder.down.0.block.")})
+    vae, v_unknown = keymaps.convert(vae_c, keymaps.vae_table(levels, layers), forward=False)
+    hints: dict[str, Any] = {}
+    hf = _pick(sd, HF_TEXT_PREFIX)
+    if hf:
+        text, t_unknown = keymaps.hf_clip_to_open_clip({k.removeprefix("text_model."): v for k, v in hf.items()})
+        t_unknown = [HF_TEXT_PREFIX + k for k in t_unknown]
+        hints.update(text_activation="quick_gelu", text_skip=0, text_pad="eos")
+        used = {HF_TEXT_PREFIX + k for k in hf}
+    else:
+        text = _pick(sd, OPENCLIP_TEXT_PREFIX)
+        if not text:
+            raise CheckpointError(f"{source}: no text-encoder weights ({HF_TEXT_PREFIX!r} or {OPENCLIP_TEXT_PREFIX!r})")
+        text_own = {"token_embedding.weight", "positional_embedding"}
+        t_unknown = [OPENCLIP_TEXT_PREFIX + k for k in text if not (k in text_own or k.startswith(("transformer.", "ln_final.")))]
+        text = {k: v for k, v in text.items() if OPENCLIP_TEXT_PREFIX + k not in t_unknown}
+        hints.update(text_activation="gelu", text_skip=1, text_pad="zero")
+        used = {OPENCLIP_TEXT_PREFIX + k for k in text}
+    used |= {UNET_PREFIX + k for k in unet_c if k not in u_unknown} | {VAE_PREFIX + k for k in vae_c if k not in v_unknown}
+    extras = {k: v for k, v in sd.items() if k not in used}
+    return Weights(unet, vae, text, hints, extras, source)
+
+
+def join_single_file(weights: Weights) -> dict[str, Tensor]:
+    """Our layout -> one CompVis-layout state dict (``extras`` written back unchanged)."""
+    unet_cfg = _unet_skeleton_from_ours(weights.unet)
+    unet, _ = keymaps.convert(weights.unet, keymaps.unet_table(unet_cfg), forward=True)
+    levels = len({k.split(".")[2] for k in weights.vae if k.startswith("encoder.down_blocks.")})
+    layers = len({k.split(".")[4] for k in weights.vae if k.startswith("encoder.down_blocks.0.resnets.")})
+    vae, _ = keymaps.convert(weights.vae, keymaps.vae_table(levels, layers), forward=True)
+    out = {UNET_PREFIX + k: v for k, v in unet.items()} | {VAE_PREFIX + k: v for k, v in vae.items()}
+    if weights.hints.get("text_activation", "quick_gelu") == "quick_gelu":
+        out |= {HF_TEXT_PREFIX + k: v for k, v in keymaps.open_clip_to_hf_clip(weights.text).items()}
+    else:
+        out |= {OPENCLIP_TEXT_PREFIX + k: v for k, v in weights.text.items()}
+    return out | weights.extras
+
+
+def _unet_skeleton_from_ours(sd: Mapping[str, Tensor]) -> UNetConfig:
+    n = len({k.split(".")[1] for k in sd if k.startswith("down_blocks.")})
+    layers = len({k.split(".")[3] for k in sd if k.startswith("down_blocks.0.resnets.")})
+    attention = [f"down_blocks.{i}.attentions.0.proj_in.weight" in sd for i in range(n)]
+    return UNetConfig(channels=(1,) * n, attention=attention, heads=(1,) * n, layers_per_block=layers)
+
+
+def _ldm_yaml_hints(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Hints from a latent-diffusion yaml (``model.params``) or a NeMo ``model_config.yaml``."""
+    params = cfg.get("model", {}).get("params", cfg) if isinstance(cfg.get("model"), Mapping) else cfg
+    hints: dict[str, Any] = {}
+    if params.get("parameterization") in ("eps", "v"):
+        hints["prediction"] = params["parameterization"]
+    if "scale_factor" in params:
+        hints["scaling_factor"] = float(params["scale_factor"])
+    if "linear_start" in params and "linear_end" in params:
+        hints["schedule"] = ScheduleConfig(beta_start=float(params["linear_start"]), beta_end=float(params["linear_end"]),
+                                           num_train_timesteps=int(params.get("timesteps", 1000)))
+    return hints
+
+
+class SingleFile:
+    """One ``.safetensors`` (or weights-only ``.ckpt``) file in the CompVis/A1111 layout.
+
+    A ``.yaml`` beside it with the same stem (the latent-diffusion inference config) supplies
+    the prediction type (``parameterization``), scale factor and schedule.
+    """
+
+    name = "single-file"
+
+    def detect(self, path: str) -> bool:
+        p = Path(path)
+        if not p.is_file():
+            return False
+        keys = safetensors_keys(path)
+        if keys is None:
+            if p.suffix not in (".ckpt", ".pt", ".pth") or tarfile.is_tarfile(path):
+                return False
+            keys = list(read_state_dict(path))
+        return any(k.startswith(UNET_PREFIX) for k in keys)
+
+    def load(self, path: str) -> Weights:
+        weights = split_single_file(read_state_dict(path), source=path)
+        side = Path(path).with_suffix(".yaml")
+        if side.is_file():
+            weights.hints.update(_ldm_yaml_hints(yaml.safe_load(side.read_text()) or {}))
+        return weights
+
+    def save(self, model: StableDiffusion, path: str) -> None:
+        """Write one safetensors file in the CompVis layout."""
+        save_safetensors(join_single_file(model.weights()), path,
+                         metadata={"prediction": model.prediction, "format": "compvis"})
+
+
+class NemoArchive:
+    """A NeMo ``.nemo`` archive of its Stable Diffusion model (tar with ``model_config.yaml``
+    and ``model_weights.ckpt``; weights under ``model.`` in the CompVis layout)."""
+
+    name = "nemo"
+
+    @staticmethod
+    def _members(path: str) -> dict[str, str]:
+        with tarfile.open(path) as tar:
+            return {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
+
+    def detect(self, path: str) -> bool:
+        if not Path(path).is_file() or safetensors_keys(path) is not None or not tarfile.is_tarfile(path):
+            return False
+        return "model_weights.ckpt" in self._members(path)
+
+    def load(self, path: str) -> Weights:
+        members = self._members(path)
+        with tarfile.open(path) as tar:
+            raw = tar.extractfile(members["model_weights.ckpt"]).read()  # type: ignore[union-attr]
+            cfg_name = members.get("model_config.yaml")
+            cfg = yaml.safe_load(tar.extractfile(cfg_name).read()) if cfg_name else {}  # type: ignore[union-attr]
+        import torch
+
+        try:
+            sd = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"refusing {path}: its model_weights.ckpt cannot be read with "
+                                  f"torch.load(weights_only=True) ({e})") from e
+        if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
+            sd = sd["state_dict"]
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        weights = split_single_file(sd, source=path)
+        weights.hints.update(_ldm_yaml_hints(cfg or {}))
+        return weights
+
+
+from t2i_plugin_sd.diffusers_folder import DiffusersFolder  # noqa: E402
+
+CHECKPOINT_FORMATS: dict[str, Any] = {"diffusers": DiffusersFolder, "single-file": SingleFile, "nemo": NemoArchive}
+"""Format name -> factory (``factory()`` gives the format object)."""
+
+
+def detect_format(path: str) -> CheckpointFormat:
+    """The one format that claims ``path``; a CheckpointError when none or several do."""
+    if not Path(path).exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    found = [fmt for fmt in (factory() for factory in CHECKPOINT_FORMATS.values()) if fmt.detect(path)]
+    if not found:
+        raise CheckpointError(
+            f"{path} matches no Stable Diffusion checkpoint format (looked for: a diffusers folder with "
+            f"model_index.json, a single file with {UNET_PREFIX}* keys, a .nemo tar with model_weights.ckpt)")
+    if len(found) > 1:
+        raise CheckpointError(f"{path} is ambiguous: it matches {', '.join(f.name for f in found)}; "
+                              "set [model] format to choose")
+    return found[0]
+
+
+def load_checkpoint(path: str, *, format: str | None = None) -> Weights:
+    """Read a checkpoint in the named format, or the detected one."""
+    if format is not None:
+        if format not in CHECKPOINT_FORMATS:
+            raise CheckpointError(f"unknown checkpoint format {format!r}; known: {', '.join(CHECKPOINT_FORMATS)}")
+        return CHECKPOINT_FORMATS[format]().load(path)
+    return detect_format(path).load(path)
+
+
+__all__ = ["CHECKPOINT_FORMATS", "NemoArchive", "SingleFile", "detect_format", "load_checkpoint", "read_bytes"]

@@ -1,0 +1,110 @@
+"""The Stable Diffusion model bundle: text encoder, KL autoencoder, UNet and schedule.
+
+:class:`StableDiffusion` owns the three networks (UNet and autoencoder in the diffusers
+parameter layout, the text tower in open_clip's) and the DDPM schedule they were trained with.
+Checkpoint formats (:mod:`t2i_plugin_sd.formats`) read files into :class:`Weights` and
+:func:`build_model` turns those into a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from t2i_engine.checkpoint.io import load_state_dict_strict
+from t2i_engine.diffusion.schedules import DiscreteSchedule
+from t2i_engine.nn import UNet
+from t2i_plugin_sd.autoencoder import AutoencoderKL
+from t2i_plugin_sd.infer import infer_text, infer_unet, infer_vae
+from t2i_plugin_sd.presets import Architecture, ScheduleConfig
+from t2i_plugin_sd.text_encoder import CLIPTextEncoder
+
+
+@attrs.define
+class Weights:
+    """What a checkpoint format reads: state dicts in our layout and hints from files beside them.
+
+    ``hints`` may hold ``prediction``, ``schedule`` (a ScheduleConfig), ``scaling_factor``,
+    ``unet_heads``, ``text_heads``, ``text_activation``, ``text_skip``, ``text_pad``.
+    ``extras`` are tensors we do not model (EMA copies, schedule buffers); they are written back
+    unchanged when the same format is exported.
+    """
+
+    unet: dict[str, Tensor]
+    vae: dict[str, Tensor]
+    text: dict[str, Tensor]
+    hints: dict[str, Any] = attrs.field(factory=dict)
+    extras: dict[str, Tensor] = attrs.field(factory=dict)
+    source: str = ""
+
+
+class StableDiffusion(nn.Module):
+    """Text encoder + autoencoder + UNet + schedule of one Stable Diffusion model."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.unet = UNet(arch.unet)
+        self.vae = AutoencoderKL(arch.vae)
+        self.text_encoder = CLIPTextEncoder(arch.text)
+        s = arch.schedule
+        self.schedule = DiscreteSchedule.from_betas(s.beta_schedule, num_train_timesteps=s.num_train_timesteps,
+                                                    beta_start=s.beta_start, beta_end=s.beta_end,
+                                                    spacing=s.timestep_spacing, steps_offset=s.steps_offset)
+        self.extras: dict[str, Tensor] = {}
+
+    @property
+    def prediction(self) -> str:
+        """What the UNet predicts (``eps`` or ``v``)."""
+        return self.unet.prediction
+
+    def load_weights(self, weights: Weights) -> None:
+        """Load state dicts strictly; missing or unexpected keys are a CheckpointError naming them."""
+        src = weights.source or "checkpoint"
+        load_state_dict_strict(self.unet, weights.unet, source=f"{src} (UNet)")
+        load_state_dict_strict(self.vae, weights.vae, source=f"{src} (autoencoder)")
+        load_state_dict_strict(self.text_encoder.model, weights.text, source=f"{src} (text encoder)")
+        self.extras = dict(weights.extras)
+
+    def weights(self) -> Weights:
+        """The current weights in our layout (tensors shared, not copied)."""
+        a = self.arch
+        hints = {"prediction": a.unet.prediction, "schedule": a.schedule, "scaling_factor": a.vae.scaling_factor,
+                 "unet_heads": a.unet.heads, "text_heads": a.text.heads, "text_activation": a.text.activation,
+                 "text_skip": a.text.skip_last_layers, "text_pad": a.text.pad}
+        return Weights(dict(self.unet.state_dict()), dict(self.vae.state_dict()),
+                       dict(self.text_encoder.model.state_dict()), hints, dict(self.extras))
+
+
+def architecture_from(weights: Weights, base: Architecture, *, overrides: dict[str, Any] | None = None) -> Architecture:
+    """Architecture from the weights' shapes; hints from the files, then ``overrides`` (the
+    ``[model]`` keys) take precedence over ``base`` (the preset)."""
+    h = {**weights.hints, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    unet = infer_unet(weights.unet, base.unet, heads=tuple(h["unet_heads"]) if "unet_heads" in h else None)
+    if "prediction" in h:
+        unet = attrs.evolve(unet, prediction=h["prediction"])
+    vae = infer_vae(weights.vae, base.vae)
+    if "scaling_factor" in h:
+        vae = attrs.evolve(vae, scaling_factor=float(h["scaling_factor"]))
+    text = infer_text(weights.text, base.text, heads=h.get("text_heads"))
+    text = attrs.evolve(text, activation=h.get("text_activation", text.activation),
+                        skip_last_layers=h.get("text_skip", text.skip_last_layers), pad=h.get("text_pad", text.pad))
+    schedule = h.get("schedule", base.schedule)
+    assert isinstance(schedule, ScheduleConfig)
+    return Architecture(unet, vae, text, schedule)
+
+
+def build_model(weights: Weights | None, base: Architecture, *, overrides: dict[str, Any] | None = None,
+                seed: int = 0) -> StableDiffusion:
+    """A model from ``weights`` (architecture inferred) or, without weights, the preset with random
+    weights drawn from ``seed``."""
+    if weights is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return StableDiffusion(base).eval()
+    model = StableDiffusion(architecture_from(weights, base, overrides=overrides))
+    model.load_weights(weights)
+    return model.eval()

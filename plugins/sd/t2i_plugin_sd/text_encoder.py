@@ -1,0 +1,99 @@
+"""CLIP text encoders built with open_clip (Radford et al. 2021; Cherti et al. 2023).
+
+SD 1.x reads the last layer of OpenAI's CLIP ViT-L/14 text tower (QuickGELU); SD 2.x reads the
+penultimate layer of OpenCLIP ViT-H/14 (GELU). Both are open_clip ``TextTransformer`` modules
+built with no pretrained download; weights come from the checkpoint. Tokens come from the CLIP
+BPE tokenizer open_clip ships, padded with the id the checkpoint's own tokenizer uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+
+from t2i_engine.interfaces import TextEmbedding
+
+EOT_ID = 49407
+"""``<|endoftext|>`` in the CLIP BPE vocabulary (SD 1.x pads with it)."""
+
+
+@attrs.frozen
+class TextEncoderConfig:
+    """Architecture and read-out of a CLIP text tower."""
+
+    width: int = 768  # hidden size (the UNet's context_dim)
+    layers: int = 12  # transformer layers held in the weights
+    heads: int = 12  # attention heads
+    vocab_size: int = 49408
+    context_length: int = 77  # tokens per prompt (padded or truncated)
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # OpenAI CLIP uses QuickGELU
+    skip_last_layers: int = 0  # 1 reads the penultimate layer (SD 2), then the final LayerNorm
+    pad: Literal["eos", "zero"] = "eos"  # padding id: <|endoftext|> (SD 1) or 0 "!" (SD 2)
+
+
+def check_prompts(prompts: Any) -> list[str]:
+    """Return ``prompts`` as a list of str; anything else is a TypeError that says what came."""
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}: {prompts!r:.80}")
+    bad = [p for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"prompts must be a list of str; got an item of type {type(bad[0]).__name__}: {bad[0]!r:.80}")
+    return list(prompts)
+
+
+class CLIPTextEncoder(nn.Module):
+    """A CLIP text tower; fulfils :class:`t2i_engine.interfaces.TextEncoder`.
+
+    ``model`` is an ``open_clip.transformer.TextTransformer``; its state-dict keys are open_clip's.
+    """
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        from open_clip.transformer import QuickGELU, TextTransformer
+
+        self.config = config
+        self.max_length = config.context_length
+        self.dim = config.width
+        act = QuickGELU if config.activation == "quick_gelu" else nn.GELU
+        self.model = TextTransformer(context_length=config.context_length, vocab_size=config.vocab_size,
+                                     width=config.width, heads=config.heads, layers=config.layers,
+                                     output_dim=None, act_layer=act)
+
+    @cached_property
+    def _tokenizer(self) -> Any:
+        from open_clip.tokenizer import SimpleTokenizer
+
+        return SimpleTokenizer(context_length=self.config.context_length)
+
+    def tokenize(self, prompts: Sequence[str]) -> Tensor:
+        """Prompts -> token ids ``(B, context_length)`` padded as the checkpoint expects."""
+        ids = self._tokenizer(check_prompts(prompts))  # (B, L), zero padded after <|endoftext|>
+        if self.config.pad == "eos":
+            after_eot = (ids == EOT_ID).int().cumsum(dim=1) > 0
+            ids = torch.where(after_eot & (ids == 0), torch.full_like(ids, EOT_ID), ids)
+        return ids
+
+    def forward(self, ids: Tensor) -> Tensor:
+        """Token ids ``(B, L)`` -> hidden states ``(B, L, width)`` of the configured layer."""
+        m = self.model
+        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
+        mask = m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype)  # causal, additive
+        blocks = m.transformer.resblocks
+        for block in blocks[: len(blocks) - self.config.skip_last_layers]:
+            x = block(x, attn_mask=mask)
+        return m.ln_final(x)
+
+    def encode(self, prompts: Sequence[str]) -> TextEmbedding:
+        """Encode prompts; ``[""]`` gives the unconditional embedding guidance and dropout use."""
+        device = self.model.token_embedding.weight.device
+        ids = self.tokenize(prompts).to(device)
+        tokens = self(ids)
+        eot = (ids == EOT_ID).int().argmax(dim=1)  # first <|endoftext|>
+        mask = torch.arange(ids.shape[1], device=device)[None] <= eot[:, None]
+        pooled = tokens[torch.arange(ids.shape[0], device=device), eot]
+        return TextEmbedding(tokens, mask, pooled)

@@ -1,0 +1,173 @@
+"""Deterministic (probability-flow ODE) samplers, with EDM's optional churn on Euler and Heun.
+
+All take ``model(x, sigma) -> x0``, the start ``x`` (noise at ``sigmas[0]``) and a decreasing
+sigma sequence (usually ending in 0), and return the sample at ``sigmas[-1]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from t2i_engine.diffusion.samplers._common import (
+    call, churn, churn_gamma, noise_like, report, sigma_list, to_d,
+)
+from t2i_engine.interfaces import Denoiser, StepCallback
+
+
+@torch.no_grad()
+def sample_euler(model: Denoiser, x: Tensor, sigmas: Tensor, *,
+                 generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                 s_noise: float = 1.0) -> Tensor:
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without the
+    2nd-order correction). With ``eta``-free DDIM (Song et al. 2021) this is the same update."""
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    for i in range(n):
+        gamma = churn_gamma(s[i], n, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
+        x, sigma_hat = churn(x, s[i], gamma=gamma, s_noise=s_noise, generator=generator)
+        denoised = call(model, x, sigma_hat)
+        x = x + to_d(x, sigma_hat, denoised) * (s[i + 1] - sigma_hat)
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor, *,
+                generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = math.inf,
+                s_noise: float = 1.0) -> Tensor:
+    """Heun's 2nd-order method with EDM's stochastic churn (Karras et al. 2022, Algorithm 2).
+
+    ``s_churn = 0`` is the deterministic sampler (Algorithm 1); the step to sigma 0 is Euler.
+    """
+    s = sigma_list(sigmas)
+    n = len(s) - 1
+    for i in range(n):
+        gamma = churn_gamma(s[i], n, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
+        x, sigma_hat = churn(x, s[i], gamma=gamma, s_noise=s_noise, generator=generator)
+        denoised = call(model, x, sigma_hat)
+        d = to_d(x, sigma_hat, denoised)
+        dt = s[i + 1] - sigma_hat
+        x_euler = x + d * dt
+        if s[i + 1] == 0:
+            x = x_euler
+        else:
+            d_next = to_d(x_euler, s[i + 1], call(model, x_euler, s[i + 1]))
+            x = x + (d + d_next) / 2 * dt
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+def lms_coefficients(s: list[float], i: int, order: int) -> list[float]:
+    """Linear multistep weights for step ``i``: the integral from ``s[i]`` to ``s[i+1]`` of each
+    Lagrange basis polynomial through ``s[i], s[i-1], ..., s[i-order+1]`` (exact, by polynomial
+    integration). Weight ``j`` multiplies the derivative at ``s[i - j]``."""
+    coeffs = []
+    for j in range(order):
+        poly = np.polynomial.Polynomial([1.0])
+        for k in range(order):
+            if k != j:
+                poly = poly * np.polynomial.Polynomial([-s[i - k], 1.0]) / (s[i - j] - s[i - k])
+        integral = poly.integ()
+        coeffs.append(float(integral(s[i + 1]) - integral(s[i])))
+    return coeffs
+
+
+@torch.no_grad()
+def sample_lms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
+               generator: torch.Generator | None = None, callback: StepCallback | None = None,
+               order: int = 4) -> Tensor:
+    """Linear multistep (Adams-Bashforth on the sigma grid) of order up to ``order``
+    (Karras et al. 2022's ODE in k-diffusion's ``sample_lms``; Crowson)."""
+    s = sigma_list(sigmas)
+    ds: list[Tensor] = []  # derivatives, oldest first
+    for i in range(len(s) - 1):
+        denoised = call(model, x, s[i])
+        ds = [*ds, to_d(x, s[i], denoised)][-order:]
+        coeffs = lms_coefficients(s, i, len(ds))
+        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+_AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
+       4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+"""Adams-Bashforth weights for equal steps, newest derivative first."""
+
+
+@torch.no_grad()
+def sample_plms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
+                generator: torch.Generator | None = None,
+                callback: StepCallback | None = None) -> Tensor:
+    """Pseudo linear multistep, PLMS/PNDM (Liu et al. 2022) with the Heun warm-up of diffusers'
+    ``PNDMScheduler(skip_prk_steps=True)``: 4th-order Adams-Bashforth on eps with fixed weights.
+
+    Step ``i`` costs one model call; the first costs two.
+    """
+    s = sigma_list(sigmas)
+    ds: list[Tensor] = []  # eps at the accepted points, oldest first
+    for i in range(len(s) - 1):
+        denoised = call(model, x, s[i])
+        d = to_d(x, s[i], denoised)
+        ds = [*ds, d][-4:]
+        dt = s[i + 1] - s[i]
+        if i == 0 and s[1] > 0:
+            # warm-up: Heun, averaging eps here and at the Euler-predicted next point
+            d_prime = (d + to_d(x + d * dt, s[1], call(model, x + d * dt, s[1]))) / 2
+        else:
+            d_prime = sum(w * dj for w, dj in zip(_AB[len(ds)], reversed(ds)))
+        x = x + d_prime * dt
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *,
+                    generator: torch.Generator | None = None,
+                    callback: StepCallback | None = None) -> Tensor:
+    """DPM-Solver++(2M), the 2nd-order multistep data-prediction solver (Lu et al. 2022, Alg. 2).
+
+    First step and the step to sigma 0 are first order (diffusers' ``lower_order_final``).
+    """
+    return _dpmpp_2m(model, x, sigmas, eta=0.0, s_noise=1.0, generator=generator, callback=callback)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *,
+                        generator: torch.Generator | None = None,
+                        callback: StepCallback | None = None, eta: float = 1.0,
+                        s_noise: float = 1.0) -> Tensor:
+    """SDE-DPM-Solver++(2M), midpoint form (Lu et al. 2022, Appendix; diffusers'
+    ``algorithm_type="sde-dpmsolver++"``). ``eta = 0`` recovers DPM-Solver++(2M)."""
+    return _dpmpp_2m(model, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, callback=callback)
+
+
+def _dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float, s_noise: float,
+              generator: torch.Generator | None, callback: StepCallback | None) -> Tensor:
+    """The shared 2M loop in ``lambda = -log(sigma)``; ``eta > 0`` adds the SDE noise."""
+    s = sigma_list(sigmas)
+    old_denoised: Tensor | None = None
+    h_last = 0.0
+    for i in range(len(s) - 1):
+        denoised = call(model, x, s[i])
+        if s[i + 1] == 0:
+            x = denoised
+        else:
+            h = math.log(s[i]) - math.log(s[i + 1])
+            h_eta = h * (eta + 1)
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (s[i + 1] / s[i] * math.exp(-h * eta)) * x - math.expm1(-h_eta) * d
+            if eta > 0:
+                x = x + noise_like(x, generator) * s[i + 1] * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise
+            h_last = h
+        old_denoised = denoised
+        report(callback, i, x, s[i], s[i + 1], denoised)
+    return x

@@ -15,7 +15,10 @@ def write_clip_tokenizer(folder: str | Path, *, pad: Literal["eos", "zero"], max
     tok = SimpleTokenizer()
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False), encoding="utf-8")
+    # open_clip names the special tokens <start_of_text>/<end_of_text>; Hugging Face <|...|>
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {names.get(k, k): v for k, v in tok.encoder.items()}
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges = sorted(tok.bpe_ranks.items(), key=lambda kv: kv[1])
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m, _ in merges) + "\n",
                                     encoding="utf-8")

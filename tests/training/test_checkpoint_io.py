@@ -1,0 +1,126 @@
+"""Checkpoint I/O: atomic writes survive SIGKILL, strict loading, safe unpickling, fsspec."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import fsspec
+import pytest
+import torch
+from torch import nn
+
+from t2i_engine.checkpoint.io import (
+    atomic_write_bytes,
+    load_safetensors,
+    load_state_dict_strict,
+    safe_torch_load,
+    save_safetensors,
+    save_torch,
+)
+from t2i_engine.errors import CheckpointError
+from t2i_engine.training.checkpoints import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+# Saves step 1, then starts step 2 with os.fsync patched to announce itself and hang on its
+# N-th call: the process is killed with the bytes of one file written under its temporary name.
+CHILD = textwrap.dedent("""
+    import os, sys, time, torch
+    from t2i_engine.training.checkpoints import save_checkpoint
+    ckpt, hang_at = sys.argv[1], int(sys.argv[2])
+    def state(v):
+        return dict(model_state={"w": torch.full((64, 64), v)}, ema_state={"w": torch.full((64, 64), v)},
+                    train_state={"step": int(v), "batches": int(v)}, keep_last=3)
+    save_checkpoint(ckpt, 1, **state(1.0))
+    real, calls = os.fsync, [0]
+    def fsync(fd):
+        calls[0] += 1
+        if calls[0] == hang_at:
+            print("WRITING", flush=True)
+            time.sleep(600)
+        real(fd)
+    os.fsync = fsync
+    save_checkpoint(ckpt, 2, **state(2.0))
+""")
+
+
+@pytest.mark.parametrize("hang_at", [1, 3, 4])  # model file, state file, the "latest" pointer
+def test_kill_during_checkpoint_write_keeps_previous_latest_and_loadable(tmp_path, hang_at):
+    ckpt = str(tmp_path / "ckpt")
+    p = subprocess.Popen([sys.executable, "-c", CHILD, ckpt, str(hang_at)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "WRITING"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert latest_checkpoint(ckpt) == 1
+    model, ema, state = load_checkpoint(ckpt, 1, with_ema=True)
+    assert torch.equal(model["w"], torch.full((64, 64), 1.0)) and state["step"] == 1
+    assert list_checkpoints(ckpt) == [1, 2]  # the partial folder exists but is not "latest"
+    names = os.listdir(tmp_path / "ckpt" / "step-000000002")
+    if hang_at == 1:  # only the temporary name of the model file exists
+        assert len(names) == 1 and names[0].startswith(".model.safetensors.tmp-")
+
+
+def test_atomic_write_and_safetensors_round_trip_on_memory_fs():
+    url = "memory://t2i-test/ckpt/weights.safetensors"
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(2, dtype=torch.bfloat16)}
+    save_safetensors(tensors, url, metadata={"k": "v"})
+    back = load_safetensors(url)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    fs = fsspec.filesystem("memory")
+    assert [p.rsplit("/", 1)[1] for p in fs.ls("/t2i-test/ckpt", detail=False)] == ["weights.safetensors"]
+    atomic_write_bytes(url, b"x")  # overwrite in place
+    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+        load_safetensors(url)
+
+
+def test_checkpoints_keep_last_and_latest_on_memory_fs():
+    ckpt = "memory://t2i-test/run/checkpoints"
+    for step in (1, 2, 3, 4):
+        save_checkpoint(ckpt, step, model_state={"w": torch.tensor([float(step)])}, ema_state=None,
+                        train_state={"step": step}, keep_last=2)
+    assert list_checkpoints(ckpt) == [3, 4] and latest_checkpoint(ckpt) == 4
+    model, ema, state = load_checkpoint(ckpt, 3, with_ema=False)
+    assert model["w"].item() == 3.0 and ema is None and state == {"step": 3}
+
+
+def test_strict_loading_lists_missing_unexpected_and_shape_mismatch():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    state = dict(net.state_dict())
+    state.pop("1.bias")
+    state["extra.weight"] = torch.zeros(1)
+    state["0.weight"] = torch.zeros(4, 2)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(net, state, source="x.safetensors")
+    msg = str(e.value)
+    assert "missing keys (1): 1.bias" in msg and "unexpected keys (1): extra.weight" in msg
+    assert "0.weight: (4, 2) vs (3, 2)" in msg
+    good = {k: torch.ones_like(v) for k, v in net.state_dict().items()}
+    load_state_dict_strict(net, good)
+    assert torch.equal(net[0].weight, torch.ones(3, 2))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_safe_torch_load_refuses_arbitrary_pickles(tmp_path):
+    ok = tmp_path / "ok.pt"
+    save_torch({"step": 3, "t": torch.ones(2), "nested": [1, (2, 3)]}, str(ok))
+    assert safe_torch_load(str(ok))["step"] == 3
+    bad = tmp_path / "bad.ckpt"
+    buf = io.BytesIO()
+    torch.save({"x": _Evil()}, buf)
+    bad.write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        safe_torch_load(str(bad))
+    with pytest.raises(CheckpointError, match="not found"):
+        safe_torch_load(str(tmp_path / "missing.pt"))

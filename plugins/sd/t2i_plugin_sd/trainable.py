@@ -1,0 +1,72 @@
+"""Stable Diffusion as a :class:`~t2i_engine.training.protocol.TrainableModel`: UNet fine-tuning
+with a frozen autoencoder and (optionally frozen) text encoder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from t2i_engine.diffusion.parameterization import training_batch
+from t2i_engine.interfaces import Conditioning, TextEmbedding
+from t2i_plugin_sd.model import StableDiffusion
+
+
+class SDTrainable(nn.Module):
+    """Wraps a model for the Fabric loop.
+
+    A batch holds ``"image"`` ``(B, 3, H, W)`` in [-1, 1] and ``"caption"`` (list of str), or
+    precached ``"latents"`` (already scaled) and ``"text_tokens"`` ``(B, L, D)``. Captions are
+    replaced by ``""`` with probability ``caption_dropout`` - the same empty prompt inference
+    uses as its unconditional input - so classifier-free guidance works after training.
+    """
+
+    def __init__(self, model: StableDiffusion, *, caption_dropout: float = 0.1, train_text_encoder: bool = False,
+                 sample_posterior: bool = True) -> None:
+        super().__init__()
+        self.model = model
+        self.caption_dropout = caption_dropout
+        self.train_text_encoder = train_text_encoder
+        self.sample_posterior = sample_posterior
+        model.vae.requires_grad_(False)
+        model.text_encoder.requires_grad_(train_text_encoder)
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """UNet parameters, plus the text encoder's when it is trained."""
+        yield from self.model.unet.parameters()
+        if self.train_text_encoder:
+            yield from self.model.text_encoder.parameters()
+
+    def drop_captions(self, captions: list[str], *, generator: torch.Generator | None) -> list[str]:
+        """Replace each caption by ``""`` with probability ``caption_dropout``."""
+        keep = torch.rand(len(captions), generator=generator) >= self.caption_dropout
+        return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    def _latents(self, batch: Mapping[str, Any], generator: torch.Generator | None) -> Tensor:
+        if "latents" in batch:
+            return batch["latents"]
+        with torch.no_grad():
+            gen = generator if self.sample_posterior else None
+            if gen is not None and gen.device != batch["image"].device:
+                gen = None
+            return self.model.vae.encode(batch["image"], generator=gen)
+
+    def _text(self, batch: Mapping[str, Any], generator: torch.Generator | None) -> TextEmbedding:
+        if "text_tokens" in batch:
+            return TextEmbedding(batch["text_tokens"])
+        captions = self.drop_captions(list(batch["caption"]), generator=generator)
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
+            return self.model.text_encoder.encode(captions)
+
+    def training_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None) -> Tensor:
+        """MSE between the UNet output and its target (eps or v) at a random noise level."""
+        return self(batch, generator=generator)
+
+    def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> Tensor:
+        x0 = self._latents(batch, generator)
+        cond = Conditioning(text=self._text(batch, generator))
+        tb = training_batch(x0, self.model.schedule, prediction=self.model.prediction, generator=generator)
+        out = self.model.unet(tb.net_input, tb.t, cond)
+        return tb.loss(out)

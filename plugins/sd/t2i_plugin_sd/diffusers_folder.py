@@ -51,10 +51,13 @@ class DiffusersFolder:
         root = Path(path)
         unet_cfg, vae_cfg = _json(root / "unet" / "config.json"), _json(root / "vae" / "config.json")
         text_cfg, sched = _json(root / "text_encoder" / "config.json"), _json(root / "scheduler" / "scheduler_config.json")
-        text, unknown = keymaps.hf_clip_to_open_clip(_weights(root / "text_encoder"))
+        hf = _weights(root / "text_encoder")
+        text, unknown = keymaps.hf_clip_to_open_clip(hf)
         if unknown:
             raise CheckpointError(f"{root / 'text_encoder'}: keys not understood: {', '.join(unknown[:10])}")
-        hints: dict[str, Any] = {"text_skip": 0}
+        # transformers 5 writes CLIPTextModel keys without the "text_model." prefix; keep the style
+        hints: dict[str, Any] = {"text_skip": 0,
+                                 "hf_text_prefix": "text_model." if any(k.startswith("text_model.") for k in hf) else ""}
         heads = unet_cfg.get("num_attention_heads") or unet_cfg.get("attention_head_dim")
         if heads is not None:
             n = len(unet_cfg.get("block_out_channels", ()))
@@ -90,7 +93,8 @@ class DiffusersFolder:
         files: Mapping[str, tuple[dict[str, Tensor], dict[str, Any], str]] = {
             "unet": (w.unet, _unet_config(model), "diffusion_pytorch_model.safetensors"),
             "vae": (w.vae, _vae_config(model), "diffusion_pytorch_model.safetensors"),
-            "text_encoder": (keymaps.open_clip_to_hf_clip(text), _text_config(model), "model.safetensors"),
+            "text_encoder": (_hf_text(text, model.extras_hints.get("hf_text_prefix", "text_model.")),
+                             _text_config(model), "model.safetensors"),
         }
         for sub, (sd, cfg, fname) in files.items():
             (root / sub).mkdir(exist_ok=True)
@@ -106,6 +110,10 @@ class DiffusersFolder:
             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
         }, indent=2))
+
+
+def _hf_text(text: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {prefix + k.removeprefix("text_model."): v for k, v in keymaps.open_clip_to_hf_clip(text).items()}
 
 
 _SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "timestep_spacing", "steps_offset")

@@ -55,6 +55,7 @@ class StableDiffusion(nn.Module):
                                                     beta_start=s.beta_start, beta_end=s.beta_end,
                                                     spacing=s.timestep_spacing, steps_offset=s.steps_offset)
         self.extras: dict[str, Tensor] = {}
+        self.extras_hints: dict[str, Any] = {}  # layout details to write back (key prefixes)
 
     @property
     def prediction(self) -> str:
@@ -68,6 +69,7 @@ class StableDiffusion(nn.Module):
         load_state_dict_strict(self.vae, weights.vae, source=f"{src} (autoencoder)")
         load_state_dict_strict(self.text_encoder.model, weights.text, source=f"{src} (text encoder)")
         self.extras = dict(weights.extras)
+        self.extras_hints = {k: v for k, v in weights.hints.items() if k == "hf_text_prefix"}
 
     def weights(self) -> Weights:
         """The current weights in our layout (tensors shared, not copied)."""

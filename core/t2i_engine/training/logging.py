@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import resource
 import sys
 from collections.abc import Mapping
@@ -22,18 +21,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
-
-
-def image_grid(images: Tensor, *, nrow: int | None = None) -> Tensor:
-    """Tile ``(N, C, H, W)`` images in [-1, 1] into one ``(C, H', W')`` grid in [0, 1]."""
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = images.new_zeros(c, rows * h, nrow * w)
-    for i in range(n):
-        r, k = divmod(i, nrow)
-        grid[:, r * h:(r + 1) * h, k * w:(k + 1) * w] = images[i]
-    return ((grid.float().clamp(-1, 1) + 1) / 2).cpu()
 
 
 class MetricsLogger:
@@ -80,7 +67,12 @@ class MetricsLogger:
     def log_images(self, step: int, tag: str, images: Tensor) -> None:
         """Log ``(N, 3, H, W)`` images in [-1, 1] as one grid."""
         if self.enabled:
-            self._writer.add_image(tag, image_grid(images.detach()), step)
+            import numpy as np
+
+            from t2i_engine.utils.images import make_grid
+
+            grid = np.asarray(make_grid(images.detach()).convert("RGB"))  # (H, W, 3) uint8
+            self._writer.add_image(tag, grid, step, dataformats="HWC")
 
     def advance(self, n: int = 1) -> None:
         """Move the progress bar (its ETA comes from tqdm's rate estimate)."""

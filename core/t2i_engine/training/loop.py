@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.fabric import _is_using_cli
 from torch import Tensor, nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
@@ -226,7 +227,8 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
         raise ConfigError("train.ema is not supported with strategy = 'fsdp' yet (the EMA needs "
                           "unsharded weights); use strategy = 'ddp' or ema = false")
     fabric = fabric or build_fabric(cfg)
-    fabric.launch()
+    if not _is_using_cli():  # under `fabric run` the CLI has launched the processes already
+        fabric.launch()  # a no-op when already launched
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     output_dir = Path(output_dir)

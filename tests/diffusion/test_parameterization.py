@@ -109,6 +109,8 @@ def test_training_batch_target_recovers_x0(prediction):
     x = X0 + sg * b.noise
     torch.testing.assert_close(to_x0(b.target, x, b.sigma, prediction=prediction, sigma_data=0.5), X0)
     torch.testing.assert_close(b.t, s.sigma_to_t(b.sigma))
+    c_in = (1 / (sg**2 + 0.25) ** 0.5) if prediction == "edm" else 1 / (sg**2 + 1) ** 0.5
+    torch.testing.assert_close(b.net_input, x * c_in)
     assert b.weight.shape == (4,) and float(b.loss(b.target)) == 0.0
     assert float(b.loss(b.target + 1)) == pytest.approx(float(b.weight.mean()))
 

@@ -47,7 +47,8 @@ def run_ours(fn, ref, *, karras=False, round_t=False, sigmas=None, seed=0, **opt
     return fn(model, x, sigmas, generator=torch.Generator().manual_seed(seed), **opts), sigmas
 
 
-def run_ref(ref, *, vp: bool, seed=0, timesteps=None, explicit_noise=False, **step_kwargs):
+def run_ref(ref, *, vp: bool, seed=0, timesteps=None, explicit_noise=False, trajectory=False,
+            **step_kwargs):
     """Drive a diffusers scheduler; ``explicit_noise`` feeds float64 generator noise as
     ``variance_noise`` (DPM-Solver would otherwise draw it in float32)."""
     if timesteps is None:
@@ -55,17 +56,19 @@ def run_ref(ref, *, vp: bool, seed=0, timesteps=None, explicit_noise=False, **st
     else:
         ref.set_timesteps(timesteps=timesteps)
     z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
-    lat = z if vp else z * ref.init_noise_sigma
+    lat = z if vp else z / vp_scale(ref.sigmas[0].double())  # the same start as ours
     import inspect
     g = torch.Generator().manual_seed(seed)
     kw = {"generator": g} if "generator" in inspect.signature(ref.step).parameters else {}
     kw.update(step_kwargs)
+    traj = []
     for t in ref.timesteps:
         if explicit_noise:
             kw["variance_noise"] = torch.randn(lat.shape, generator=g, dtype=torch.float64)
         inp = ref.scale_model_input(lat, t)
         lat = ref.step(eps_fn(inp, t), t, lat, **kw).prev_sample
-    return lat
+        traj.append(lat)
+    return (lat, traj) if trajectory else lat
 
 
 def close(a, b):
@@ -82,6 +85,23 @@ def test_sigma_schedulers(name, cls, fn, karras):
     ref = getattr(diffusers, cls)(**SD, use_karras_sigmas=karras)
     ours, _ = run_ours(fn, ref, karras=karras)
     close(ours, run_ref(ref, vp=False))
+
+
+@pytest.mark.parametrize("fn,cls,vp", [(S.sample_euler, "EulerDiscreteScheduler", False),
+                                       (S.sample_lms, "LMSDiscreteScheduler", False),
+                                       (S.sample_dpmpp_2m, "DPMSolverMultistepScheduler", True),
+                                       (S.sample_ddim, "DDIMScheduler", True)])
+def test_every_step_matches(fn, cls, vp):
+    """Trailing spacing; DPM-Solver and DDIM keep x_vp = x / sqrt(1 + sigma^2) internally."""
+    extra = {"clip_sample": False} if cls == "DDIMScheduler" else {}
+    ref = getattr(diffusers, cls)(**{**SD, "timestep_spacing": "trailing", "steps_offset": 0}, **extra)
+    seen = []
+    run_ours(fn, ref, callback=lambda d: seen.append(d["x"] * (vp_scale(torch.tensor(d["sigma_next"]))
+                                                               if vp else 1)))
+    _, traj = run_ref(ref, vp=vp, trajectory=True)
+    assert len(seen) == len(traj) == STEPS
+    for a, b in zip(seen, traj):
+        close(a, b)
 
 
 def test_euler_ancestral():
@@ -132,7 +152,7 @@ def test_dpm_solver(algo, fn, karras):
         sch = DiscreteSchedule(ref.alphas_cumprod)
         sigmas = append_zero(karras_sigmas(STEPS, sch.sigma_min, sch.sigma_max))
     ours, _ = run_ours(fn, ref, sigmas=sigmas, round_t=karras)
-    close(ours, run_ref(ref, vp=False, explicit_noise=algo.startswith("sde")))
+    close(ours, run_ref(ref, vp=True, explicit_noise=algo.startswith("sde")))
 
 
 def test_dpm_solver_leading_timesteps():
@@ -143,4 +163,4 @@ def test_dpm_solver_leading_timesteps():
     schedule = DiscreteSchedule(ref.alphas_cumprod)
     sigmas = torch.cat([schedule.t_to_sigma(ts.double()), torch.zeros(1, dtype=torch.float64)])
     ours, _ = run_ours(S.sample_dpmpp_2m, ref, sigmas=sigmas)
-    close(ours, run_ref(ref, vp=False, timesteps=ts.tolist()))
+    close(ours, run_ref(ref, vp=True, timesteps=ts.tolist()))

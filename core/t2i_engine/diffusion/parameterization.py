@@ -96,9 +96,10 @@ class DenoiserWrapper:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Conditioning) -> Tensor:
         """``x`` ``(B, ...)``, ``sigma`` scalar or ``(B,)`` -> x0 estimate ``(B, ...)``."""
+        flat = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,), caller's precision
+        t = self.schedule.sigma_to_t(flat)  # before any cast to a half-precision x
         s = _bcast(sigma, x)  # (B, 1, ..., 1)
         c_skip, c_out, c_in = scalings(self.prediction, s, sigma_data=self.sigma_data)
-        t = self.schedule.sigma_to_t(s.reshape(-1))  # (B,)
         if self.round_t:
             t = t.round()
         out = self.net(x * c_in, t, cond)

@@ -123,3 +123,13 @@ def test_offset_noise_adds_channel_offsets():
     plain = offset_noise((64, 4, 16, 16), strength=0.0, dtype=torch.float64,
                          generator=torch.Generator().manual_seed(0))
     assert abs(float(plain.mean(dim=(2, 3)).var()) - 1 / 256) < 1e-3
+
+
+def test_half_precision_input_keeps_time_precise():
+    s = DiscreteSchedule.from_betas("scaled_linear")
+    net = Recorder("eps")
+    t = torch.tensor([981.0, 377.0])
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0)).half()
+    out = DenoiserWrapper(net, s)(x, s.t_to_sigma(t).float(), Conditioning())
+    assert out.dtype == torch.float16 and net.seen[0].dtype == torch.float16
+    torch.testing.assert_close(net.seen[1], t, atol=1e-3, rtol=0)

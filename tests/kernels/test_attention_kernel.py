@@ -99,7 +99,7 @@ def test_auto_uses_torch_on_cpu(monkeypatch):
     dispatch = importlib.import_module("t2i_engine.kernels.attention.dispatch")
 
     called = []
-    monkeypatch.setattr(dispatch, "_triton_impl", lambda: called.append(1))
+    monkeypatch.setattr(dispatch, "_load_triton_ops", lambda: called.append(1) or None)
     q, k, v, _ = _inputs(1, 1, 8, 8, 16, torch.float32)
     attention(q, k, v)
     assert not called

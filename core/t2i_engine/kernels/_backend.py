@@ -12,7 +12,6 @@ was traced with):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Literal
 
@@ -59,16 +58,15 @@ def interpret_mode() -> bool:
 
 
 def triton_available() -> bool:
-    """True when the ``triton`` package can be imported (checked once, lazily)."""
+    """True when the ``triton`` package imports (checked once, on first need)."""
     global _TRITON_OK
     if _TRITON_OK is None:
-        ok = importlib.util.find_spec("triton") is not None
-        if ok:
-            try:
-                import triton  # noqa: F401
-            except Exception:  # a broken install must not break the engine
-                ok = False
-        _TRITON_OK = ok
+        try:  # an import statement, not importlib: torch.compile can trace it
+            import triton  # noqa: F401
+
+            _TRITON_OK = True
+        except Exception:  # missing or broken: the engine runs on PyTorch
+            _TRITON_OK = False
     return _TRITON_OK
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +11,15 @@ from t2i_engine.kernels._backend import use_triton
 
 __all__ = ["attention", "triton_unsupported_reason"]
 
-SUPPORTED_HEAD_DIMS = range(16, 257)  # padded in-kernel to the next power of two (<= 256)
+SUPPORTED_HEAD_DIMS = range(1, 257)  # padded in-kernel to the next power of two, at least 16
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _triton_impl() -> ModuleType:
-    """The Triton module, imported on first use (it imports triton and registers the ops)."""
-    return importlib.import_module("t2i_engine.kernels.attention.triton")
+def _load_triton_ops() -> None:
+    """Import the Triton module on first use: it imports triton and registers the
+    ``t2i_engine::attention_*`` custom ops. A plain import statement, which torch.compile runs while
+    tracing (importlib calls would break the graph)."""
+    from t2i_engine.kernels.attention import triton  # noqa: F401
 
 
 def triton_unsupported_reason(
@@ -75,6 +75,8 @@ def attention(
     ``F.scaled_dot_product_attention`` otherwise; ``T2I_KERNELS`` overrides the choice.
     """
     if use_triton("attention", q.device, triton_unsupported_reason(q, k, v, key_padding_mask)):
-        return _triton_impl().triton_attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
+        _load_triton_ops()
+        out, _ = torch.ops.t2i_engine.attention_fwd(q, k, v, key_padding_mask, scale)  # out, lse
+        return out
     attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)

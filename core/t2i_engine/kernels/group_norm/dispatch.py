@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import Literal
 
 import torch
@@ -18,9 +16,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float16)  # the interpreter cannot run bfloat16 constants
 
 
-def _triton_impl() -> ModuleType:
-    """The Triton module, imported on first use (it imports triton and registers the ops)."""
-    return importlib.import_module("t2i_engine.kernels.group_norm.triton")
+def _load_triton_ops() -> None:
+    """Import the Triton module on first use: it imports triton and registers the
+    ``t2i_engine::group_norm_*`` custom ops. A plain import statement, which torch.compile runs while
+    tracing (importlib calls would break the graph)."""
+    from t2i_engine.kernels.group_norm import triton  # noqa: F401
 
 
 def triton_unsupported_reason(
@@ -73,6 +73,8 @@ def group_norm(
         raise ValueError(f"channels ({x.shape[1] if x.dim() > 1 else '?'}) must be divisible by num_groups ({num_groups})")
     silu = activation == "silu"
     if use_triton("group_norm", x.device, triton_unsupported_reason(x, num_groups, weight, bias)):
-        return _triton_impl().triton_group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
+        _load_triton_ops()
+        y, _, _ = torch.ops.t2i_engine.group_norm_fwd(x, weight, bias, num_groups, eps, silu)  # y, mean, rstd
+        return y
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -33,6 +34,7 @@ def test_discovery_through_entry_points(demo_plugin: str) -> None:
 
 def test_import_failure_is_isolated(demo_plugin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("T2I_DEMO_BROKEN", "1")
+    monkeypatch.delitem(sys.modules, "t2i_plugin_demo.broken", raising=False)  # import it afresh
     pm = EnginePluginManager().load()
     assert "fails to import on purpose" in (pm.plugins["demo_broken"].error or "")
     assert "demo_broken" in capsys.readouterr().err

@@ -181,7 +181,12 @@ def resolve_config(data: dict[str, Any], pm: EnginePluginManager, *, source: Pat
             from t2i_engine.training.config import TrainConfig
 
             train = structure(TrainConfig, data["train"], "train", locate)
-        return RunConfig(engine=engine, train=train, conditioners=conds,
+        guidance = None
+        if "guidance" in data:
+            from t2i_engine.diffusion.guidance import GuidanceConfig
+
+            guidance = structure(GuidanceConfig, data["guidance"], "guidance", locate)
+        return RunConfig(engine=engine, train=train, guidance=guidance, conditioners=conds,
                          source=source.resolve() if source else None, **parts)
     finally:
         BASE_DIR.reset(token)

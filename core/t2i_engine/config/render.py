@@ -54,8 +54,9 @@ def render_toml(config: RunConfig) -> str:
         if comp is not None:
             lines.append(f"# provided by plugin '{comp.plugin}'")
             lines += _table(table, _component(comp, selector))
-    if config.train is not None:
-        lines += _table("train", unstructure(config.train))
+    for table in ("train", "guidance"):
+        if getattr(config, table) is not None:
+            lines += _table(table, unstructure(getattr(config, table)))
     for c in config.conditioners:
         lines.append(f"# provided by plugin '{c.plugin}'")
         lines += _table("conditioners", _component(c, "type"), array=True)

@@ -12,6 +12,7 @@ table               selector key                 validated by
 ``[schedule]``      ``type``                     the registered schedule's ``Config``
 ``[data]``          ``type``                     the registered dataset's ``Config``
 ``[train]``         (none)                       ``t2i_engine.training.config.TrainConfig``
+``[guidance]``      (none)                       ``t2i_engine.diffusion.guidance.GuidanceConfig``
 ``[[conditioners]]`` ``type``                    each registered conditioner's ``Config``
 ==================  ===========================  =============================================
 """
@@ -60,6 +61,7 @@ class RunConfig:
     schedule: ComponentConfig | None = None
     data: ComponentConfig | None = None
     train: Any = None  # TrainConfig or None
+    guidance: Any = None  # GuidanceConfig or None
     conditioners: list[ComponentConfig] = attrs.field(factory=list)
     source: Path | None = None  # the config file, when loaded from one
 
@@ -81,4 +83,4 @@ COMPONENT_TABLES: dict[str, tuple[str, str]] = {
 }
 """Top-level table -> (registry kind, selector key)."""
 
-TOP_LEVEL = ("engine", *COMPONENT_TABLES, "train", "conditioners")
+TOP_LEVEL = ("engine", *COMPONENT_TABLES, "train", "guidance", "conditioners")

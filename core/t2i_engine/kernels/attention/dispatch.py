@@ -45,6 +45,8 @@ def triton_unsupported_reason(
         key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (k.shape[0], k.shape[2])
     ):
         return "key_padding_mask must be bool (B, Lk)"
+    if max(q.numel(), k.numel()) >= 2**31:
+        return "more than 2**31 elements (32-bit offsets)"
     return None
 
 

@@ -246,8 +246,9 @@ def _bwd_config(block_d: int, device: torch.device) -> tuple[dict[str, int], dic
     if block_d <= 128:
         return ({"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
                 {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2})
-    return ({"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1},
-            {"BLOCK_M": 64, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1})
+    # head_dim 160 (padded to 256): two fp32 (BLOCK_N, 256) accumulators must stay in registers.
+    return ({"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
+            {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1})
 
 
 def _mask_arg(key_padding_mask: Tensor | None, like: Tensor) -> tuple[Tensor, int, int]:

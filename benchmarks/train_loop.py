@@ -2,8 +2,9 @@
 
 Both loops do the same work per step: one micro-batch from the same dataset through a
 DataLoader, forward + backward of the same conv denoiser, global-norm clipping, AdamW, and an
-EMA update. Each variant runs in its own process (so peak memory is its own); the first
-``--warmup`` steps are not timed.
+EMA update. Step times come from alternating runs in one process (best median of
+``--repeats``); the first ``--warmup`` steps are not timed. Peak memory is the CUDA allocator
+peak per run, or on the CPU each variant's peak RSS in a process of its own.
 
     python benchmarks/train_loop.py [--steps 60] [--repeats 3] [--device cpu|cuda] [--batch 16] [--size 32]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -121,14 +123,25 @@ def main() -> None:
         print(json.dumps({"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
                           "peak_mb": _peak_mb(torch.device(args.device))}))
         return
+    # Step times: both variants in this process, alternating, best median kept (the machine
+    # may be shared). Peak memory: CUDA allocator peak per run; on the CPU, each variant's peak
+    # RSS measured once in its own process.
+    device = torch.device(args.device)
     rows: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):
-        for variant in ("plain", "engine"):
-            cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
+        for variant, fn in (("plain", run_plain), ("engine", run_engine)):
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            times = fn(args)[args.warmup:]
+            r = {"median_s": statistics.median(times), "mean_s": statistics.fmean(times),
+                 "peak_mb": _peak_mb(device) if device.type == "cuda" else math.nan}
             if variant not in rows or r["median_s"] < rows[variant]["median_s"]:
                 rows[variant] = r
+    if device.type != "cuda":
+        for variant in rows:
+            cmd = [sys.executable, __file__, "--variant", variant, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            rows[variant]["peak_mb"] = json.loads(out.strip().splitlines()[-1])["peak_mb"]
     plain, engine = rows["plain"], rows["engine"]
     print(f"device={args.device} steps={args.steps} (first {args.warmup} untimed) batch={args.batch} "
           f"size={args.size}, best of {args.repeats} alternating runs")

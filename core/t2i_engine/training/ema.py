@@ -35,21 +35,24 @@ class EMA:
         self.interval = int(interval)
         self.shadow: dict[str, Tensor] = {
             n: p.detach().to(torch.float32).clone() for n, p in _named_trainable(model).items()}
+        self._cache: tuple[int, list[Tensor], list[Tensor]] | None = None  # (id(model), shadows, params)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         """Fold the model's current weights into the average; ``step`` is the optimizer step
         just completed (1-based)."""
-        params = _named_trainable(model)
         if step <= self.start:
+            params = _named_trainable(model)
             for n, p in params.items():
                 self.shadow[n].copy_(p.detach())
             return
         if step % self.interval:
             return
-        shadows = [self.shadow[n] for n in params]
-        weights = [p.detach().to(torch.float32) for p in params.values()]
-        torch._foreach_lerp_(shadows, weights, 1.0 - self.decay)
+        if self._cache is None or self._cache[0] != id(model):
+            params = _named_trainable(model)
+            self._cache = (id(model), [self.shadow[n] for n in params], [p.detach() for p in params.values()])
+        _, shadows, weights = self._cache
+        torch._foreach_lerp_(shadows, [w.to(torch.float32) for w in weights], 1.0 - self.decay)
 
     @contextlib.contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:

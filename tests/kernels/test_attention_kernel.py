@@ -92,6 +92,15 @@ def test_torch_path_matches_reference(force_torch, masked):
     _check(*_inputs(2, 2, 33, 77, 40, torch.float32, masked=masked))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_integer_mask_means_keep(monkeypatch, backend):
+    monkeypatch.setenv("T2I_KERNELS", backend)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v, mask = _inputs(2, 1, 16, 20, 16, torch.float32, masked=True)
+    out = attention(q, k, v, key_padding_mask=mask.long())  # a tokenizer's attention_mask
+    torch.testing.assert_close(out, attention_reference(q, k, v, key_padding_mask=mask), atol=1e-5, rtol=1e-5)
+
+
 def test_auto_uses_torch_on_cpu(monkeypatch):
     monkeypatch.delenv("T2I_KERNELS", raising=False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter alone never turns Triton on

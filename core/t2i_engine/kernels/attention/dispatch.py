@@ -65,7 +65,8 @@ def attention(
             (B, Lq, heads, head_dim) projection.
         k: keys (B, heads, Lk, head_dim).
         v: values (B, heads, Lk, head_dim).
-        key_padding_mask: (B, Lk) bool, True = attend to this key; None attends to all.
+        key_padding_mask: (B, Lk) bool (or 0/1 integers), True = attend to this key; None
+            attends to all.
             A query with no key kept gets zeros.
         scale: score scale; ``head_dim ** -0.5`` when None.
 
@@ -76,6 +77,8 @@ def attention(
     Runs the Triton flash kernel for CUDA float16/bfloat16 inputs and
     ``F.scaled_dot_product_attention`` otherwise; ``T2I_KERNELS`` overrides the choice.
     """
+    if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+        key_padding_mask = key_padding_mask != 0  # 0/1 integer masks (tokenizer output)
     if use_triton("attention", q.device, triton_unsupported_reason(q, k, v, key_padding_mask)):
         _load_triton_ops()
         out, _ = torch.ops.t2i_engine.attention_fwd(q, k, v, key_padding_mask, scale)  # out, lse

@@ -72,10 +72,11 @@ def register_models() -> dict[str, Any]:
 
 @hookimpl
 def register_tasks() -> dict[str, Any]:
-    """``sample`` and ``train`` for Stable Diffusion."""
-    from t2i_plugin_sd.tasks import SampleTask, TrainTask
+    """Stable Diffusion's own tasks; the generic ``sample``, ``train`` and ``precache`` are the
+    core's (they drive this plugin's model through ``LatentDiffusionModel``)."""
+    from t2i_plugin_sd.shapes_tasks import SHAPES_TASKS
 
-    return {"sample": SampleTask, "train": TrainTask}
+    return {**SHAPES_TASKS}
 
 
 @hookimpl

@@ -1,0 +1,176 @@
+"""``shapes-train``: a whole tiny Stable Diffusion trained from scratch on the shapes dataset.
+
+Two stages, each through the core Fabric loop :func:`~t2i_engine.training.loop.fit` with its own
+resumable checkpoints (``<output_dir>/autoencoder`` and ``<output_dir>/unet``):
+
+1. the KL autoencoder (f = 8, 4 latent channels) with L1 + a small KL term
+   (:mod:`t2i_plugin_sd.autoencoder_training`), configured by ``[task.autoencoder]``;
+2. the UNet and the CLIP-architecture text encoder jointly, on latents of the frozen autoencoder
+   encoded once into memory, configured by ``[train]``.
+
+The result is one CompVis-layout safetensors file (the EMA weights, stored as float16 to keep the
+file small) and a latent-diffusion ``.yaml`` beside it with the prediction type, latent scale
+factor and schedule, which the ``single-file`` format reads back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import attrs
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from t2i_engine.config.fields import option
+from t2i_engine.errors import ConfigError
+from t2i_engine.interfaces import RunContext
+from t2i_engine.nn import UNetConfig
+from t2i_engine.training.config import TrainConfig
+from t2i_plugin_sd.autoencoder import AutoencoderConfig
+from t2i_plugin_sd.presets import Architecture
+from t2i_plugin_sd.text_encoder import TextEncoderConfig
+
+__all__ = ["SHAPES_PRESETS", "ShapesTrainConfig", "ShapesTrainTask", "export_single_file", "load_final_weights"]
+
+SHAPES_PRESETS: dict[str, Architecture] = {
+    # 1.0M-parameter f=8 autoencoder, 4.1M-parameter UNet on 8x8x4 latents, a 2-layer CLIP text
+    # tower of width 32 (1.6M parameters, nearly all of them the 49408-token embedding).
+    "shapes-64": Architecture(
+        UNetConfig(channels=(64, 128), attention=(True, True), heads=(4, 4), layers_per_block=1,
+                   context_dim=32),
+        AutoencoderConfig(channels=(32, 32, 64, 64), layers_per_block=1),
+        TextEncoderConfig(width=32, layers=2, heads=4, context_length=16),
+    ),
+}
+"""Architectures for the shapes model; the quickstart config repeats their heads (not in the weights)."""
+
+
+@attrs.frozen
+class ShapesTrainConfig:
+    """``[task] name = "shapes-train"``; the UNet stage is configured by ``[train]``."""
+
+    output: str = option(help="the single-file safetensors to write (relative to the config file)")
+    preset: Literal["shapes-64"] = option(default="shapes-64", help="architecture")
+    autoencoder: TrainConfig = option(factory=TrainConfig, help="the [train] keys of the autoencoder stage")
+    kl_weight: float = option(default=1e-3, validator=attrs.validators.ge(0.0), help="KL weight (stage 1)")
+    caption_dropout: float = option(default=0.1, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)],
+                                    help="probability a caption is replaced by '' (stage 2)")
+    latent_samples: int = option(default=8192, validator=attrs.validators.ge(1),
+                                 help="dataset samples encoded once for the UNet stage")
+    save_dtype: Literal["float16", "float32"] = option(default="float16", help="dtype of the written tensors")
+
+
+class LatentDataset(Dataset):
+    """Precomputed scaled latents ``(C, h, w)`` with their captions (the UNet stage's data)."""
+
+    def __init__(self, latents: Tensor, captions: list[str]) -> None:
+        self.latents, self.captions = latents, captions
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"latents": self.latents[index], "caption": self.captions[index]}
+
+
+@torch.no_grad()
+def encode_dataset(vae: nn.Module, dataset: Any, *, count: int, batch_size: int = 64) -> LatentDataset:
+    """Posterior means of the first ``count`` samples, scaled by ``vae.scaling_factor``."""
+    latents, captions = [], []
+    device = next(vae.parameters()).device
+    for start in range(0, count, batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        images = torch.stack([s["image"] for s in samples]).to(device)  # (B, 3, H, W)
+        latents.append(vae.moments(images)[0].cpu() * vae.scaling_factor)  # (B, C, h, w)
+        captions += [s["caption"] for s in samples]
+    return LatentDataset(torch.cat(latents), captions)
+
+
+def load_final_weights(model: nn.Module, checkpoint_dir: str, *, ema: bool) -> None:
+    """Load the latest checkpoint of a finished stage into ``model`` (its EMA weights when ``ema``)."""
+    from t2i_engine.checkpoint.io import load_state_dict_strict
+    from t2i_engine.training.checkpoints import latest_checkpoint, load_checkpoint
+
+    step = latest_checkpoint(checkpoint_dir)
+    if step is None:
+        raise ConfigError(f"no checkpoint in {checkpoint_dir}")
+    state, ema_state, _ = load_checkpoint(checkpoint_dir, step, with_ema=ema)
+    load_state_dict_strict(model, {**state, **(ema_state or {})}, source=f"{checkpoint_dir} step {step}")
+
+
+def export_single_file(model: Any, path: str | Path, *, dtype: torch.dtype = torch.float16) -> dict[str, str]:
+    """Write ``model`` as one CompVis-layout safetensors plus the latent-diffusion ``.yaml`` beside it."""
+    import yaml
+
+    from t2i_engine.checkpoint.io import save_safetensors
+    from t2i_plugin_sd.formats import join_single_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in join_single_file(model.weights()).items()}
+    save_safetensors(tensors, str(path), metadata={"prediction": model.prediction, "format": "compvis"})
+    s = model.arch.schedule
+    params = {"parameterization": model.prediction, "scale_factor": float(model.vae.scaling_factor),
+              "linear_start": s.beta_start, "linear_end": s.beta_end, "timesteps": s.num_train_timesteps}
+    side = path.with_suffix(".yaml")
+    side.write_text(yaml.safe_dump({"model": {"params": params}}, sort_keys=False))
+    return {"model": str(path), "config": str(side)}
+
+
+def _resolve(ctx: RunContext, path: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_absolute() and ctx.config.source is not None:
+        p = Path(ctx.config.source).parent / p
+    return p
+
+
+class ShapesTrainTask:
+    """Train the autoencoder, then the UNet and text encoder; export one safetensors file."""
+
+    Config = ShapesTrainConfig
+
+    def __init__(self, config: ShapesTrainConfig) -> None:
+        self.config = config
+
+    def run(self, ctx: RunContext) -> Mapping[str, Any]:
+        from t2i_engine.training.loop import fit
+        from t2i_plugin_sd.autoencoder_training import AutoencoderTrainable, latent_scaling_factor
+        from t2i_plugin_sd.model import build_model
+        from t2i_plugin_sd.trainable import SDTrainable
+
+        c = self.config
+        if ctx.config.data is None or ctx.config.train is None:
+            raise ConfigError("the shapes-train task needs [data] and [train] tables")
+        dataset = ctx.plugins.build(ctx.config.data)
+        hooks = getattr(ctx.plugins, "hook", None)
+        model = build_model(None, SHAPES_PRESETS[c.preset], seed=ctx.seed)
+
+        # stage 1: the autoencoder
+        ae = AutoencoderTrainable(model.vae, kl_weight=c.kl_weight)
+        ae_dir = ctx.output_dir / "autoencoder"
+        ae_summary = fit(ae, dataset, c.autoencoder, output_dir=ae_dir, seed=ctx.seed, hooks=hooks)
+        if ae_summary["interrupted"]:
+            return {"stage": "autoencoder", **ae_summary}
+        load_final_weights(ae, str(ae_dir / "checkpoints"), ema=c.autoencoder.ema)
+        model.vae.requires_grad_(False).eval()
+
+        # stage 2: UNet + text encoder on latents encoded once
+        n_scale = min(c.latent_samples, 1024)
+        scale = latent_scaling_factor(model.vae, (torch.stack([dataset[i]["image"] for i in range(s, min(s + 64, n_scale))])
+                                                  for s in range(0, n_scale, 64)))
+        model.vae.scaling_factor = scale
+        model.arch = attrs.evolve(model.arch, vae=attrs.evolve(model.arch.vae, scaling_factor=scale))
+        latents = encode_dataset(model.vae, dataset, count=min(c.latent_samples, len(dataset)))
+        sd = SDTrainable(model, caption_dropout=c.caption_dropout, train_text_encoder=True)
+        unet_dir = ctx.output_dir / "unet"
+        summary = fit(sd, latents, ctx.config.train, output_dir=unet_dir, seed=ctx.seed, hooks=hooks)
+        if summary["interrupted"]:
+            return {"stage": "unet", **summary}
+        load_final_weights(sd, str(unet_dir / "checkpoints"), ema=ctx.config.train.ema)
+        dtype = torch.float16 if c.save_dtype == "float16" else torch.float32
+        written = export_single_file(model, _resolve(ctx, c.output), dtype=dtype)
+        return {**written, "scaling_factor": scale, "autoencoder_loss": ae_summary["loss"], "loss": summary["loss"]}
+

@@ -238,6 +238,38 @@ class Conditioner(Protocol):
         ...
 
 
+@runtime_checkable
+class LatentDiffusionModel(Protocol):
+    """A text-to-image model bundle the core's ``sample``, ``train`` and ``precache`` tasks drive.
+
+    What a ``[model]`` factory returns (Stable Diffusion's ``StableDiffusion`` is one). Pixel-space
+    models fit too, with an identity ``autoencoder``. Optional: a ``description`` str written into
+    sample PNGs (default: the ``[model] type``).
+    """
+
+    text_encoder: TextEncoder
+    autoencoder: Autoencoder
+    denoiser: DenoiserNet  # its ``prediction`` says eps / v / x0 / edm
+    schedule: NoiseSchedule
+
+    def to(self, device: torch.device) -> LatentDiffusionModel:
+        """Move every network to ``device`` (returns the model)."""
+        ...
+
+    def trainable(self, *, caption_dropout: float, train_text_encoder: bool) -> nn.Module:
+        """The model wrapped for the training loop (a ``t2i_engine.training.protocol.TrainableModel``
+        whose trainable weights are this model's own parameters, so training updates ``self``).
+
+        Captions are replaced by ``""`` with probability ``caption_dropout``; batches may carry
+        precached ``latents`` and ``text_tokens`` instead of ``image`` and ``caption``.
+        """
+        ...
+
+    def save(self, url: str, *, format: str | None = None) -> None:
+        """Export the weights to ``url`` in ``format`` (the model's default when None)."""
+        ...
+
+
 @dataclass
 class RunContext:
     """What a task receives: the resolved configuration and the engine around it."""
@@ -267,6 +299,7 @@ __all__ = [
     "Conditioning",
     "Denoiser",
     "DenoiserNet",
+    "LatentDiffusionModel",
     "NoiseSchedule",
     "Prediction",
     "RunContext",

@@ -203,7 +203,8 @@ def _save(fabric: Fabric, raw: nn.Module, ema: EMA | None, optimizer: Any, sched
 
 def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir: str | Path,
         seed: int, hooks: Any = None, val_dataset: Any = None, fabric: Fabric | None = None,
-        checkpoint_dir: str | None = None, collate_fn: Any = None) -> dict[str, Any]:
+        checkpoint_dir: str | None = None, collate_fn: Any = None,
+        copy_ema: bool = False) -> dict[str, Any]:
     """Train ``model`` (a :class:`~t2i_engine.training.protocol.TrainableModel`) on ``dataset``.
 
     Args:
@@ -217,6 +218,9 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
         fabric: a ready Fabric (tests); by default one is built from ``train_config``.
         checkpoint_dir: fsspec URL of the checkpoints (default ``<output_dir>/checkpoints``).
         collate_fn: batch collation (default ``torch.utils.data.default_collate``).
+        copy_ema: with ``train.ema`` on, copy the EMA weights into ``model`` after the final
+            checkpoint (the checkpoint keeps both), so that sampling and export from ``model``
+            use them. Off by default: the model keeps its training weights.
 
     Returns:
         ``{"step", "checkpoint", "interrupted", "nonfinite_skipped", "loss"}``.
@@ -343,6 +347,8 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
                       checkpoint_dir=checkpoint_dir, cfg=cfg, hooks=hooks)
     finally:
         logger.close()
+    if copy_ema and ema is not None:
+        ema.copy_to(raw)
     return {"step": state.step, "checkpoint": checkpoint_dir,
             "interrupted": state.step < cfg.max_steps,
             "nonfinite_skipped": state.nonfinite_total, "loss": metrics.get("loss", math.nan)}

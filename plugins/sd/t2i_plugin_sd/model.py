@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
 from t2i_engine.diffusion.schedules import DiscreteSchedule
+from t2i_engine.errors import ConfigError
 from t2i_engine.nn import UNet
 from t2i_plugin_sd.autoencoder import AutoencoderKL
 from t2i_plugin_sd.infer import infer_text, infer_unet, infer_vae
@@ -61,6 +62,41 @@ class StableDiffusion(nn.Module):
     def prediction(self) -> str:
         """What the UNet predicts (``eps`` or ``v``)."""
         return self.unet.prediction
+
+    # --- t2i_engine.interfaces.LatentDiffusionModel -----------------------------------------
+
+    @property
+    def denoiser(self) -> UNet:
+        """The UNet (the protocol's denoiser network)."""
+        return self.unet
+
+    @property
+    def autoencoder(self) -> AutoencoderKL:
+        """The KL autoencoder (the protocol's autoencoder)."""
+        return self.vae
+
+    @property
+    def description(self) -> str:
+        """What sample PNGs record as their ``model``."""
+        return f"stable-diffusion ({self.prediction}, context {self.arch.unet.context_dim})"
+
+    def trainable(self, *, caption_dropout: float = 0.1, train_text_encoder: bool = False) -> nn.Module:
+        """This model wrapped for the Fabric loop (:class:`t2i_plugin_sd.trainable.SDTrainable`)."""
+        from t2i_plugin_sd.trainable import SDTrainable
+
+        return SDTrainable(self, caption_dropout=caption_dropout, train_text_encoder=train_text_encoder)
+
+    def save(self, url: str, *, format: str | None = None) -> None:
+        """Export to ``url``: ``"diffusers"`` (a folder, the default) or ``"single-file"``
+        (one CompVis-layout safetensors file)."""
+        from t2i_plugin_sd.formats import CHECKPOINT_FORMATS
+
+        name = format or "diffusers"
+        fmt = CHECKPOINT_FORMATS.get(name)
+        if fmt is None or not hasattr(fmt, "save"):
+            writable = [n for n, f in CHECKPOINT_FORMATS.items() if hasattr(f, "save")]
+            raise ConfigError(f"cannot export Stable Diffusion as {name!r}; formats: {', '.join(writable)}")
+        fmt().save(self, url)
 
     def load_weights(self, weights: Weights) -> None:
         """Load state dicts strictly; missing or unexpected keys are a CheckpointError naming them."""

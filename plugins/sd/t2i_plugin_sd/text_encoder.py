@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from t2i_engine.interfaces import TextEmbedding
+from t2i_engine.pipeline import check_prompts
 
 EOT_ID = 49407
 """``<|endoftext|>`` in the CLIP BPE vocabulary (SD 1.x pads with it)."""
@@ -34,16 +35,6 @@ class TextEncoderConfig:
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # OpenAI CLIP uses QuickGELU
     skip_last_layers: int = 0  # 1 reads the penultimate layer (SD 2), then the final LayerNorm
     pad: Literal["eos", "zero"] = "eos"  # padding id: <|endoftext|> (SD 1) or 0 "!" (SD 2)
-
-
-def check_prompts(prompts: Any) -> list[str]:
-    """Return ``prompts`` as a list of str; anything else is a TypeError that says what came."""
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
-        raise TypeError(f"prompts must be a list of str, got {type(prompts).__name__}: {prompts!r:.80}")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"prompts must be a list of str; got an item of type {type(bad[0]).__name__}: {bad[0]!r:.80}")
-    return list(prompts)
 
 
 class CLIPTextEncoder(nn.Module):

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from t2i_engine.diffusion.parameterization import training_batch
+from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import Conditioning, TextEmbedding
 from t2i_plugin_sd.model import StableDiffusion
 
@@ -39,9 +40,13 @@ class SDTrainable(nn.Module):
         if self.train_text_encoder:
             yield from self.model.text_encoder.parameters()
 
+    def keep_mask(self, n: int, *, generator: torch.Generator | None) -> Tensor:
+        """``(n,)`` bool, False where a caption is dropped (probability ``caption_dropout``)."""
+        return torch.rand(n, generator=generator) >= self.caption_dropout
+
     def drop_captions(self, captions: list[str], *, generator: torch.Generator | None) -> list[str]:
         """Replace each caption by ``""`` with probability ``caption_dropout``."""
-        keep = torch.rand(len(captions), generator=generator) >= self.caption_dropout
+        keep = self.keep_mask(len(captions), generator=generator)
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     def _latents(self, batch: Mapping[str, Any], generator: torch.Generator | None) -> Tensor:
@@ -55,10 +60,31 @@ class SDTrainable(nn.Module):
 
     def _text(self, batch: Mapping[str, Any], generator: torch.Generator | None) -> TextEmbedding:
         if "text_tokens" in batch:
-            return TextEmbedding(batch["text_tokens"])
+            return self._precached_text(batch, generator)
         captions = self.drop_captions(list(batch["caption"]), generator=generator)
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()):
             return self.model.text_encoder.encode(captions)
+
+    def _precached_text(self, batch: Mapping[str, Any], generator: torch.Generator | None) -> TextEmbedding:
+        """Precached embeddings; dropped rows get the embedding of ``""`` (the same draws as
+        :meth:`drop_captions`, so a run on precached data matches one on images)."""
+        if self.train_text_encoder:
+            raise ConfigError("task.train_text_encoder: precached text embeddings are fixed; train the "
+                              "text encoder on images and captions instead")
+        emb = TextEmbedding(batch["text_tokens"], batch.get("text_mask"), batch.get("text_pooled"))
+        keep = self.keep_mask(emb.tokens.shape[0], generator=generator).to(emb.tokens.device)
+        if bool(keep.all()):
+            return emb
+        with torch.no_grad():
+            empty = self.model.text_encoder.encode([""]).to(device=emb.tokens.device)
+
+        def mix(t: Tensor | None, u: Tensor | None) -> Tensor | None:
+            if t is None or u is None:
+                return t
+            return torch.where(keep.view(-1, *([1] * (t.ndim - 1))), t, u.to(t.dtype).expand_as(t))
+
+        return TextEmbedding(mix(emb.tokens, empty.tokens), mix(emb.mask, empty.mask),  # type: ignore[arg-type]
+                             mix(emb.pooled, empty.pooled))
 
     def training_loss(self, batch: Mapping[str, Any], *, generator: torch.Generator | None) -> Tensor:
         """MSE between the UNet output and its target (eps or v) at a random noise level."""

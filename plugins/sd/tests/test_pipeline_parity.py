@@ -1,5 +1,6 @@
-"""Pipeline parity: our generate() against diffusers' StableDiffusionPipeline on the same tiny
-components, prompts, negative prompts, initial latents and scheduler (guidance 7.5)."""
+"""Pipeline parity: the core's generate() (what the sample task runs) with our Stable Diffusion
+model against diffusers' StableDiffusionPipeline on the same tiny components, prompts, negative
+prompts, initial latents and scheduler (guidance 7.5, from the core's GuidanceConfig)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ import attrs
 import pytest
 import torch
 
-from t2i_engine.diffusion.samplers import sample_ddim, sample_dpmpp_2m
+from t2i_engine.diffusion.guidance import GuidanceConfig
+from t2i_engine.diffusion.registry import SAMPLERS, DDIMConfig, SamplerConfig
+from t2i_engine.interfaces import LatentDiffusionModel
+from t2i_engine.pipeline import generate
 from t2i_plugin_sd.formats import DiffusersFolder
 from t2i_plugin_sd.model import build_model
-from t2i_plugin_sd.pipeline import generate
 from t2i_plugin_sd.presets import PRESETS
 
 
@@ -23,7 +26,7 @@ def test_pipeline_matches_diffusers(kind, layout, sd1_folder, sd2v_folder):
     weights = DiffusersFolder().load(str(folder))
     if kind == "ddim":
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
-        sampler = sample_ddim
+        sampler = SAMPLERS["ddim"](DDIMConfig(steps=6))
     else:
         # diffusers' DPM-Solver spaces "leading" timesteps differently from DDIM; "trailing" is
         # the same grid in both, so both sides use it
@@ -31,12 +34,14 @@ def test_pipeline_matches_diffusers(kind, layout, sd1_folder, sd2v_folder):
                                                                  solver_order=2, timestep_spacing="trailing",
                                                                  steps_offset=0)
         weights.hints["schedule"] = attrs.evolve(weights.hints["schedule"], timestep_spacing="trailing", steps_offset=0)
-        sampler = sample_dpmpp_2m
+        sampler = SAMPLERS["dpmpp_2m"](SamplerConfig(steps=6))
     ours = build_model(weights, PRESETS["sd-1"])
+    assert isinstance(ours, LatentDiffusionModel)
     prompts, negative = ["a red square", "a blue circle"], ["", "green"]
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     ref = pipe(prompts, negative_prompt=negative, latents=noise.clone(), num_inference_steps=6, guidance_scale=7.5,
                height=16, width=16, output_type="pt").images
-    got = generate(ours, prompts, noise, sampler=sampler, steps=6, guidance_scale=7.5, negative_prompts=negative)
+    got = generate(ours, prompts, noise, sampler=sampler, guidance=GuidanceConfig(guidance_scale=7.5),
+                   negative_prompts=negative) / 2 + 0.5
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 1e-3

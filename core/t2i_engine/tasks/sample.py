@@ -1,0 +1,133 @@
+"""``sample``: txt2img and img2img with any model bundle, any sampler, the core guidance.
+
+Steps, Karras spacing and the sampler's own options come from ``[sampler]``; the guidance scale,
+rescale and thresholding from ``[guidance]`` (defaults when absent). Every image is one PNG whose
+text metadata records the prompt, negative prompt, seed, sampler, steps, guidance and model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import torch
+
+from t2i_engine.config.fields import existing_path, option
+from t2i_engine.errors import ConfigError
+from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
+from t2i_engine.tasks.common import build_model
+
+__all__ = ["SampleConfig", "SampleTask"]
+
+
+@attrs.frozen
+class SampleConfig:
+    """``[task] name = "sample"``."""
+
+    prompts: list[str] = option(help="the prompts; images_per_prompt images each")
+    negative_prompt: str = option(default="", help="what guidance steers away from ('' = unconditional)")
+    width: int = option(default=512, validator=attrs.validators.ge(8), help="image width in pixels")
+    height: int = option(default=512, validator=attrs.validators.ge(8), help="image height in pixels")
+    images_per_prompt: int = option(default=1, validator=attrs.validators.ge(1), help="images per prompt")
+    batch_size: int = option(default=1, validator=attrs.validators.ge(1), help="images per forward pass")
+    seeds: list[int] | None = option(default=None, help="one seed per image; default engine.seed + index")
+    init_image: str | None = existing_path(default=None, help="img2img: the source image")
+    strength: float = option(default=0.8, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)],
+                             help="img2img: fraction of the sampler steps run (1 = ignore the image)")
+
+
+def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
+    """``(1, 3, height, width)`` in [-1, 1] from an image file or fsspec URL."""
+    import fsspec
+    from PIL import Image
+
+    from t2i_engine.utils.images import from_pil
+
+    with fsspec.open(url, "rb") as f:
+        img = Image.open(f).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    return from_pil(img)[None]
+
+
+def _step_reporter(ctx: RunContext, bar: Any, total: int) -> StepCallback:
+    """A sampler callback: advance the progress bar and call the ``on_sample_step`` hook."""
+    def report(info: Mapping[str, Any]) -> None:
+        bar.update(1)
+        ctx.plugins.hook.on_sample_step(step=int(info["i"]) + 1, total=total, sigma=float(info["sigma"]))
+
+    return report
+
+
+class SampleTask:
+    """Write one PNG per (prompt, image) into ``engine.output_dir``."""
+
+    Config = SampleConfig
+
+    def __init__(self, config: SampleConfig) -> None:
+        self.config = config
+
+    def _plan(self, ctx: RunContext) -> tuple[list[str], list[int]]:
+        c = self.config
+        prompts = [p for p in c.prompts for _ in range(c.images_per_prompt)]
+        if not prompts:
+            raise ConfigError("task.prompts: give at least one prompt")
+        seeds = list(c.seeds) if c.seeds is not None else [ctx.seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ConfigError(f"task.seeds: {len(seeds)} seeds for {len(prompts)} images "
+                              "(prompts x images_per_prompt)")
+        return prompts, seeds
+
+    def run(self, ctx: RunContext) -> Mapping[str, Any]:
+        from tqdm.auto import tqdm
+
+        from t2i_engine.diffusion.guidance import GuidanceConfig
+        from t2i_engine.pipeline import generate, sampling_sigmas_for
+        from t2i_engine.utils.images import save_png, to_pil
+
+        c = self.config
+        if ctx.config.sampler is None:
+            raise ConfigError("sampler: task 'sample' needs a [sampler] table, e.g. name = \"ddim\" and steps = 30")
+        guidance = ctx.config.guidance or GuidanceConfig()
+        if guidance.image_guidance_scale is not None:
+            raise ConfigError("guidance.image_guidance_scale: task 'sample' has no source-image conditioning "
+                              "(an edit task of an InstructPix2Pix plugin uses it)")
+        prompts, seeds = self._plan(ctx)
+        sampler = ctx.plugins.build(ctx.config.sampler)
+        model: LatentDiffusionModel = build_model(ctx, task="sample")
+        f = model.autoencoder.downsample_factor
+        if c.width % f or c.height % f:
+            raise ConfigError(f"task.width/height: must be multiples of {f} (the autoencoder's factor), "
+                              f"got {c.width}x{c.height}")
+        init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height)
+        sigmas = sampling_sigmas_for(sampler, model.schedule, device=ctx.device)
+        out_dir = Path(ctx.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,
+                "steps": str(len(sigmas) - 1), "guidance_scale": str(guidance.guidance_scale),
+                "model": str(getattr(model, "description", None) or ctx.config.model.name)}  # type: ignore[union-attr]
+        total = len(sigmas) - 1  # steps each batch runs
+        if init is not None:
+            from t2i_engine.diffusion.samplers import img2img_start
+
+            meta |= {"init_image": str(c.init_image), "strength": str(c.strength)}
+            total = len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=c.strength, noise=torch.zeros(1))[0]) - 1
+        written: list[str] = []
+        batches = range(0, len(prompts), c.batch_size)
+        for b, start in enumerate(batches):
+            chunk, chunk_seeds = prompts[start:start + c.batch_size], seeds[start:start + c.batch_size]
+            # each image's noise comes from its own seed, on the CPU: the same image on any device
+            noise = torch.cat([torch.randn(1, model.autoencoder.latent_channels, c.height // f, c.width // f,
+                                           generator=torch.Generator().manual_seed(s)) for s in chunk_seeds])
+            gen = torch.Generator(device=ctx.device).manual_seed(chunk_seeds[0])
+            with tqdm(total=total, desc=f"sample batch {b + 1}/{len(batches)}", unit="step", leave=False) as bar:
+                images = generate(model, chunk, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
+                                  negative_prompts=[c.negative_prompt] * len(chunk),
+                                  init_images=None if init is None else init.expand(len(chunk), -1, -1, -1),
+                                  strength=c.strength, generator=gen,
+                                  callback=_step_reporter(ctx, bar, total=total))
+            for prompt, seed, pil in zip(chunk, chunk_seeds, to_pil(images)):
+                path = out_dir / f"{len(written):05d}-{seed}.png"
+                save_png(pil, str(path), metadata={"prompt": prompt, "seed": str(seed), **meta})
+                written.append(str(path))
+        return {"images": written}

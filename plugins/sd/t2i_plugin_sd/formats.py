@@ -141,8 +141,28 @@ def join_single_file(weights: Weights) -> dict[str, Tensor]:
     if weights.hints.get("text_activation", "quick_gelu") == "quick_gelu":
         out |= {HF_TEXT_PREFIX + k: v for k, v in keymaps.open_clip_to_hf_clip(weights.text).items()}
     else:
-        out |= {OPENCLIP_TEXT_PREFIX + k: v for k, v in weights.text.items()}
+        text = weights.text
+        if weights.hints.get("text_skip", 1) == 0:
+            text = pad_identity_layer(text)
+        out |= {OPENCLIP_TEXT_PREFIX + k: v for k, v in text.items()}
     return out | weights.extras
+
+
+def pad_identity_layer(text: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An open_clip text tower with one zeroed residual block appended.
+
+    Single files in the open_clip layout are read from their penultimate layer (SD 2, and A1111
+    the same way). A tower that is read from its last layer - diffusers' SD 2 text encoder, which
+    stores 23 of the 24 layers - gets a block whose output projections are zero, so it adds
+    nothing: read from the penultimate layer, the padded tower gives the same embeddings.
+    """
+    import torch
+
+    n = len({k.split(".")[2] for k in text if k.startswith("transformer.resblocks.")})
+    last = f"transformer.resblocks.{n - 1}."
+    pad = {f"transformer.resblocks.{n}." + k[len(last):]: torch.zeros_like(v) for k, v in text.items()
+           if k.startswith(last)}
+    return {**text, **pad}
 
 
 def _unet_skeleton_from_ours(sd: Mapping[str, Tensor]) -> UNetConfig:
@@ -266,4 +286,5 @@ def load_checkpoint(path: str, *, format: str | None = None) -> Weights:
     return detect_format(path).load(path)
 
 
-__all__ = ["CHECKPOINT_FORMATS", "NemoArchive", "SingleFile", "detect_format", "load_checkpoint", "read_bytes"]
+__all__ = ["CHECKPOINT_FORMATS", "NemoArchive", "SingleFile", "detect_format", "load_checkpoint", "pad_identity_layer",
+           "read_bytes"]

@@ -119,3 +119,21 @@ def test_wrong_prompt_type():
         model.text_encoder.encode("a red square")
     with pytest.raises(TypeError, match="list of str"):
         model.text_encoder.encode(["ok", 3])
+
+
+def test_sd2_text_tower_from_diffusers_survives_single_file(sd2v_folder, tmp_path):
+    """diffusers stores SD 2's text tower without its unused last layer and reads the last stored
+    one; a single file is read from its penultimate layer, so export pads an identity layer."""
+    pipe, folder = sd2v_folder
+    model = build_model(load_checkpoint(str(folder)), PRESETS["sd-2"])
+    assert model.arch.text.skip_last_layers == 0
+    SingleFile().save(model, str(tmp_path / "sd2.safetensors"))
+    again = build_model(load_checkpoint(str(tmp_path / "sd2.safetensors")), PRESETS["sd-2"],
+                        overrides={"text_heads": model.arch.text.heads})  # a single file does not say
+    assert again.arch.text.layers == model.arch.text.layers + 1 and again.arch.text.skip_last_layers == 1
+    prompts = ["a red square", ""]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = pipe.text_encoder(ids).last_hidden_state  # what diffusers conditions on
+        got = again.text_encoder.encode(prompts).tokens
+    assert (got - ref).abs().max() <= 1e-5

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from t2i_plugin_sd.shapes_eval_tasks import SampleGridTask, ShapesEvalTask
 from t2i_plugin_sd.shapes_train import ShapesTrainTask
 
-SHAPES_TASKS: dict[str, Any] = {"shapes-train": ShapesTrainTask}
+SHAPES_TASKS: dict[str, Any] = {"shapes-train": ShapesTrainTask, "shapes-eval": ShapesEvalTask,
+                                "sample-grid": SampleGridTask}
 """name -> task factory."""

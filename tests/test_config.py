@@ -173,3 +173,18 @@ def test_core_job_runs_without_model_plugins(tmp_path: Path) -> None:
     from PIL import Image
 
     assert Image.open(tmp_path / "o" / "preview.png").size[0] > 0
+
+
+@pytest.mark.parametrize(("snippet", "expected"), [
+    ('[sampler]\nname = "eulr"\n', "unknown sampler 'eulr' (did you mean 'euler'?)"),
+    ('[sampler]\nname = "euler"\nsteps = 0\n', "sampler.steps: must be >= 1"),
+    ('[sampler]\nname = "ddim"\neta = "x"\n', "sampler.eta: expected a number, got 'x'"),
+    ('[guidance]\nguidance_scale = "high"\n', "guidance.guidance_scale: expected a number, got 'high'"),
+    ('[schedule]\ntype = "scaled_linear"\nnum_train_timesteps = 0\n', "schedule.num_train_timesteps"),
+])
+def test_core_component_errors(tmp_path: Path, snippet: str, expected: str) -> None:
+    pm = EnginePluginManager().load(autoload=False)
+    text = '[task]\nname = "preview-data"\n' + snippet
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), pm)
+    assert expected in str(info.value) and "job.toml:" in str(info.value)

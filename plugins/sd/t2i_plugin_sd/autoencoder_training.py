@@ -29,10 +29,16 @@ def kl_divergence(mean: Tensor, logvar: Tensor) -> Tensor:
 class AutoencoderTrainable(nn.Module):
     """An autoencoder for the Fabric loop; batches hold ``"image"`` ``(B, 3, H, W)`` in [-1, 1]."""
 
-    def __init__(self, vae: AutoencoderKL, *, kl_weight: float = 1e-3) -> None:
+    def __init__(self, vae: AutoencoderKL, *, kl_weight: float = 1e-3, logvar_init: float | None = -6.0) -> None:
         super().__init__()
         self.vae = vae
         self.kl_weight = kl_weight  # weight of the KL term against the L1 term (both means)
+        if logvar_init is not None:
+            # A fresh encoder's posterior has variance ~1, far above its means, so the decoder
+            # first sees mostly noise and learns the mean image; starting the log-variance low
+            # lets the signal through from step one (the small KL term still bounds it).
+            with torch.no_grad():
+                vae.quant_conv.bias[vae.latent_channels:].fill_(logvar_init)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Every autoencoder parameter."""

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from t2i_engine.config.fields import option
+from t2i_engine.diffusion.guidance import GuidanceConfig
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 from t2i_plugin_sd.model import StableDiffusion
@@ -22,20 +23,21 @@ _ge1 = attrs.validators.ge(1)
 
 
 def sample_batched(model: StableDiffusion, prompts: Sequence[str], seeds: Sequence[int], *, sampler: Any,
-                   steps: int, guidance_scale: float, size: int, batch_size: int, progress: bool = True,
+                   guidance: GuidanceConfig | None, size: int, batch_size: int, progress: bool = True,
                    desc: str = "sampling") -> Tensor:
-    """Images ``(N, 3, size, size)`` in [-1, 1], one per ``(prompt, seed)``; a tqdm bar over all
-    sampler steps when ``progress``."""
+    """Images ``(N, 3, size, size)`` in [-1, 1], one per ``(prompt, seed)``, by the core's
+    :func:`~t2i_engine.pipeline.generate`; a tqdm bar over all sampler steps when ``progress``."""
     from tqdm.auto import tqdm
 
-    from t2i_plugin_sd.pipeline import generate
+    from t2i_engine.pipeline import generate, sampling_sigmas_for
 
     f = model.vae.downsample_factor
     if size % f:
         raise ConfigError(f"task.size must be a multiple of {f}, got {size}")
     device = next(model.unet.parameters()).device
+    sigmas = sampling_sigmas_for(sampler, model.schedule, device=device)
     n_batches = -(-len(prompts) // batch_size)
-    bar = tqdm(total=n_batches * steps, desc=desc, unit="step", disable=not progress)
+    bar = tqdm(total=n_batches * (len(sigmas) - 1), desc=desc, unit="step", disable=not progress)
     out = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -43,15 +45,16 @@ def sample_batched(model: StableDiffusion, prompts: Sequence[str], seeds: Sequen
             noise = torch.cat([torch.randn(1, model.vae.latent_channels, size // f, size // f,
                                            generator=torch.Generator().manual_seed(int(s))) for s in chunk_seeds])
             gen = torch.Generator(device=device).manual_seed(int(chunk_seeds[0]))
-            images = generate(model, chunk, noise, sampler=sampler, steps=steps, guidance_scale=guidance_scale,
+            images = generate(model, chunk, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
                               generator=gen, callback=lambda _info: bar.update(1))
-            out.append(images.cpu() * 2 - 1)  # (b, 3, size, size) in [-1, 1]
+            out.append(images.cpu())  # (b, 3, size, size) in [-1, 1]
     finally:
         bar.close()
     return torch.cat(out)
 
 
 def _model_and_sampler(ctx: RunContext) -> tuple[StableDiffusion, Any]:
+    """The ``[model]`` (a Stable Diffusion model, on the run's device) and the ``[sampler]``."""
     if ctx.config.model is None or ctx.config.sampler is None:
         raise ConfigError("this task needs [model] (type = \"stable-diffusion\") and [sampler] tables")
     model = ctx.plugins.build(ctx.config.model)
@@ -66,8 +69,6 @@ class SampleGridConfig:
 
     prompts: list[str] = option(help="one grid row per prompt")
     images_per_prompt: int = option(default=4, validator=_ge1, help="images per prompt (grid columns)")
-    steps: int = option(default=20, validator=_ge1, help="sampler steps")
-    guidance_scale: float = option(default=4.0, validator=attrs.validators.ge(0.0), help="classifier-free guidance")
     size: int = option(default=64, validator=attrs.validators.ge(8), help="image side in pixels")
     batch_size: int = option(default=16, validator=_ge1, help="images per sampler run")
     filename: str = option(default="grid.png", help="file name inside engine.output_dir")
@@ -88,12 +89,12 @@ class SampleGridTask:
         model, sampler = _model_and_sampler(ctx)
         prompts = [p for p in c.prompts for _ in range(c.images_per_prompt)]
         seeds = [ctx.seed + i for i in range(len(prompts))]
-        images = sample_batched(model, prompts, seeds, sampler=sampler, steps=c.steps, guidance_scale=c.guidance_scale,
-                                size=c.size, batch_size=c.batch_size)
+        images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance, size=c.size,
+                                batch_size=c.batch_size)
         path = str(Path(ctx.output_dir) / c.filename)
         save_png(make_grid(images, nrow=c.images_per_prompt), path,
-                 metadata={"prompts": "\n".join(c.prompts), "seed": str(ctx.seed), "steps": str(c.steps),
-                           "guidance_scale": str(c.guidance_scale), "sampler": ctx.config.sampler.name})
+                 metadata={"prompts": "\n".join(c.prompts), "seed": str(ctx.seed), "sampler": ctx.config.sampler.name,
+                           "guidance_scale": str((ctx.config.guidance or GuidanceConfig()).guidance_scale)})
         return {"image": path}
 
 
@@ -102,8 +103,6 @@ class ShapesEvalConfig:
     """``[task] name = "shapes-eval"``; ``[data]`` (type = "shapes", split = "heldout") names the prompts."""
 
     images_per_prompt: int = option(default=16, validator=_ge1, help="images sampled per held-out prompt")
-    steps: int = option(default=20, validator=_ge1, help="sampler steps")
-    guidance_scale: float = option(default=4.0, validator=attrs.validators.ge(0.0), help="classifier-free guidance")
     batch_size: int = option(default=32, validator=_ge1, help="images per sampler run")
     grid: str | None = option(default="eval-grid.png", help="a grid of the first 64 images (none: no grid)")
     colour_target: float = option(default=0.97, help="target accuracy of shape and background colour")
@@ -133,7 +132,7 @@ class ShapesEvalTask:
         truth = [ShapeLabels(*combo) for combo in data.combinations for _ in range(c.images_per_prompt)]
         prompts = [data.caption_of(t.colour, t.shape, t.background) for t in truth]
         seeds = [ctx.seed + i for i in range(len(prompts))]
-        images = sample_batched(model, prompts, seeds, sampler=sampler, steps=c.steps, guidance_scale=c.guidance_scale,
+        images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance,
                                 size=data.config.size, batch_size=c.batch_size, desc="eval")
         scores = accuracy(classify_batch(images, colours=data.colours, shapes=data.shapes), truth)
         targets = {"colour": c.colour_target, "background": c.colour_target, "shape": c.shape_target}

@@ -31,6 +31,8 @@ class SDTrainable(nn.Module):
         self.caption_dropout = caption_dropout
         self.train_text_encoder = train_text_encoder
         self.sample_posterior = sample_posterior
+        self.sample_steps = 20  # DDIM steps of sample_images
+        self.latent_shape: tuple[int, ...] | None = None  # (C, h, w) of the last batch, for sample_images
         model.vae.requires_grad_(False)
         model.text_encoder.requires_grad_(train_text_encoder)
 
@@ -90,8 +92,29 @@ class SDTrainable(nn.Module):
         """MSE between the UNet output and its target (eps or v) at a random noise level."""
         return self(batch, generator=generator)
 
+    @torch.no_grad()
+    def sample_images(self, prompts: list[str], *, generator: torch.Generator | None) -> Tensor:
+        """Images ``(N, 3, H, W)`` in [-1, 1] for the training loop's TensorBoard grids: DDIM,
+        ``sample_steps`` steps, guidance 7.5, at the latent size of the last training batch."""
+        from t2i_engine.diffusion.guidance import GuidanceConfig
+        from t2i_engine.diffusion.registry import SAMPLERS, DDIMConfig
+        from t2i_engine.pipeline import generate
+
+        shape = self.latent_shape or (self.model.vae.latent_channels, 8, 8)
+        device = next(self.model.unet.parameters()).device
+        noise = torch.randn(len(prompts), *shape, generator=generator,
+                            device=generator.device if generator is not None else device)
+        was_training = self.training
+        self.eval()
+        try:
+            return generate(self.model, prompts, noise, sampler=SAMPLERS["ddim"](DDIMConfig(steps=self.sample_steps)),
+                            guidance=GuidanceConfig(), generator=generator)
+        finally:
+            self.train(was_training)
+
     def forward(self, batch: Mapping[str, Any], *, generator: torch.Generator | None = None) -> Tensor:
         x0 = self._latents(batch, generator)
+        self.latent_shape = tuple(x0.shape[1:])
         cond = Conditioning(text=self._text(batch, generator))
         tb = training_batch(x0, self.model.schedule, prediction=self.model.prediction, generator=generator)
         out = self.model.unet(tb.net_input, tb.t, cond)

@@ -58,3 +58,15 @@ def test_frozen_parts_and_loss_decreases():
         opt.step()
     assert eval_loss() < before
     assert all(p.grad is None for p in trainable.model.vae.parameters())
+
+
+def test_sample_images_for_training_grids():
+    """The loop's optional sample_images: images in [-1, 1] at the size of the last batch."""
+    trainable = SDTrainable(build_model(None, PRESETS["tiny"]))
+    trainable.sample_steps = 2
+    batch = {"image": torch.zeros(1, 3, 16, 16), "caption": ["a red square"]}
+    with torch.no_grad():
+        trainable.training_loss(batch, generator=torch.Generator().manual_seed(0))
+    images = trainable.sample_images(["a", "b"], generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
+    assert trainable.training

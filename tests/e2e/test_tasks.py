@@ -140,3 +140,22 @@ def test_precache_then_training_from_shards_matches_images(tmp_path):
         loss.backward()
         opt.step()
     assert eval_loss() < before
+
+
+@pytest.mark.slow
+def test_sample_precision_follows_engine_precision(tmp_path):
+    """bf16 (autocast or cast weights) gives the float32 image up to bf16 rounding."""
+    import numpy as np
+    from PIL import Image
+
+    pm = _pm()
+    images = {}
+    for precision in ("32-true", "bf16-mixed", "bf16-true"):
+        config = load_config(EXAMPLES / "sd-sample.toml", pm, overrides=[
+            f"engine.output_dir={str(tmp_path / precision)!r}", f"engine.precision={precision!r}",
+            "task.prompts=['a red square']", "task.images_per_prompt=1", "task.width=16", "task.height=16",
+            "sampler.steps=2"])
+        path = run_config(config, pm)["images"][0]
+        images[precision] = np.asarray(Image.open(path), dtype=np.float64)
+    for precision in ("bf16-mixed", "bf16-true"):
+        assert np.abs(images[precision] - images["32-true"]).max() <= 24  # of 255

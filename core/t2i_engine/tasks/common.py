@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext
 
-__all__ = ["build_model", "output_path"]
+__all__ = ["build_model", "inference_precision", "output_path"]
 
 
 def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
@@ -28,3 +32,19 @@ def output_path(ctx: RunContext, path: str) -> str:
     if "://" in path or Path(path).expanduser().is_absolute():
         return str(Path(path).expanduser()) if "://" not in path else path
     return str(Path(ctx.output_dir) / path)
+
+
+def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[Any, torch.dtype]:
+    """``(context manager, noise dtype)`` for ``engine.precision`` when running ``model``.
+
+    ``*-mixed`` runs under ``torch.autocast`` on the run's device; ``*-true`` casts the model's
+    weights (``model.to(dtype)``) and the noise; ``32-true`` changes nothing.
+    """
+    precision = ctx.config.engine.precision
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 \
+        if precision.startswith("16") else torch.float32
+    if precision.endswith("-mixed"):
+        return torch.autocast(ctx.device.type, dtype=dtype), torch.float32
+    if dtype != torch.float32:
+        model.to(dtype)  # type: ignore[call-arg]
+    return contextlib.nullcontext(), dtype

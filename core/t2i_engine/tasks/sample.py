@@ -17,7 +17,7 @@ import torch
 from t2i_engine.config.fields import existing_path, option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
-from t2i_engine.tasks.common import build_model
+from t2i_engine.tasks.common import build_model, inference_precision
 
 __all__ = ["SampleConfig", "SampleTask"]
 
@@ -99,7 +99,8 @@ class SampleTask:
         if c.width % f or c.height % f:
             raise ConfigError(f"task.width/height: must be multiples of {f} (the autoencoder's factor), "
                               f"got {c.width}x{c.height}")
-        init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height)
+        autocast, dtype = inference_precision(ctx, model)
+        init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height).to(dtype)
         sigmas = sampling_sigmas_for(sampler, model.schedule, device=ctx.device)
         out_dir = Path(ctx.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -118,9 +119,10 @@ class SampleTask:
             chunk, chunk_seeds = prompts[start:start + c.batch_size], seeds[start:start + c.batch_size]
             # each image's noise comes from its own seed, on the CPU: the same image on any device
             noise = torch.cat([torch.randn(1, model.autoencoder.latent_channels, c.height // f, c.width // f,
-                                           generator=torch.Generator().manual_seed(s)) for s in chunk_seeds])
+                                           generator=torch.Generator().manual_seed(s)) for s in chunk_seeds]).to(dtype)
             gen = torch.Generator(device=ctx.device).manual_seed(chunk_seeds[0])
-            with tqdm(total=total, desc=f"sample batch {b + 1}/{len(batches)}", unit="step", leave=False) as bar:
+            with tqdm(total=total, desc=f"sample batch {b + 1}/{len(batches)}", unit="step", leave=False) as bar, \
+                    autocast:
                 images = generate(model, chunk, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
                                   negative_prompts=[c.negative_prompt] * len(chunk),
                                   init_images=None if init is None else init.expand(len(chunk), -1, -1, -1),

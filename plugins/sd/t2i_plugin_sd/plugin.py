@@ -10,14 +10,14 @@ from t2i_engine.config.fields import existing_path, option
 from t2i_engine.errors import ConfigError
 from t2i_engine.hookspecs import hookimpl
 
-PRESET_NAMES = ("sd-1", "sd-2", "sd-2-v", "tiny", "tiny-v", "tiny-2")
+PRESET_NAMES = ("sd-1", "sd-2", "sd-2-v", "tiny", "tiny-v", "tiny-2", "shapes-64")
 
 
 @attrs.frozen
 class StableDiffusionConfig:
     """``[model] type = "stable-diffusion"``."""
 
-    preset: Literal["sd-1", "sd-2", "sd-2-v", "tiny", "tiny-v", "tiny-2"] | None = option(
+    preset: Literal["sd-1", "sd-2", "sd-2-v", "tiny", "tiny-v", "tiny-2", "shapes-64"] | None = option(
         default=None, help="architecture; default: inferred from the checkpoint (sd-1 without one)")
     checkpoint: str | None = existing_path(default=None, help="diffusers folder, single file or .nemo archive")
     format: Literal["diffusers", "single-file", "nemo"] | None = option(

@@ -15,7 +15,7 @@ from t2i_engine.nn import UNetConfig
 from t2i_plugin_sd.autoencoder import AutoencoderConfig
 from t2i_plugin_sd.text_encoder import TextEncoderConfig
 
-PresetName = Literal["sd-1", "sd-2", "sd-2-v", "tiny", "tiny-v", "tiny-2"]
+PresetName = Literal["sd-1", "sd-2", "sd-2-v", "tiny", "tiny-v", "tiny-2", "shapes-64"]
 
 
 @attrs.frozen
@@ -60,6 +60,14 @@ PRESETS: dict[str, Architecture] = {
     "tiny-v": Architecture(attrs.evolve(_TINY_UNET, prediction="v"), _TINY_VAE, _TINY_TEXT),
     "tiny-2": Architecture(attrs.evolve(_TINY_UNET, linear_projection=True), _TINY_VAE,
                            attrs.evolve(_TINY_TEXT, activation="gelu", layers=3, skip_last_layers=1, pad="zero")),
+    # the quickstart model (examples/shapes-train.toml): 4 channels per GroupNorm group, as in SD,
+    # so that flat colours survive the normalisations
+    "shapes-64": Architecture(
+        UNetConfig(channels=(64, 128), attention=(True, True), heads=(4, 4), layers_per_block=1, context_dim=32,
+                   groups=16),
+        AutoencoderConfig(channels=(32, 32, 64, 64), layers_per_block=1, groups=8),
+        TextEncoderConfig(width=32, layers=2, heads=4, context_length=16)),
 }
 """sd-1: CLIP ViT-L/14, context 768, eps. sd-2: OpenCLIP ViT-H/14 penultimate layer, context
-1024, linear projections, head dim 64, eps. sd-2-v: sd-2 with v-prediction. tiny*: test sizes."""
+1024, linear projections, head dim 64, eps. sd-2-v: sd-2 with v-prediction. tiny*: test sizes. shapes-64: the quickstart model
+(64x64 pixels, 8x8x4 latents)."""

@@ -27,25 +27,12 @@ from torch.utils.data import Dataset
 from t2i_engine.config.fields import option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
-from t2i_engine.nn import UNetConfig
 from t2i_engine.training.config import TrainConfig
-from t2i_plugin_sd.autoencoder import AutoencoderConfig
-from t2i_plugin_sd.presets import Architecture
-from t2i_plugin_sd.text_encoder import TextEncoderConfig
+from t2i_plugin_sd.presets import PRESETS
 
-__all__ = ["SHAPES_PRESETS", "ShapesTrainConfig", "ShapesTrainTask", "export_single_file", "load_final_weights"]
+__all__ = ["ShapesTrainConfig", "ShapesTrainTask", "export_single_file", "load_final_weights"]
 
-SHAPES_PRESETS: dict[str, Architecture] = {
-    # 1.0M-parameter f=8 autoencoder, 4.1M-parameter UNet on 8x8x4 latents, a 2-layer CLIP text
-    # tower of width 32 (1.6M parameters, nearly all of them the 49408-token embedding).
-    "shapes-64": Architecture(
-        UNetConfig(channels=(64, 128), attention=(True, True), heads=(4, 4), layers_per_block=1,
-                   context_dim=32),
-        AutoencoderConfig(channels=(32, 32, 64, 64), layers_per_block=1),
-        TextEncoderConfig(width=32, layers=2, heads=4, context_length=16),
-    ),
-}
-"""Architectures for the shapes model; the quickstart config repeats their heads (not in the weights)."""
+
 
 
 @attrs.frozen
@@ -146,7 +133,7 @@ class ShapesTrainTask:
             raise ConfigError("the shapes-train task needs [data] and [train] tables")
         dataset = ctx.plugins.build(ctx.config.data)
         hooks = getattr(ctx.plugins, "hook", None)
-        model = build_model(None, SHAPES_PRESETS[c.preset], seed=ctx.seed)
+        model = build_model(None, PRESETS[c.preset], seed=ctx.seed)
 
         # stage 1: the autoencoder
         ae = AutoencoderTrainable(model.vae, kl_weight=c.kl_weight)

@@ -48,7 +48,7 @@ def test_latent_scaling_factor_whitens_the_latents() -> None:
 def test_shapes_train_config_runs_as_written_and_exports_a_loadable_model(tmp_path: Path) -> None:
     from t2i_plugin_sd.formats import load_checkpoint
     from t2i_plugin_sd.plugin import StableDiffusionConfig, build_stable_diffusion
-    from t2i_plugin_sd.shapes_train import SHAPES_PRESETS
+    from t2i_plugin_sd.presets import PRESETS
 
     out = tmp_path / "shapes.safetensors"
     r = _cli("run", str(EXAMPLES / "shapes-train.toml"), "--set", "task.autoencoder.max_steps=2",
@@ -61,9 +61,8 @@ def test_shapes_train_config_runs_as_written_and_exports_a_loadable_model(tmp_pa
     assert (tmp_path / "run" / "autoencoder" / "checkpoints").is_dir()
     assert (tmp_path / "run" / "unet" / "checkpoints").is_dir()
     assert load_checkpoint(str(out)).hints["scaling_factor"] > 0
-    arch = SHAPES_PRESETS["shapes-64"]
-    model = build_stable_diffusion(StableDiffusionConfig(preset="tiny", checkpoint=str(out),
-                                                         unet_heads=list(arch.unet.heads), text_heads=arch.text.heads))
+    arch = PRESETS["shapes-64"]
+    model = build_stable_diffusion(StableDiffusionConfig(preset="shapes-64", checkpoint=str(out)))
     assert model.arch.unet == arch.unet
     assert model.arch.text == arch.text
     assert attrs_equal_but_scale(model.arch.vae, arch.vae)

@@ -9,7 +9,8 @@ so both hold identical weights and each peak-memory figure is that process's own
   7.5 (text encoding, denoising and decoding), in float32 and under bf16 autocast;
 * training step: UNet forward + backward + AdamW at 256x256 (32x32 latents), batch 2.
 
-Wall time is the best of ``--repeats`` runs after one warm-up; peak memory is the peak resident
+Wall time is the best of ``--repeats`` runs after one warm-up (a 2-step generation, or one
+training step); peak memory is the peak resident
 set size during the warm-up and timed runs minus the resident size before them (weights excluded, as both
 sides hold the same). Prints a table of ours/diffusers ratios.
 
@@ -73,10 +74,11 @@ def _autocast(precision: str) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
 
-def _timed(fn: Any, *, repeats: int) -> tuple[float, float]:
+def _timed(fn: Any, *, repeats: int, warmup: Any = None) -> tuple[float, float]:
+    """Best wall time of ``repeats`` calls of ``fn`` after one ``warmup`` call (default ``fn``)."""
     best = float("inf")
     with PeakRSS() as mem:  # from before the warm-up: memory an allocator keeps counts once
-        fn()  # warm-up (allocator, oneDNN primitive caches)
+        (warmup or fn)()  # warm-up (allocator, oneDNN primitive caches)
         for _ in range(repeats):
             t0 = time.perf_counter()
             fn()
@@ -95,14 +97,14 @@ def _ours_generate(folder: str, precision: str, args: argparse.Namespace) -> tup
     from t2i_plugin_sd.presets import PRESETS
 
     model = build_model(DiffusersFolder().load(folder), PRESETS[args.preset])
-    sampler = SAMPLERS["dpmpp_2m"](SamplerConfig(steps=args.steps))
     noise = _noise(args)
 
-    def run() -> None:
+    def run(steps: int = args.steps) -> None:
+        sampler = SAMPLERS["dpmpp_2m"](SamplerConfig(steps=steps))
         with torch.inference_mode(), _autocast(precision):
             generate(model, [PROMPT], noise, sampler=sampler, guidance=GuidanceConfig(guidance_scale=7.5))
 
-    return _timed(run, repeats=args.repeats)
+    return _timed(run, repeats=args.repeats, warmup=lambda: run(2))
 
 
 def _diffusers_generate(folder: str, precision: str, args: argparse.Namespace) -> tuple[float, float]:
@@ -114,12 +116,12 @@ def _diffusers_generate(folder: str, precision: str, args: argparse.Namespace) -
     pipe.set_progress_bar_config(disable=True)
     noise = _noise(args)
 
-    def run() -> None:
+    def run(steps: int = args.steps) -> None:
         with torch.inference_mode(), _autocast(precision):
-            pipe(PROMPT, latents=noise.clone(), num_inference_steps=args.steps, guidance_scale=7.5, height=args.size,
+            pipe(PROMPT, latents=noise.clone(), num_inference_steps=steps, guidance_scale=7.5, height=args.size,
                  width=args.size, output_type="pt")
 
-    return _timed(run, repeats=args.repeats)
+    return _timed(run, repeats=args.repeats, warmup=lambda: run(2))
 
 
 def _noise(args: argparse.Namespace) -> torch.Tensor:

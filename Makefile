@@ -23,7 +23,7 @@ $(STAMP): $(PY) pyproject.toml sdk/pyproject.toml $(PLUGINS)
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/t2i-engine plugins
+	$(VENV)/bin/t2i-engine run examples/quickstart.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

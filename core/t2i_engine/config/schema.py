@@ -71,7 +71,7 @@ class RunConfig:
         out = Path(self.engine.output_dir).expanduser()
         if not out.is_absolute() and self.source is not None:
             out = self.source.parent / out
-        return out
+        return out.resolve()
 
 
 COMPONENT_TABLES: dict[str, tuple[str, str]] = {

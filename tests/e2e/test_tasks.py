@@ -3,7 +3,6 @@ the on_sample_step hook, fit's EMA hand-back, precache -> train from precached s
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.fabric import _is_using_cli
-from torch import Tensor, nn
+from torch import nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
 from t2i_engine.errors import ConfigError, TrainingError

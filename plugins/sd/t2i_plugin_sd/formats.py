@@ -25,7 +25,6 @@ from t2i_engine.nn import UNetConfig
 from t2i_plugin_sd import keymaps
 from t2i_plugin_sd.model import StableDiffusion, Weights
 from t2i_plugin_sd.presets import ScheduleConfig
-from t2i_plugin_sd.tokenizer_files import read_pad, write_clip_tokenizer
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

@@ -1,13 +1,11 @@
-"""The shapes-model tasks (``shapes-train``, ``shapes-eval``, ``sample-grid``) as one mapping that
-the plugin's ``register_tasks`` merges in."""
+"""The shapes-model training task (``shapes-train``) as a mapping that the plugin's
+``register_tasks`` merges in. (``sample-grid`` and ``shapes-eval`` are model-agnostic core tasks.)"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from t2i_plugin_sd.shapes_eval_tasks import SampleGridTask, ShapesEvalTask
 from t2i_plugin_sd.shapes_train import ShapesTrainTask
 
-SHAPES_TASKS: dict[str, Any] = {"shapes-train": ShapesTrainTask, "shapes-eval": ShapesEvalTask,
-                                "sample-grid": SampleGridTask}
+SHAPES_TASKS: dict[str, Any] = {"shapes-train": ShapesTrainTask}
 """name -> task factory."""

@@ -15,6 +15,7 @@ factor and schedule, which the ``single-file`` format reads back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -159,5 +160,8 @@ class ShapesTrainTask:
         load_final_weights(sd, str(unet_dir / "checkpoints"), ema=ctx.config.train.ema)
         dtype = torch.float16 if c.save_dtype == "float16" else torch.float32
         written = export_single_file(model, _resolve(ctx, c.output), dtype=dtype)
-        return {**written, "scaling_factor": scale, "autoencoder_loss": ae_summary["loss"], "loss": summary["loss"]}
+        # a stage finished in an earlier run trains no step now and so reports no loss
+        losses = {"autoencoder_loss": ae_summary["loss"], "loss": summary["loss"]}
+        return {**written, "scaling_factor": scale,
+                **{k: (v if math.isfinite(v) else "(stage finished in an earlier run)") for k, v in losses.items()}}
 

@@ -28,6 +28,7 @@ from t2i_engine.diffusion.samplers import img2img_start
 from t2i_engine.interfaces import (
     Conditioning, LatentDiffusionModel, NoiseSchedule, Sampler, StepCallback, TextEncoder,
 )
+from t2i_engine.utils.cpu_memory import retain_freed_memory
 
 __all__ = ["check_prompts", "encode_prompts", "generate", "sampling_sigmas_for", "start_noise_scale"]
 
@@ -104,6 +105,8 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
     if noise.shape[0] != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {noise.shape[0]} noise tensors")
     device = next(model.denoiser.parameters()).device
+    if device.type == "cpu":
+        retain_freed_memory()  # else glibc page-faults every freed activation / weight cast back in
     noise = noise.to(device)
     cond, uncond = encode_prompts(model.text_encoder, prompts, negative_prompts)
     denoiser = guided_denoiser(DenoiserWrapper(model.denoiser, model.schedule), guidance or GuidanceConfig(),

@@ -15,12 +15,4 @@ from t2i_engine.checkpoint.io import (
     save_torch,
 )
 
-__all__ = [
-    "atomic_write_bytes",
-    "load_safetensors",
-    "load_state_dict_strict",
-    "read_bytes",
-    "safe_torch_load",
-    "save_safetensors",
-    "save_torch",
-]
+from t2i_engine.checkpoint.io import __all__ as __all__  # noqa: E402  (one list of names)

@@ -15,4 +15,4 @@ from t2i_engine.checkpoint.io import (
     save_torch,
 )
 
-from t2i_engine.checkpoint.io import __all__ as __all__  # noqa: E402  (one list of names)
+from t2i_engine.checkpoint.io import __all__ as __all__  # the one list of exported names

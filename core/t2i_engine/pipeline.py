@@ -30,7 +30,7 @@ from t2i_engine.interfaces import (
 )
 from t2i_engine.utils.cpu_memory import retain_freed_memory
 
-__all__ = ["check_prompts", "encode_prompts", "generate", "sampling_sigmas_for", "start_noise_scale"]
+__all__ = ["check_prompts", "encode_prompts", "generate", "sampling_sigmas_for", "seeded_noise", "start_noise_scale"]
 
 
 def check_prompts(prompts: Any, *, what: str = "prompts") -> list[str]:
@@ -66,6 +66,15 @@ def start_noise_scale(schedule: NoiseSchedule, sigma: Tensor) -> Tensor:
 
     vp = getattr(schedule, "variance_preserving", not isinstance(schedule, EDMSchedule))
     return (1 + sigma**2).sqrt() if vp else sigma
+
+
+def seeded_noise(seeds: Sequence[int], shape: tuple[int, int, int], *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unit-variance starting noise ``(len(seeds), *shape)``, each image's from its own seed.
+
+    Drawn on the CPU so that a seed gives the same image on any device and in any batch.
+    """
+    return torch.cat([torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s)))
+                      for s in seeds]).to(dtype)
 
 
 def sampling_sigmas_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int | None = None,

@@ -16,6 +16,7 @@ from t2i_engine.runner import run_config
 from t2i_engine.training.checkpoints import CheckpointPaths
 from t2i_engine.training.config import TrainConfig
 from t2i_engine.training.loop import fit
+from t2i_sdk.testing import check_training_lowers_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -125,20 +126,7 @@ def test_precache_then_training_from_shards_matches_images(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
     # a few optimizer steps on the precached batch lower its loss
-    opt = torch.optim.AdamW(list(trainable.trainable_parameters()), lr=2e-3)
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return float(sum(trainable.training_loss(from_cache, generator=torch.Generator().manual_seed(s))
-                             for s in range(3)))
-
-    before = eval_loss()
-    for step in range(8):
-        loss = trainable.training_loss(from_cache, generator=torch.Generator().manual_seed(100 + step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert eval_loss() < before
+    check_training_lowers_loss(trainable, from_cache, steps=8)
 
 
 @pytest.mark.slow

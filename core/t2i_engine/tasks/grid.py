@@ -31,7 +31,7 @@ def sample_batched(model: LatentDiffusionModel, prompts: Sequence[str], seeds: S
     and ``on_step`` called after every sampler step."""
     from tqdm.auto import tqdm
 
-    from t2i_engine.pipeline import generate, sampling_sigmas_for
+    from t2i_engine.pipeline import generate, seeded_noise
 
     f = model.autoencoder.downsample_factor
     if size % f:
@@ -44,8 +44,7 @@ def sample_batched(model: LatentDiffusionModel, prompts: Sequence[str], seeds: S
     try:
         for start in range(0, len(prompts), batch_size):
             chunk, chunk_seeds = list(prompts[start:start + batch_size]), seeds[start:start + batch_size]
-            noise = torch.cat([torch.randn(1, model.autoencoder.latent_channels, size // f, size // f,
-                                           generator=torch.Generator().manual_seed(int(s))) for s in chunk_seeds])
+            noise = seeded_noise(chunk_seeds, (model.autoencoder.latent_channels, size // f, size // f))
             gen = torch.Generator(device=device).manual_seed(int(chunk_seeds[0]))
 
             def step(info: dict[str, Any]) -> None:

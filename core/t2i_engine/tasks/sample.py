@@ -82,7 +82,7 @@ class SampleTask:
         from tqdm.auto import tqdm
 
         from t2i_engine.diffusion.guidance import GuidanceConfig
-        from t2i_engine.pipeline import generate, sampling_sigmas_for
+        from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
         from t2i_engine.utils.images import save_png, to_pil
 
         c = self.config
@@ -117,9 +117,8 @@ class SampleTask:
         batches = range(0, len(prompts), c.batch_size)
         for b, start in enumerate(batches):
             chunk, chunk_seeds = prompts[start:start + c.batch_size], seeds[start:start + c.batch_size]
-            # each image's noise comes from its own seed, on the CPU: the same image on any device
-            noise = torch.cat([torch.randn(1, model.autoencoder.latent_channels, c.height // f, c.width // f,
-                                           generator=torch.Generator().manual_seed(s)) for s in chunk_seeds]).to(dtype)
+            noise = seeded_noise(chunk_seeds, (model.autoencoder.latent_channels, c.height // f, c.width // f),
+                                 dtype=dtype)
             gen = torch.Generator(device=ctx.device).manual_seed(chunk_seeds[0])
             with tqdm(total=total, desc=f"sample batch {b + 1}/{len(batches)}", unit="step", leave=False) as bar, \
                     autocast:

@@ -9,6 +9,7 @@ from t2i_engine.diffusion.parameterization import training_batch
 from t2i_plugin_sd.model import build_model
 from t2i_plugin_sd.presets import PRESETS
 from t2i_plugin_sd.trainable import SDTrainable
+from t2i_sdk.testing import check_training_lowers_loss
 
 
 def test_v_target_matches_diffusers_get_velocity():
@@ -39,24 +40,11 @@ def test_frozen_parts_and_loss_decreases():
     trainable = SDTrainable(build_model(None, PRESETS["tiny"]), caption_dropout=0.1)
     params = list(trainable.trainable_parameters())
     assert {id(p) for p in params} == {id(p) for p in trainable.model.unet.parameters()}
-    data = ShapesDataset(size=16) if "size" in ShapesDataset.__init__.__code__.co_varnames else ShapesDataset()
+    data = ShapesDataset(size=16, count=8)
     batch = [data[i] for i in range(8)]
     images = torch.stack([b["image"] for b in batch])
-    images = torch.nn.functional.interpolate(images, size=(16, 16), mode="area")
     batch = {"image": images, "caption": [b["caption"] for b in batch]}
-    opt = torch.optim.AdamW(params, lr=2e-3)
-
-    def eval_loss() -> float:
-        with torch.no_grad():
-            return float(sum(trainable.training_loss(batch, generator=torch.Generator().manual_seed(s)) for s in range(4)))
-
-    before = eval_loss()
-    for step in range(15):
-        loss = trainable.training_loss(batch, generator=torch.Generator().manual_seed(100 + step))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert eval_loss() < before
+    check_training_lowers_loss(trainable, batch, steps=15, eval_seeds=4)
     assert all(p.grad is None for p in trainable.model.vae.parameters())
 
 

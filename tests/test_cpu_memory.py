@@ -29,7 +29,7 @@ _FAULTS = """
 import resource, torch
 from t2i_engine.utils.cpu_memory import retain_freed_memory
 retain_freed_memory()
-for _ in range(2):  # warm up: glibc adapts its threshold after freeing an mmapped block
+for _ in range(12):  # warm up: the heap settles after its first few large blocks
     x = torch.empty(16 << 20).fill_(1.0); del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):

@@ -5,14 +5,13 @@
 :func:`safe_torch_load`, :func:`load_state_dict_strict`).
 """
 
+# re-exported under their own names (the redundant alias marks a public re-export)
 from t2i_engine.checkpoint.io import (
-    atomic_write_bytes,
-    load_safetensors,
-    load_state_dict_strict,
-    read_bytes,
-    safe_torch_load,
-    save_safetensors,
-    save_torch,
+    atomic_write_bytes as atomic_write_bytes,
+    load_safetensors as load_safetensors,
+    load_state_dict_strict as load_state_dict_strict,
+    read_bytes as read_bytes,
+    safe_torch_load as safe_torch_load,
+    save_safetensors as save_safetensors,
+    save_torch as save_torch,
 )
-
-from t2i_engine.checkpoint.io import __all__ as __all__  # the one list of exported names

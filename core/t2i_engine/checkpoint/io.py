@@ -73,15 +73,22 @@ def read_bytes(url: str) -> bytes:
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], url: str, *,
-                     metadata: Mapping[str, str] | None = None) -> None:
+                     metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
     """Save a flat ``name -> tensor`` mapping as safetensors at ``url``, atomically.
 
     Tensors are made contiguous and moved to the CPU; tensors sharing storage are cloned
-    (safetensors refuses shared storage).
+    (safetensors refuses shared storage). With ``dtype``, floating-point tensors are stored in it
+    (e.g. ``torch.float16`` for a smaller export); integer tensors are kept as they are.
     """
     from safetensors.torch import save
 
-    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    def prepare(v: Tensor) -> Tensor:
+        v = v.detach().to("cpu")
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        return v.contiguous().clone()
+
+    clean = {k: prepare(v) for k, v in tensors.items()}
     atomic_write_bytes(url, save(clean, metadata=dict(metadata) if metadata else None))
 
 

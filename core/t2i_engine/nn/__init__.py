@@ -29,4 +29,5 @@ __all__ = [
     "UNet",
     "UNetConfig",
     "Upsample",
+    "timestep_embedding",
 ]

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from t2i_engine.checkpoint.io import save_safetensors
@@ -79,8 +80,9 @@ class DiffusersFolder:
             hints["text_pad"] = pad
         return Weights(_weights(root / "unet"), _weights(root / "vae"), text, hints, {}, str(root))
 
-    def save(self, model: StableDiffusion, path: str) -> None:
-        """Write a folder diffusers' ``StableDiffusionPipeline.from_pretrained`` loads.
+    def save(self, model: StableDiffusion, path: str, *, dtype: torch.dtype | None = None) -> None:
+        """Write a folder diffusers' ``StableDiffusionPipeline.from_pretrained`` loads (floats in
+        ``dtype`` when given).
 
         A text tower read from its penultimate layer is written without its last layer (as
         diffusers stores SD 2), which gives the same embeddings.
@@ -98,7 +100,7 @@ class DiffusersFolder:
         }
         for sub, (sd, cfg, fname) in files.items():
             (root / sub).mkdir(exist_ok=True)
-            save_safetensors(sd, str(root / sub / fname))
+            save_safetensors(sd, str(root / sub / fname), dtype=dtype)
             (root / sub / "config.json").write_text(json.dumps(cfg, indent=2))
         write_clip_tokenizer(root / "tokenizer", pad=a.text.pad, max_length=a.text.context_length)
         (root / "scheduler").mkdir(exist_ok=True)

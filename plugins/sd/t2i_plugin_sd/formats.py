@@ -16,10 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 import yaml
 from torch import Tensor
 
-from t2i_engine.checkpoint.io import load_safetensors, read_bytes, safe_torch_load, save_safetensors
+from t2i_engine.checkpoint.io import (
+    atomic_write_bytes, load_safetensors, read_bytes, safe_torch_load, save_safetensors,
+)
 from t2i_engine.errors import CheckpointError
 from t2i_engine.nn import UNetConfig
 from t2i_plugin_sd import keymaps
@@ -212,10 +215,17 @@ class SingleFile:
             weights.hints.update(_ldm_yaml_hints(yaml.safe_load(side.read_text()) or {}))
         return weights
 
-    def save(self, model: StableDiffusion, path: str) -> None:
-        """Write one safetensors file in the CompVis layout."""
-        save_safetensors(join_single_file(model.weights()), path,
+    def save(self, model: StableDiffusion, path: str, *, dtype: torch.dtype | None = None) -> None:
+        """Write one safetensors file in the CompVis layout (floats in ``dtype`` when given) and,
+        beside it, the latent-diffusion ``.yaml`` (prediction type, latent scale factor, schedule)
+        that :meth:`load` reads back, as the CompVis/A1111 tools pair them."""
+        save_safetensors(join_single_file(model.weights()), path, dtype=dtype,
                          metadata={"prediction": model.prediction, "format": "compvis"})
+        s = model.arch.schedule
+        params = {"parameterization": model.prediction, "scale_factor": float(model.vae.scaling_factor),
+                  "linear_start": s.beta_start, "linear_end": s.beta_end, "timesteps": s.num_train_timesteps}
+        side = path.removesuffix(Path(path).suffix) + ".yaml"
+        atomic_write_bytes(side, yaml.safe_dump({"model": {"params": params}}, sort_keys=False).encode())
 
 
 class NemoArchive:

@@ -86,9 +86,9 @@ class StableDiffusion(nn.Module):
 
         return SDTrainable(self, caption_dropout=caption_dropout, train_text_encoder=train_text_encoder)
 
-    def save(self, url: str, *, format: str | None = None) -> None:
+    def save(self, url: str, *, format: str | None = None, dtype: torch.dtype | None = None) -> None:
         """Export to ``url``: ``"diffusers"`` (a folder, the default) or ``"single-file"``
-        (one CompVis-layout safetensors file)."""
+        (one CompVis-layout safetensors file and its ``.yaml``); floats in ``dtype`` when given."""
         from t2i_plugin_sd.formats import CHECKPOINT_FORMATS
 
         name = format or "diffusers"
@@ -96,7 +96,7 @@ class StableDiffusion(nn.Module):
         if fmt is None or not hasattr(fmt, "save"):
             writable = [n for n, f in CHECKPOINT_FORMATS.items() if hasattr(f, "save")]
             raise ConfigError(f"cannot export Stable Diffusion as {name!r}; formats: {', '.join(writable)}")
-        fmt().save(self, url)
+        fmt().save(self, url, dtype=dtype)
 
     def load_weights(self, weights: Weights) -> None:
         """Load state dicts strictly; missing or unexpected keys are a CheckpointError naming them."""

@@ -31,7 +31,7 @@ from t2i_engine.interfaces import RunContext
 from t2i_engine.training.config import TrainConfig
 from t2i_plugin_sd.presets import PRESETS
 
-__all__ = ["ShapesTrainConfig", "ShapesTrainTask", "export_single_file", "load_final_weights"]
+__all__ = ["ShapesTrainConfig", "ShapesTrainTask", "load_final_weights"]
 
 
 
@@ -89,25 +89,6 @@ def load_final_weights(model: nn.Module, checkpoint_dir: str, *, ema: bool) -> N
     load_state_dict_strict(model, {**state, **(ema_state or {})}, source=f"{checkpoint_dir} step {step}")
 
 
-def export_single_file(model: Any, path: str | Path, *, dtype: torch.dtype = torch.float16) -> dict[str, str]:
-    """Write ``model`` as one CompVis-layout safetensors plus the latent-diffusion ``.yaml`` beside it."""
-    import yaml
-
-    from t2i_engine.checkpoint.io import save_safetensors
-    from t2i_plugin_sd.formats import join_single_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in join_single_file(model.weights()).items()}
-    save_safetensors(tensors, str(path), metadata={"prediction": model.prediction, "format": "compvis"})
-    s = model.arch.schedule
-    params = {"parameterization": model.prediction, "scale_factor": float(model.vae.scaling_factor),
-              "linear_start": s.beta_start, "linear_end": s.beta_end, "timesteps": s.num_train_timesteps}
-    side = path.with_suffix(".yaml")
-    side.write_text(yaml.safe_dump({"model": {"params": params}}, sort_keys=False))
-    return {"model": str(path), "config": str(side)}
-
-
 def _resolve(ctx: RunContext, path: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_absolute() and ctx.config.source is not None:
@@ -159,7 +140,10 @@ class ShapesTrainTask:
             return {"stage": "unet", **summary}
         load_final_weights(sd, str(unet_dir / "checkpoints"), ema=ctx.config.train.ema)
         dtype = torch.float16 if c.save_dtype == "float16" else torch.float32
-        written = export_single_file(model, _resolve(ctx, c.output), dtype=dtype)
+        out = _resolve(ctx, c.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.save(str(out), format="single-file", dtype=dtype)  # + the .yaml beside it
+        written = {"model": str(out), "config": str(out.with_suffix(".yaml"))}
         # a stage finished in an earlier run trains no step now and so reports no loss
         losses = {"autoencoder_loss": ae_summary["loss"], "loss": summary["loss"]}
         return {**written, "scaling_factor": scale,

@@ -15,7 +15,7 @@ from t2i_engine.config.fields import option
 from t2i_engine.diffusion.guidance import GuidanceConfig
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
-from t2i_engine.pipeline import sampling_sigmas_for
+from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
 from t2i_engine.tasks.common import build_model
 
 __all__ = ["SampleGridConfig", "SampleGridTask", "model_and_sampler", "sample_batched"]
@@ -31,7 +31,6 @@ def sample_batched(model: LatentDiffusionModel, prompts: Sequence[str], seeds: S
     and ``on_step`` called after every sampler step."""
     from tqdm.auto import tqdm
 
-    from t2i_engine.pipeline import generate, seeded_noise
 
     f = model.autoencoder.downsample_factor
     if size % f:

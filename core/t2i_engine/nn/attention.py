@@ -29,10 +29,10 @@ class Attention(nn.Module):
         context_dim = context_dim or query_dim
         self.heads = heads
         self.head_dim = head_dim
-        self.to_q = nn.Linear(query_dim, inner, bias=qkv_bias)
-        self.to_k = nn.Linear(context_dim, inner, bias=qkv_bias)
-        self.to_v = nn.Linear(context_dim, inner, bias=qkv_bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim), nn.Dropout(dropout)])
+        self.to_q = ops.Linear(query_dim, inner, bias=qkv_bias)
+        self.to_k = ops.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_v = ops.Linear(context_dim, inner, bias=qkv_bias)
+        self.to_out = nn.ModuleList([ops.Linear(inner, query_dim), nn.Dropout(dropout)])
 
     def _split(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -51,7 +51,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim: int, inner: int) -> None:
         super().__init__()
-        self.proj = nn.Linear(dim, inner * 2)
+        self.proj = ops.Linear(dim, inner * 2)
 
     def forward(self, x: Tensor) -> Tensor:
         h, gate = self.proj(x).chunk(2, dim=-1)
@@ -64,7 +64,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, *, mult: int = 4, dropout: float = 0.0) -> None:
         super().__init__()
         inner = dim * mult
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), ops.Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -102,7 +102,7 @@ class SpatialTransformer(nn.Module):
         head_dim = channels // heads
         self.linear_projection = linear_projection
         self.norm = GroupNorm(groups, channels, eps=1e-6)
-        proj = (lambda: nn.Linear(channels, channels)) if linear_projection else (lambda: nn.Conv2d(channels, channels, 1))
+        proj = (lambda: ops.Linear(channels, channels)) if linear_projection else (lambda: ops.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
             TransformerBlock(channels, heads=heads, head_dim=head_dim, context_dim=context_dim, dropout=dropout)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i_engine.nn import ops
+
 
 def timestep_embedding(t: Tensor, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
                        max_period: float = 10000.0) -> Tensor:
@@ -34,8 +36,8 @@ class TimestepEmbedding(nn.Module):
 
     def __init__(self, in_dim: int, dim: int) -> None:
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
+        self.linear_1 = ops.Linear(in_dim, dim)
+        self.linear_2 = ops.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.linear_2(F.silu(self.linear_1(x)))

@@ -1,8 +1,9 @@
 """The one adapter between the nn blocks and the engine's compute ops.
 
 Every block in :mod:`t2i_engine.nn` calls :func:`attention` and :func:`group_norm` from here,
-never torch directly, so that the fused kernels of :mod:`t2i_engine.kernels` (Triton on CUDA,
-the best PyTorch path elsewhere) are picked up in one place. While the kernels package is not
+and builds its dense layers from :class:`Linear` and :class:`Conv2d` here, never torch directly,
+so that the kernels of :mod:`t2i_engine.kernels` (Triton on CUDA, oneDNN for float32 dense layers
+on the CPU, the best PyTorch path elsewhere) are picked up in one place. While the kernels package is not
 importable the plain PyTorch paths below are used; they are the same maths.
 """
 
@@ -12,7 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 Activation = Literal["silu"] | None
 
@@ -22,7 +23,7 @@ def _kernels():  # noqa: ANN202 - the module or None
         from t2i_engine import kernels
     except ImportError:
         return None
-    if not (hasattr(kernels, "attention") and hasattr(kernels, "group_norm")):
+    if not all(hasattr(kernels, op) for op in ("attention", "group_norm", "linear", "conv2d")):
         return None
     return kernels
 
@@ -51,3 +52,38 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor |
         return kernels.group_norm(x, num_groups, weight, bias, eps=eps, activation=activation)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` over the last dim (oneDNN for float32 CPU inference)."""
+    kernels = _kernels()
+    return kernels.linear(x, weight, bias) if kernels is not None else F.linear(x, weight, bias)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
+           groups: int = 1) -> Tensor:
+    """2-D convolution (1x1 float32 convolutions on CPU inference go through oneDNN)."""
+    kernels = _kernels()
+    if kernels is not None:
+        return kernels.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose forward runs :func:`linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state-dict keys) whose forward runs :func:`conv2d`.
+
+    Zero padding only; other ``padding_mode`` values fall back to ``nn.Conv2d.forward``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding_mode != "zeros":
+            return super().forward(x)
+        return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

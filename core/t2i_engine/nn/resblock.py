@@ -37,12 +37,12 @@ class ResBlock(nn.Module):
         super().__init__()
         out_channels = out_channels or in_channels
         self.norm1 = GroupNorm(groups, in_channels, eps=eps, activation="silu")
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_dim, out_channels) if temb_dim else None
+        self.conv1 = ops.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = ops.Linear(temb_dim, out_channels) if temb_dim else None
         self.norm2 = GroupNorm(groups, out_channels, eps=eps, activation="silu")
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = ops.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = ops.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(self.norm1(x))
@@ -63,7 +63,7 @@ class Downsample(nn.Module):
     def __init__(self, channels: int, out_channels: int | None = None, *, asymmetric_pad: bool = False) -> None:
         super().__init__()
         self.asymmetric_pad = asymmetric_pad
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
+        self.conv = ops.Conv2d(channels, out_channels or channels, 3, stride=2, padding=0 if asymmetric_pad else 1)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.asymmetric_pad:
@@ -76,7 +76,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int, out_channels: int | None = None) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+        self.conv = ops.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
         if size is None:

@@ -15,6 +15,7 @@ import attrs
 from torch import Tensor, nn
 
 from t2i_engine.interfaces import Conditioning, DenoiserNet, Prediction
+from t2i_engine.nn import ops
 from t2i_engine.nn.attention import SpatialTransformer
 from t2i_engine.nn.embeddings import TimestepEmbedding, timestep_embedding
 from t2i_engine.nn.resblock import Downsample, GroupNorm, ResBlock, Upsample
@@ -152,7 +153,7 @@ class UNet(DenoiserNet):
         self.config = config
         self.prediction = config.prediction
         ch = config.channels
-        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.conv_in = ops.Conv2d(config.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], config.temb_dim)
         self.down_blocks = nn.ModuleList()
         prev = ch[0]
@@ -170,7 +171,7 @@ class UNet(DenoiserNet):
                                           attention=config.attention[level], upsample=j < len(ch) - 1))
             prev = ch[level]
         self.conv_norm_out = GroupNorm(config.groups, ch[0], activation="silu")
-        self.conv_out = nn.Conv2d(ch[0], config.out_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, *,  # type: ignore[override]
                 down_residuals: Sequence[Tensor] | None = None, mid_residual: Tensor | None = None) -> Tensor:

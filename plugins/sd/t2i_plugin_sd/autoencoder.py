@@ -14,7 +14,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from t2i_engine.nn import Downsample, GroupNorm, ResBlock, SpatialSelfAttention, Upsample
+from t2i_engine.nn import Downsample, GroupNorm, ResBlock, SpatialSelfAttention, Upsample, ops
 
 
 @attrs.frozen
@@ -63,14 +63,14 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__()
         ch, n, g = cfg.channels, cfg.layers_per_block, cfg.groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             _Level([(ch[max(i - 1, 0)] if j == 0 else ch[i], ch[i]) for j in range(n)], g, down=i < len(ch) - 1)
             for i in range(len(ch))
         )
         self.mid_block = _Mid(ch[-1], g)
         self.conv_norm_out = GroupNorm(g, ch[-1], eps=1e-6, activation="silu")
-        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -85,14 +85,14 @@ class Decoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig) -> None:
         super().__init__()
         rev, n, g = list(reversed(cfg.channels)), cfg.layers_per_block + 1, cfg.groups
-        self.conv_in = nn.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
+        self.conv_in = ops.Conv2d(cfg.latent_channels, rev[0], 3, padding=1)
         self.mid_block = _Mid(rev[0], g)
         self.up_blocks = nn.ModuleList(
             _Level([(rev[max(i - 1, 0)] if j == 0 else rev[i], rev[i]) for j in range(n)], g, up=i < len(rev) - 1)
             for i in range(len(rev))
         )
         self.conv_norm_out = GroupNorm(g, rev[-1], eps=1e-6, activation="silu")
-        self.conv_out = nn.Conv2d(rev[-1], cfg.in_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(rev[-1], cfg.in_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid_block(self.conv_in(z))
@@ -112,8 +112,8 @@ class AutoencoderKL(nn.Module):
         self.scaling_factor = config.scaling_factor
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
-        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+        self.quant_conv = ops.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = ops.Conv2d(config.latent_channels, config.latent_channels, 1)
 
     def moments(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean and log-variance (clamped to [-30, 20]) of unscaled latents."""

@@ -1,0 +1,13 @@
+"""Dense layers (linear, 1x1 convolution) on the CPU through oneDNN.
+
+PyTorch runs a float32 ``F.linear`` on the CPU through the BLAS it was built with (MKL in the
+official wheels), and a 1x1 float32 ``F.conv2d`` through its own unfold-and-GEMM path. On CPUs
+where MKL does not use its AVX-512 kernels (AMD's, for one) oneDNN, which PyTorch already ships
+for its convolutions and its bf16 matmuls, is about twice as fast for both, with the same
+float32 arithmetic. :mod:`.dispatch` picks oneDNN where it applies (see there); ``reference.py``
+is the specification.
+"""
+
+from t2i_engine.kernels.dense.dispatch import conv2d, linear, onednn_unsupported_reason
+
+__all__ = ["conv2d", "linear", "onednn_unsupported_reason"]

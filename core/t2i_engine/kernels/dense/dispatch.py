@@ -1,0 +1,90 @@
+"""linear() and conv2d(): oneDNN for float32 CPU inference, PyTorch everywhere else.
+
+oneDNN runs an op when all of these hold (:func:`onednn_unsupported_reason` says which fails):
+
+* ``T2I_KERNELS`` is not ``torch`` (there is no Triton dense kernel: ``triton`` acts as ``auto``);
+* PyTorch was built with oneDNN and ``torch.backends.mkldnn.enabled`` is on;
+* every tensor is a float32 CPU tensor and CPU autocast is off (under bf16 autocast PyTorch already
+  runs these ops through oneDNN);
+* no gradient is needed (``torch.no_grad``/``inference_mode``, or nothing requires grad): the
+  oneDNN ops have no autograd formula, so training keeps PyTorch's ops;
+* not inside ``torch.compile`` (Inductor makes its own choice);
+* linear: ``x`` is contiguous with at least :data:`MIN_ROWS` rows; conv2d: a 1x1 kernel with
+  stride 1, no padding, no dilation and one group (3x3 convolutions already go to oneDNN).
+
+The result equals the reference up to float32 rounding (a different summation order).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from t2i_engine.kernels._backend import requested_backend
+from t2i_engine.kernels.dense import reference
+
+__all__ = ["MIN_ROWS", "conv2d", "linear", "onednn_unsupported_reason"]
+
+MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
+    """Why oneDNN's dense ops should not take these tensors, or None when they can.
+
+    Covers what :func:`linear` and :func:`conv2d` share (backend, build, dtype, device, autocast,
+    autograd, compile); the shape conditions are checked by each op.
+    """
+    if torch.compiler.is_compiling():  # first: what follows is not traceable
+        return "inside torch.compile"
+    present = [t for t in tensors if t is not None]
+    if requested_backend() == "torch":
+        return "T2I_KERNELS=torch"
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return "PyTorch has no oneDNN here (or torch.backends.mkldnn.enabled is off)"
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in present):
+        return "not all tensors are float32 CPU tensors"
+    if torch.is_autocast_enabled("cpu"):
+        return "CPU autocast is on"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return "a gradient is needed"
+    return None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ weight.T + bias`` for ``x`` of shape ``(..., in)`` and ``weight`` ``(out, in)``.
+
+    oneDNN's ``mkldnn::_linear_pointwise`` where it applies (see the module doc), ``F.linear``
+    otherwise.
+    """
+    if (
+        x.dim() >= 2
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS
+        and onednn_unsupported_reason(x, weight, bias) is None
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return reference.linear(x, weight, bias)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | tuple[int, int] = 1,
+           padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
+           groups: int = 1) -> Tensor:
+    """2-D convolution; a pointwise (1x1) float32 convolution runs through oneDNN where it
+    applies (see the module doc), every other through ``F.conv2d``."""
+    pointwise = (
+        x.dim() == 4
+        and x.numel() > 0
+        and weight.shape[-2:] == (1, 1)
+        and groups == 1
+        and _pair(stride) == (1, 1)
+        and padding in (0, (0, 0), [0, 0], "valid")
+        and _pair(dilation) == (1, 1)
+    )
+    if pointwise and onednn_unsupported_reason(x, weight, bias) is None:
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+    return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)

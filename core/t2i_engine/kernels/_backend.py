@@ -23,6 +23,7 @@ __all__ = [
     "BACKEND_ENV",
     "Backend",
     "KernelUnavailableError",
+    "grad_needed",
     "interpret_mode",
     "requested_backend",
     "triton_available",
@@ -50,6 +51,14 @@ def requested_backend() -> Backend:
             f"{BACKEND_ENV}={value!r} is not one of {', '.join(_BACKENDS)}"
         )
     return value  # type: ignore[return-value]
+
+
+def grad_needed(*tensors: torch.Tensor | None) -> bool:
+    """True when autograd will record an op on these tensors (grad mode on and one requires grad).
+
+    Where it is False an op may overwrite its own intermediates in place (no backward reads them).
+    """
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def interpret_mode() -> bool:

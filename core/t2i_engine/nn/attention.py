@@ -84,9 +84,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim, dropout=dropout)
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context, context_mask=context_mask if context is not None else None)
-        return x + self.ff(self.norm3(x))
+        x = ops.add_(self.attn1(self.norm1(x)), x)
+        x = ops.add_(self.attn2(self.norm2(x), context, context_mask=context_mask if context is not None else None), x)
+        return ops.add_(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Module):
@@ -125,7 +125,7 @@ class SpatialTransformer(nn.Module):
         h = h.reshape(b, hgt, wid, c).permute(0, 3, 1, 2)  # (B, C, H, W)
         if not self.linear_projection:
             h = self.proj_out(h)
-        return x + h
+        return ops.add_(h, x)
 
 
 class SpatialSelfAttention(Attention):
@@ -140,4 +140,4 @@ class SpatialSelfAttention(Attention):
         b, c, hgt, wid = x.shape
         h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
         h = super().forward(h)
-        return x + h.transpose(1, 2).reshape(b, c, hgt, wid)
+        return ops.add_(h.transpose(1, 2).reshape(b, c, hgt, wid), x)

@@ -87,3 +87,18 @@ class Conv2d(nn.Conv2d):
         if self.padding_mode != "zeros":
             return super().forward(x)
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def add_(out: Tensor, other: Tensor) -> Tensor:
+    """``out + other``, written into ``out`` where that is safe: no gradient is needed, ``out`` is
+    contiguous, and the sum has ``out``'s shape and dtype (under autocast a bf16 ``out`` plus a
+    float32 ``other`` is float32). ``out`` must be an intermediate the caller owns (a fresh layer
+    output). Saves one activation-sized buffer per residual connection in inference."""
+    if (
+        not (torch.is_grad_enabled() and (out.requires_grad or other.requires_grad))
+        and out.is_contiguous()
+        and torch.result_type(out, other) == out.dtype
+        and torch.broadcast_shapes(out.shape, other.shape) == out.shape
+    ):
+        return out.add_(other)
+    return out + other

@@ -47,10 +47,9 @@ class ResBlock(nn.Module):
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
         h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None and temb is not None:
-            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, out, 1, 1)
+            h = ops.add_(h, self.time_emb_proj(F.silu(temb))[:, :, None, None])  # (B, out, 1, 1)
         h = self.conv2(self.dropout(self.norm2(h)))
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return ops.add_(h, x if self.conv_shortcut is None else self.conv_shortcut(x))
 
 
 class Downsample(nn.Module):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from t2i_engine.kernels._backend import requested_backend
+from t2i_engine.kernels._backend import grad_needed, requested_backend
 from t2i_engine.kernels.dense import reference
 
 __all__ = ["MIN_ROWS", "conv2d", "linear", "onednn_unsupported_reason"]
@@ -49,7 +49,7 @@ def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
         return "not all tensors are float32 CPU tensors"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+    if grad_needed(*present):
         return "a gradient is needed"
     return None
 

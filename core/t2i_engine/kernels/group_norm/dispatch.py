@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from t2i_engine.kernels._backend import use_triton
+from t2i_engine.kernels._backend import grad_needed, use_triton
 
 __all__ = ["group_norm", "triton_unsupported_reason"]
 
@@ -77,4 +77,5 @@ def group_norm(
         y, _, _ = torch.ops.t2i_engine.group_norm_fwd(x, weight, bias, num_groups, eps, silu)  # y, mean, rstd
         return y
     y = F.group_norm(x, num_groups, weight, bias, eps)
-    return F.silu(y) if silu else y
+    # y is ours: without autograd the SiLU may overwrite it (one activation-sized buffer less)
+    return F.silu(y, inplace=not grad_needed(y)) if silu else y

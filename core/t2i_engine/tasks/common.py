@@ -10,8 +10,9 @@ import torch
 
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext
+from t2i_engine.nn.precision import cast_autocast_weights
 
-__all__ = ["build_model", "inference_precision", "output_path"]
+__all__ = ["build_model", "inference_precision", "output_path", "prepare_for_autocast"]
 
 
 def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
@@ -34,16 +35,31 @@ def output_path(ctx: RunContext, path: str) -> str:
     return str(Path(ctx.output_dir) / path)
 
 
+def prepare_for_autocast(model: LatentDiffusionModel, dtype: torch.dtype) -> int:
+    """Cast the weights autocast would cast on every call, in each of ``model``'s components, to
+    ``dtype`` once (:func:`t2i_engine.nn.precision.cast_autocast_weights`); the number cast.
+
+    For a model that runs only under ``torch.autocast(dtype=dtype)`` from then on.
+    """
+    return sum(cast_autocast_weights(part, dtype) for part in (model.text_encoder, model.autoencoder, model.denoiser)
+               if isinstance(part, torch.nn.Module))
+
+
 def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[Any, torch.dtype]:
     """``(context manager, noise dtype)`` for ``engine.precision`` when running ``model``.
 
-    ``*-mixed`` runs under ``torch.autocast`` on the run's device; ``*-true`` casts the model's
-    weights (``model.to(dtype)``) and the noise; ``32-true`` changes nothing.
+    ``*-mixed`` runs under ``torch.autocast`` on the run's device, with the weights autocast casts
+    on every call (linear and convolution layers) cast once here instead
+    (:func:`t2i_engine.nn.precision.cast_autocast_weights`: the same arithmetic, no per-step casts,
+    half the weight memory); ``*-true`` casts the model's weights (``model.to(dtype)``) and the
+    noise; ``32-true`` changes nothing. The model must be the task's own (it is changed in place).
     """
     precision = ctx.config.engine.precision
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 \
         if precision.startswith("16") else torch.float32
     if precision.endswith("-mixed"):
+        if dtype != torch.float32:
+            prepare_for_autocast(model, dtype)
         return torch.autocast(ctx.device.type, dtype=dtype), torch.float32
     if dtype != torch.float32:
         model.to(dtype)  # type: ignore[call-arg]

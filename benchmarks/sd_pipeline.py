@@ -101,14 +101,15 @@ def _ours_generate(folder: str, precision: str, args: argparse.Namespace) -> tup
     from t2i_engine.diffusion.guidance import GuidanceConfig
     from t2i_engine.diffusion.registry import SAMPLERS, SamplerConfig
     from t2i_engine.pipeline import generate
-    from t2i_engine.tasks.common import prepare_for_autocast
+    from t2i_engine.tasks.common import prepare_for_inference
     from t2i_plugin_sd.formats import DiffusersFolder
     from t2i_plugin_sd.model import build_model
     from t2i_plugin_sd.presets import PRESETS
 
     model = build_model(DiffusersFolder().load(folder), PRESETS[args.preset])
-    if precision == "bf16":  # what the sample task does at load under bf16-mixed (same arithmetic)
-        prepare_for_autocast(model, torch.bfloat16)
+    # what the sample task does after loading: under bf16-mixed the autocast layers' weights are cast
+    # once (the same arithmetic as autocast's per-call casts); on the CPU deep convolutions are packed
+    prepare_for_inference(model, autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
     _resident(model)
     noise = _noise(args)
 

@@ -28,7 +28,7 @@ from t2i_engine.diffusion.samplers import img2img_start
 from t2i_engine.interfaces import (
     Conditioning, LatentDiffusionModel, NoiseSchedule, Sampler, StepCallback, TextEncoder,
 )
-from t2i_engine.utils.cpu_memory import retain_freed_memory
+from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
 
 __all__ = ["check_prompts", "encode_prompts", "generate", "sampling_sigmas_for", "seeded_noise", "start_noise_scale"]
 
@@ -129,4 +129,9 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
         latents = model.autoencoder.encode(init_images.to(device, noise.dtype), generator=generator)
         sigmas, x = img2img_start(latents, sigmas, strength=strength, noise=noise)
     latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback)
-    return model.autoencoder.decode(latents).clamp(-1, 1)
+    if device.type == "cpu":
+        release_free_memory()  # the loop's free blocks: the decoder's larger activations refill pages
+    images = model.autoencoder.decode(latents).clamp_(-1, 1)
+    if device.type == "cpu":
+        release_free_memory()
+    return images

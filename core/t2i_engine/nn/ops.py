@@ -84,6 +84,10 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.is_mkldnn:  # packed by pack_for_cpu_inference
+            from t2i_engine.kernels.dense.dispatch import packed_conv2d
+
+            return packed_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.padding_mode != "zeros":
             return super().forward(x)
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)

@@ -10,9 +10,10 @@ import torch
 
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext
+from t2i_engine.nn.cpu_inference import pack_conv_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
-__all__ = ["build_model", "inference_precision", "output_path", "prepare_for_autocast"]
+__all__ = ["build_model", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
 
 
 def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
@@ -45,6 +46,20 @@ def prepare_for_autocast(model: LatentDiffusionModel, dtype: torch.dtype) -> int
                if isinstance(part, torch.nn.Module))
 
 
+def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.dtype | None = None) -> None:
+    """Get a model the task owns ready for inference only (it is changed in place).
+
+    With ``autocast_dtype`` (a ``*-mixed`` precision other than 32) the autocast layers' weights
+    are cast once (:func:`prepare_for_autocast`); on the CPU the denoiser's deep convolutions are
+    then packed into oneDNN's layout (:func:`t2i_engine.nn.cpu_inference.pack_conv_weights`).
+    """
+    if autocast_dtype is not None and autocast_dtype != torch.float32:
+        prepare_for_autocast(model, autocast_dtype)
+    denoiser = model.denoiser
+    if isinstance(denoiser, torch.nn.Module) and all(p.device.type == "cpu" for p in denoiser.parameters()):
+        pack_conv_weights(denoiser)
+
+
 def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[Any, torch.dtype]:
     """``(context manager, noise dtype)`` for ``engine.precision`` when running ``model``.
 
@@ -52,15 +67,16 @@ def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[A
     on every call (linear and convolution layers) cast once here instead
     (:func:`t2i_engine.nn.precision.cast_autocast_weights`: the same arithmetic, no per-step casts,
     half the weight memory); ``*-true`` casts the model's weights (``model.to(dtype)``) and the
-    noise; ``32-true`` changes nothing. The model must be the task's own (it is changed in place).
+    noise; ``32-true`` changes no dtype. Then :func:`prepare_for_inference` (on the CPU, deep
+    convolutions are packed). The model must be the task's own (it is changed in place).
     """
     precision = ctx.config.engine.precision
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 \
         if precision.startswith("16") else torch.float32
     if precision.endswith("-mixed"):
-        if dtype != torch.float32:
-            prepare_for_autocast(model, dtype)
+        prepare_for_inference(model, autocast_dtype=dtype)
         return torch.autocast(ctx.device.type, dtype=dtype), torch.float32
     if dtype != torch.float32:
         model.to(dtype)  # type: ignore[call-arg]
+    prepare_for_inference(model)
     return contextlib.nullcontext(), dtype

@@ -88,3 +88,32 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
     if pointwise and onednn_unsupported_reason(x, weight, bias) is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
     return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def pack_conv_weight(weight: Tensor, *, stride: tuple[int, ...], padding: tuple[int, ...],
+                     dilation: tuple[int, ...], groups: int) -> Tensor:
+    """``weight`` (plain float32 or bf16 CPU) reordered once into oneDNN's blocked layout.
+
+    A convolution on a plain weight reorders it into that layout on every call: for the deep
+    levels of a UNet (1280 channels at 4x4 to 16x16 pixels) that reorder costs as much as the
+    convolution itself. Run a packed weight with :func:`packed_conv2d`.
+    """
+    probe = [2, weight.shape[1] * groups, 16, 16]  # the layout depends on ISA and dtype, not on H, W
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(padding), list(stride),
+                                                      list(dilation), groups, probe)
+
+
+def packed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...],
+                  padding: tuple[int, ...], dilation: tuple[int, ...], groups: int) -> Tensor:
+    """Convolution by a weight from :func:`pack_conv_weight` (inference only).
+
+    ``x`` and ``bias`` are cast to the weight's dtype, as autocast would; the output is a contiguous
+    NCHW tensor of that dtype.
+    """
+    if grad_needed(x, bias):
+        raise RuntimeError("packed_conv2d: this convolution's weight is packed for inference (no autograd)")
+    x = x.to(weight.dtype).contiguous()
+    bias = None if bias is None else bias.to(weight.dtype)
+    y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
+                                                groups, "none", [], "")
+    return y.contiguous()

@@ -1,0 +1,59 @@
+"""pack_conv_weights(): a UNet with its convolutions packed into oneDNN's layout computes what
+the plain one does (float32 to rounding; bf16 autocast within bf16 rounding of float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from t2i_engine.interfaces import Conditioning, TextEmbedding
+from t2i_engine.nn import UNet, UNetConfig, ops
+from t2i_engine.nn.cpu_inference import pack_conv_weights
+from t2i_engine.nn.precision import cast_autocast_weights
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+
+
+def _unet_and_inputs():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(channels=(32, 64), attention=(True, False), heads=(2, 2), layers_per_block=1,
+                           context_dim=16, groups=8)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900])
+    cond = Conditioning(text=TextEmbedding(torch.randn(2, 5, 16, generator=g)))
+    return unet, (x, t, cond)
+
+
+def test_float32_packed_equals_plain():
+    unet, args = _unet_and_inputs()
+    with torch.inference_mode():
+        want = unet(*args)
+        n = pack_conv_weights(unet, min_in_channels=1)
+        got = unet(*args)
+    convs = [m for m in unet.modules() if isinstance(m, ops.Conv2d)]
+    assert n == sum(m.kernel_size != (1, 1) for m in convs) > 0
+    assert all(m.weight.is_mkldnn == (m.kernel_size != (1, 1)) for m in convs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_packed_stays_within_bf16_rounding():
+    unet, args = _unet_and_inputs()
+    with torch.inference_mode():
+        exact = unet(*args)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast_autocast_weights(unet, torch.bfloat16)
+            plain = unet(*args).float()
+            pack_conv_weights(unet, min_in_channels=1)
+            packed = unet(*args).float()
+    plain_err, packed_err = (plain - exact).abs().mean(), (packed - exact).abs().mean()
+    assert packed_err <= 1.5 * plain_err + 1e-4
+
+
+def test_min_in_channels_and_training_guard():
+    unet, args = _unet_and_inputs()
+    assert pack_conv_weights(unet, min_in_channels=10_000) == 0
+    pack_conv_weights(unet, min_in_channels=64)
+    assert unet.up_blocks[0].resnets[0].conv1.weight.is_mkldnn  # 64 + 64 skip channels in
+    assert not unet.conv_in.weight.is_mkldnn  # 4 channels in
+    with pytest.raises(RuntimeError, match="packed for inference"):
+        unet(*[a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])

@@ -158,13 +158,15 @@ def _train_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor,
 
 def _ours_train(folder: str, precision: str, args: argparse.Namespace) -> tuple[float, float]:
     from t2i_engine.interfaces import Conditioning, TextEmbedding
+    from t2i_engine.training.config import TrainConfig
+    from t2i_engine.training.optim import build_optimizer
     from t2i_plugin_sd.formats import DiffusersFolder
     from t2i_plugin_sd.model import build_model
     from t2i_plugin_sd.presets import PRESETS
 
     unet = build_model(DiffusersFolder().load(folder), PRESETS[args.preset]).unet.train()
     _resident(unet)
-    opt = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    opt = build_optimizer(unet.parameters(), TrainConfig(lr=1e-5))  # the train task's AdamW (fused here)
     x, t, context, target = _train_inputs(args)
     cond = Conditioning(text=TextEmbedding(context))
 

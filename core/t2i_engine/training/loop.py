@@ -35,6 +35,7 @@ from t2i_engine.training.config import TrainConfig
 from t2i_engine.training.ema import EMA
 from t2i_engine.training.logging import MetricsLogger, peak_memory_mb
 from t2i_engine.training.lr import lr_factor
+from t2i_engine.training.optim import build_optimizer
 from t2i_engine.training.protocol import check_trainable, prompts_list, sample_method
 
 __all__ = ["TrainState", "build_fabric", "fit", "train_step", "validate"]
@@ -247,9 +248,7 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
     wrapped = fabric.setup_module(model)
     wrapped.mark_forward_method("training_loss")
     raw = model
-    optimizer = torch.optim.AdamW(list(raw.trainable_parameters()), lr=cfg.lr,  # type: ignore[operator]
-                                  betas=(cfg.betas[0], cfg.betas[1]),
-                                  weight_decay=cfg.weight_decay, eps=cfg.eps)
+    optimizer = build_optimizer(raw.trainable_parameters(), cfg)  # type: ignore[operator]
     optimizer = fabric.setup_optimizers(optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
         s, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, schedule=cfg.lr_schedule,

@@ -122,7 +122,9 @@ class SpatialTransformer(nn.Module):
             h = block(h, context, context_mask=context_mask)
         if self.linear_projection:
             h = self.proj_out(h)
-        h = h.reshape(b, hgt, wid, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        # (B, C, H, W), made contiguous: a channels_last view here would carry that layout into the
+        # following ResBlocks, whose convolutions then reorder activations and weight gradients
+        h = h.reshape(b, hgt, wid, c).permute(0, 3, 1, 2).contiguous()
         if not self.linear_projection:
             h = self.proj_out(h)
         return ops.add_(h, x)

@@ -278,7 +278,7 @@ def main() -> None:
     px = f"{args.size}x{args.size}"
     what = {"generate": f"{args.preset} generate {px}, {args.steps} steps DPM++ 2M, CFG, batch 1",
             "train": f"{args.preset} UNet fwd+bwd+AdamW {px}, batch 2"}
-    print(f"\n| job | precision | ours (s) | diffusers (s) | time ratio | ours peak (MiB) | diffusers peak (MiB) "
+    print("\n| job | precision | ours (s) | diffusers (s) | time ratio | ours peak (MiB) | diffusers peak (MiB) "
           "| memory ratio |\n|---|---|---|---|---|---|---|---|")
     for job, precision, ours, theirs in rows:
         print(f"| {what[job]} | {precision} | {ours['seconds']:.2f} | {theirs['seconds']:.2f} | "

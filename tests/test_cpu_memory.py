@@ -59,3 +59,32 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     pages = 10 * (64 << 20) // 4096  # every page of every allocation
     assert faults("0") > pages // 2  # glibc's defaults: fresh zero-filled pages each time
     assert faults("1") < pages // 100
+
+
+_RELEASE = """
+import torch
+from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+assert retain_freed_memory()
+keep = torch.ones(1 << 20)  # a small live block above the freed one, so the heap top cannot shrink
+x = torch.empty(32 << 20).fill_(1.0)  # 128 MiB, retained in the heap once freed
+keep2 = torch.ones(1 << 20)
+del x
+held = rss()
+assert release_free_memory()
+print(held - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_release_hands_retained_pages_back() -> None:
+    """A freed 128 MiB block the retain switch keeps resident goes back to the system on release."""
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    out = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) > 100 << 20

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i_engine.kernels._backend import grad_needed  # torch only: importable whatever the kernels
+
 Activation = Literal["silu"] | None
 
 
@@ -84,10 +86,6 @@ class Conv2d(nn.Conv2d):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.is_mkldnn:  # packed by pack_for_cpu_inference
-            from t2i_engine.kernels.dense.dispatch import packed_conv2d
-
-            return packed_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
         if self.padding_mode != "zeros":
             return super().forward(x)
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -99,7 +97,7 @@ def add_(out: Tensor, other: Tensor) -> Tensor:
     float32 ``other`` is float32). ``out`` must be an intermediate the caller owns (a fresh layer
     output). Saves one activation-sized buffer per residual connection in inference."""
     if (
-        not (torch.is_grad_enabled() and (out.requires_grad or other.requires_grad))
+        not grad_needed(out, other)
         and out.is_contiguous()
         and torch.result_type(out, other) == out.dtype
         and torch.broadcast_shapes(out.shape, other.shape) == out.shape

@@ -36,6 +36,22 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MIB = 1 << 20
 _done = False
+_libc: ctypes.CDLL | bool | None = None  # None: not looked up yet; False: not glibc
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux (``mallopt``/``malloc_trim`` semantics), else None."""
+    global _libc
+    if _libc is None:
+        _libc = False
+        if sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                if hasattr(libc, "gnu_get_libc_version") and hasattr(libc, "malloc_trim"):  # not musl
+                    _libc = libc
+            except OSError:
+                pass
+    return _libc or None
 
 
 def retain_freed_memory(*, mmap_threshold: int = 256 * _MIB, trim: int = 512 * _MIB) -> bool:
@@ -49,15 +65,10 @@ def retain_freed_memory(*, mmap_threshold: int = 256 * _MIB, trim: int = 512 * _
         return True
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-        if not hasattr(libc, "gnu_get_libc_version"):  # musl and others: no mallopt semantics
-            return False
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim))
     _done = ok
@@ -70,13 +81,10 @@ def release_free_memory() -> bool:
     Only after :func:`retain_freed_memory` took effect (otherwise glibc trims on its own); returns
     True when it ran.
     """
-    if not _done:
+    libc = _glibc() if _done else None
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
+    trim = libc.malloc_trim
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     trim(0)
     return True

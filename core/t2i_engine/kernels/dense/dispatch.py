@@ -75,7 +75,10 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
            padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1,
            groups: int = 1) -> Tensor:
     """2-D convolution; a pointwise (1x1) float32 convolution runs through oneDNN where it
-    applies (see the module doc), every other through ``F.conv2d``."""
+    applies (see the module doc), a weight packed by :func:`pack_conv_weight` through
+    :func:`packed_conv2d`, every other through ``F.conv2d``."""
+    if weight.is_mkldnn:
+        return packed_conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
     pointwise = (
         x.dim() == 4
         and x.numel() > 0

@@ -57,3 +57,25 @@ def test_min_in_channels_and_training_guard():
     assert not unet.conv_in.weight.is_mkldnn  # 4 channels in
     with pytest.raises(RuntimeError, match="packed for inference"):
         unet(*[a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args])
+
+
+def test_prepare_for_inference_casts_then_packs_the_deep_levels():
+    """What the sample task does to the model it owns under bf16-mixed on the CPU."""
+    from types import SimpleNamespace
+
+    from t2i_engine.tasks.common import prepare_for_inference
+
+    torch.manual_seed(0)
+    deep = torch.nn.Sequential(ops.Conv2d(640, 8, 3, padding=1), torch.nn.GroupNorm(8, 8), ops.Conv2d(8, 8, 3, padding=1))
+    model = SimpleNamespace(text_encoder=torch.nn.Linear(4, 4), autoencoder=ops.Conv2d(4, 4, 3, padding=1), denoiser=deep)
+    x = torch.randn(1, 640, 6, 6)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = deep(x).float()
+        prepare_for_inference(model, autocast_dtype=torch.bfloat16)
+        got = deep(x).float()
+    assert deep[0].weight.is_mkldnn and deep[0].weight.dtype == torch.bfloat16  # deep: cast, then packed
+    assert not deep[2].weight.is_mkldnn and deep[2].weight.dtype == torch.bfloat16  # 8 channels in: cast only
+    assert deep[1].weight.dtype == torch.float32  # norms keep float32
+    assert model.text_encoder.weight.dtype == model.autoencoder.weight.dtype == torch.bfloat16
+    assert not model.autoencoder.weight.is_mkldnn  # only the denoiser is packed
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)

@@ -16,7 +16,7 @@ from t2i_engine.diffusion.guidance import GuidanceConfig
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
 from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
-from t2i_engine.tasks.common import build_model
+from t2i_engine.tasks.common import build_model, prepare_for_inference
 
 __all__ = ["SampleGridConfig", "SampleGridTask", "model_and_sampler", "sample_batched"]
 
@@ -60,11 +60,13 @@ def sample_batched(model: LatentDiffusionModel, prompts: Sequence[str], seeds: S
 
 
 def model_and_sampler(ctx: RunContext, *, task: str) -> tuple[LatentDiffusionModel, Any]:
-    """The ``[model]`` (on the run's device, in eval mode) and the ``[sampler]`` of the run."""
+    """The ``[model]`` (on the run's device, in eval mode, prepared for inference: see
+    :func:`~t2i_engine.tasks.common.prepare_for_inference`) and the ``[sampler]`` of the run."""
     if ctx.config.sampler is None:
         raise ConfigError(f"sampler: task '{task}' needs a [sampler] table (e.g. name = \"dpmpp_2m\")")
-    model = build_model(ctx, task=task)
-    return model.eval(), ctx.plugins.build(ctx.config.sampler)
+    model = build_model(ctx, task=task).eval()
+    prepare_for_inference(model)
+    return model, ctx.plugins.build(ctx.config.sampler)
 
 
 def hook_reporter(ctx: RunContext, total: int) -> StepCallback:

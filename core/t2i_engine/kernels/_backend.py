@@ -23,6 +23,7 @@ __all__ = [
     "BACKEND_ENV",
     "Backend",
     "KernelUnavailableError",
+    "cpu_inference_unsupported",
     "grad_needed",
     "interpret_mode",
     "requested_backend",
@@ -59,6 +60,20 @@ def grad_needed(*tensors: torch.Tensor | None) -> bool:
     Where it is False an op may overwrite its own intermediates in place (no backward reads them).
     """
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def cpu_inference_unsupported(*tensors: torch.Tensor | None) -> str | None:
+    """Why the CPU inference paths (oneDNN dense layers, bf16 attention) may not take a call, or
+    None: they run outside ``torch.compile`` (checked first: what follows is not traceable), when
+    ``T2I_KERNELS`` is not ``torch``, and when no gradient is needed. Each path adds its own
+    dtype, device and shape conditions."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile"
+    if requested_backend() == "torch":
+        return f"{BACKEND_ENV}=torch"
+    if grad_needed(*tensors):
+        return "a gradient is needed"
+    return None
 
 
 def interpret_mode() -> bool:

@@ -5,12 +5,14 @@ its blocked layout on every call. In a UNet's deep levels (640 to 2560 input cha
 16x16 pixels) the weights are much larger than the activations, and that reorder, plus the
 weight-sized temporary it allocates, costs about as much as the convolution: packing them once
 made the SD-1.5 UNet forward at 256x256 21-22 % faster in float32 and in bf16 on the machine of
-docs/benchmarks.md (float32 results are equal to rounding; bf16 within bf16 rounding). Large
-activations with few channels (the first UNet level at 512 px and up, the autoencoder's decoder)
-run no faster packed, so layers below ``min_in_channels`` stay plain.
+docs/benchmarks.md (float32 results are equal to rounding; bf16 within bf16 rounding). Layers with
+fewer channels and larger activations gain nothing (320 channels at 32x32, the UNet's first level
+at 256 px) or lose (256 channels at 256x256, the KL decoder's size: 12 % slower), so layers below
+``min_in_channels`` stay plain.
 
 A packed model is for inference only: the weights become oneDNN tensors (no autograd, no
-``state_dict`` to save, no ``.to(device)``). The sample task packs its own model's denoiser on CPU.
+``state_dict`` to save, no ``.to(device)``). The inference tasks pack the denoiser of the model they
+own (:func:`t2i_engine.tasks.common.prepare_for_inference`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from t2i_engine.kernels.dense.dispatch import pack_conv_weight
+from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight
 from t2i_engine.nn import ops
 
 __all__ = ["PACKABLE_DTYPES", "pack_conv_weights"]
@@ -35,7 +37,7 @@ def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
     (:func:`t2i_engine.nn.precision.cast_autocast_weights`) when the model runs under autocast: a
     packed convolution computes in its weight's dtype.
     """
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    if not onednn_available():
         return 0
     count = 0
     for layer in module.modules():

@@ -55,9 +55,8 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
     """
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         prepare_for_autocast(model, autocast_dtype)
-    denoiser = model.denoiser
-    if isinstance(denoiser, torch.nn.Module) and all(p.device.type == "cpu" for p in denoiser.parameters()):
-        pack_conv_weights(denoiser)
+    if isinstance(model.denoiser, torch.nn.Module):
+        pack_conv_weights(model.denoiser)  # CPU layers only: it skips the others
 
 
 def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[Any, torch.dtype]:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from t2i_engine.kernels._backend import grad_needed, requested_backend, use_triton
+from t2i_engine.kernels._backend import cpu_inference_unsupported, use_triton
 from t2i_engine.kernels.attention.cpu import bmm_attention
 
 __all__ = ["attention", "triton_unsupported_reason"]
@@ -92,9 +92,7 @@ def attention(
         and q.device.type == "cpu"
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.dim() == 4
-        and not torch.compiler.is_compiling()
-        and not grad_needed(q, k, v)
-        and requested_backend() != "torch"
+        and cpu_inference_unsupported(q, k, v) is None
     ):
         return bmm_attention(q, k, v, scale=scale)
     attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)

@@ -20,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from t2i_engine.kernels._backend import grad_needed, requested_backend
+from t2i_engine.kernels._backend import cpu_inference_unsupported, grad_needed
 from t2i_engine.kernels.dense import reference
 
-__all__ = ["MIN_ROWS", "conv2d", "linear", "onednn_unsupported_reason"]
+__all__ = ["MIN_ROWS", "conv2d", "linear", "onednn_available", "onednn_unsupported_reason", "pack_conv_weight",
+           "packed_conv2d"]
 
 MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
 
@@ -32,25 +33,26 @@ def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
     return (v, v) if isinstance(v, int) else tuple(v)
 
 
+def onednn_available() -> bool:
+    """True when PyTorch was built with oneDNN and ``torch.backends.mkldnn.enabled`` is on."""
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
 def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
     """Why oneDNN's dense ops should not take these tensors, or None when they can.
 
     Covers what :func:`linear` and :func:`conv2d` share (backend, build, dtype, device, autocast,
     autograd, compile); the shape conditions are checked by each op.
     """
-    if torch.compiler.is_compiling():  # first: what follows is not traceable
-        return "inside torch.compile"
-    present = [t for t in tensors if t is not None]
-    if requested_backend() == "torch":
-        return "T2I_KERNELS=torch"
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    reason = cpu_inference_unsupported(*tensors)
+    if reason is not None:
+        return reason
+    if not onednn_available():
         return "PyTorch has no oneDNN here (or torch.backends.mkldnn.enabled is off)"
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in present):
+    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return "not all tensors are float32 CPU tensors"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
-    if grad_needed(*present):
-        return "a gradient is needed"
     return None
 
 

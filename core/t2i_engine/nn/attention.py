@@ -9,6 +9,7 @@ Parameter names follow the diffusers layout (``to_q``, ``to_out.0``, ``ff.net.0.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,15 +21,17 @@ class Attention(nn.Module):
     """Multi-head attention of ``x (B, L, query_dim)`` over ``context (B, Lc, context_dim)``.
 
     Without a context it is self-attention. ``context_mask`` ``(B, Lc)`` is True for real tokens.
+    ``upcast`` computes the attention itself in float32 when the inputs are half precision.
     """
 
     def __init__(self, query_dim: int, *, context_dim: int | None = None, heads: int = 8,
-                 head_dim: int = 64, qkv_bias: bool = False, dropout: float = 0.0) -> None:
+                 head_dim: int = 64, qkv_bias: bool = False, dropout: float = 0.0, upcast: bool = False) -> None:
         super().__init__()
         inner = heads * head_dim
         context_dim = context_dim or query_dim
         self.heads = heads
         self.head_dim = head_dim
+        self.upcast = upcast
         self.to_q = ops.Linear(query_dim, inner, bias=qkv_bias)
         self.to_k = ops.Linear(context_dim, inner, bias=qkv_bias)
         self.to_v = ops.Linear(context_dim, inner, bias=qkv_bias)
@@ -41,7 +44,10 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
         context = x if context is None else context
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
-        out = ops.attention(q, k, v, key_padding_mask=context_mask)  # (B, heads, L, head_dim)
+        if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
+            out = ops.attention(q.float(), k.float(), v.float(), key_padding_mask=context_mask).to(q.dtype)
+        else:
+            out = ops.attention(q, k, v, key_padding_mask=context_mask)  # (B, heads, L, head_dim)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, L, inner)
         return self.to_out[1](self.to_out[0](out))
 
@@ -74,12 +80,13 @@ class TransformerBlock(nn.Module):
     """Pre-norm block: self-attention, cross-attention to the context, GEGLU feed-forward."""
 
     def __init__(self, dim: int, *, heads: int, head_dim: int, context_dim: int | None,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, upcast: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.attn1 = Attention(dim, heads=heads, head_dim=head_dim, dropout=dropout, upcast=upcast)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, head_dim=head_dim, dropout=dropout)
+        self.attn2 = Attention(dim, context_dim=context_dim, heads=heads, head_dim=head_dim, dropout=dropout,
+                               upcast=upcast)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim, dropout=dropout)
 
@@ -93,19 +100,24 @@ class SpatialTransformer(nn.Module):
     """Transformer blocks over the pixels of a feature map, conditioned by cross-attention.
 
     ``x (B, C, H, W), context (B, Lc, context_dim) -> (B, C, H, W)``. ``linear_projection``
-    selects linear (SD 2) instead of 1x1-convolution (SD 1) projections in and out.
+    selects linear (SD 2) instead of 1x1-convolution (SD 1) projections in and out; ``upcast``
+    runs the attention in float32 under half precision.
     """
 
     def __init__(self, channels: int, *, heads: int, context_dim: int | None, depth: int = 1,
-                 groups: int = 32, linear_projection: bool = False, dropout: float = 0.0) -> None:
+                 groups: int = 32, linear_projection: bool = False, dropout: float = 0.0,
+                 upcast: bool = False) -> None:
         super().__init__()
+        if channels % heads:
+            raise ValueError(f"{channels} channels do not split into {heads} attention heads")
         head_dim = channels // heads
         self.linear_projection = linear_projection
         self.norm = GroupNorm(groups, channels, eps=1e-6)
         proj = (lambda: ops.Linear(channels, channels)) if linear_projection else (lambda: ops.Conv2d(channels, channels, 1))
         self.proj_in = proj()
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(channels, heads=heads, head_dim=head_dim, context_dim=context_dim, dropout=dropout)
+            TransformerBlock(channels, heads=heads, head_dim=head_dim, context_dim=context_dim, dropout=dropout,
+                             upcast=upcast)
             for _ in range(depth)
         )
         self.proj_out = proj()

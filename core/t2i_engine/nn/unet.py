@@ -29,6 +29,10 @@ def _bools(value: Sequence[bool]) -> tuple[bool, ...]:
     return tuple(bool(v) for v in value)
 
 
+def _depths(value: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(value),) if isinstance(value, int) else _ints(value)
+
+
 @attrs.frozen
 class UNetConfig:
     """Architecture of a :class:`UNet` (every field is read from a checkpoint when one is loaded)."""
@@ -40,9 +44,12 @@ class UNetConfig:
     heads: tuple[int, ...] = attrs.field(default=(8, 8, 8, 8), converter=_ints)  # attention heads per level
     layers_per_block: int = 2  # ResBlocks per down level (up levels have one more)
     context_dim: int = 768  # width of the text tokens cross-attention reads
-    transformer_depth: int = 1  # transformer blocks per spatial transformer
+    transformer_depth: tuple[int, ...] = attrs.field(default=(1,), converter=_depths)  # per level (one = all)
     linear_projection: bool = False  # SD 2: linear proj_in/proj_out instead of 1x1 convolutions
     groups: int = 32  # GroupNorm groups
+    norm_eps: float = 1e-5  # GroupNorm eps of the ResBlocks and the output norm (transformers use 1e-6)
+    upcast_attention: bool = False  # attention in float32 under half precision (SD 2.1's 768 model)
+    dropout: float = 0.0  # ResBlock dropout (training only)
     flip_sin_to_cos: bool = True  # timestep sinusoid layout (cos first)
     freq_shift: float = 0.0  # timestep sinusoid frequency shift
     use_text_mask: bool = False  # mask padded text tokens in cross-attention (SD does not)
@@ -52,6 +59,10 @@ class UNetConfig:
         n = len(self.channels)
         if len(self.attention) != n or len(self.heads) != n:
             raise ValueError(f"UNetConfig: channels, attention and heads need one entry per level ({n})")
+        if len(self.transformer_depth) == 1:
+            object.__setattr__(self, "transformer_depth", self.transformer_depth * n)
+        elif len(self.transformer_depth) != n:
+            raise ValueError(f"UNetConfig: transformer_depth needs one entry or one per level ({n})")
 
     @property
     def temb_dim(self) -> int:
@@ -63,16 +74,14 @@ class DownBlock(nn.Module):
     """One encoder level: ResBlocks (each followed by a spatial transformer when ``attention``)
     and an optional stride-2 downsampler."""
 
-    def __init__(self, in_ch: int, out_ch: int, *, cfg: UNetConfig, heads: int, attention: bool,
-                 downsample: bool) -> None:
+    def __init__(self, in_ch: int, out_ch: int, *, cfg: UNetConfig, level: int, downsample: bool) -> None:
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResBlock(in_ch if i == 0 else out_ch, out_ch, temb_dim=cfg.temb_dim, groups=cfg.groups)
-            for i in range(cfg.layers_per_block)
+            _resblock(in_ch if i == 0 else out_ch, out_ch, cfg) for i in range(cfg.layers_per_block)
         )
         self.attentions = nn.ModuleList(
-            _transformer(out_ch, cfg, heads) for _ in range(cfg.layers_per_block)
-        ) if attention else None
+            _transformer(out_ch, cfg, level) for _ in range(cfg.layers_per_block)
+        ) if cfg.attention[level] else None
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
     def forward(self, h: Tensor, temb: Tensor, context: Tensor | None, mask: Tensor | None) -> tuple[Tensor, list[Tensor]]:
@@ -92,16 +101,17 @@ class UpBlock(nn.Module):
     """One decoder level: ResBlocks over the concatenated skip connections (plus spatial
     transformers when ``attention``) and an optional upsampler."""
 
-    def __init__(self, in_ch: int, prev_ch: int, out_ch: int, *, cfg: UNetConfig, heads: int,
-                 attention: bool, upsample: bool) -> None:
+    def __init__(self, in_ch: int, prev_ch: int, out_ch: int, *, cfg: UNetConfig, level: int,
+                 upsample: bool) -> None:
         super().__init__()
         n = cfg.layers_per_block + 1
         self.resnets = nn.ModuleList(
-            ResBlock((prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch,
-                     temb_dim=cfg.temb_dim, groups=cfg.groups)
+            _resblock((prev_ch if i == 0 else out_ch) + (in_ch if i == n - 1 else out_ch), out_ch, cfg)
             for i in range(n)
         )
-        self.attentions = nn.ModuleList(_transformer(out_ch, cfg, heads) for _ in range(n)) if attention else None
+        self.attentions = nn.ModuleList(
+            _transformer(out_ch, cfg, level) for _ in range(n)
+        ) if cfg.attention[level] else None
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
     def forward(self, h: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor | None,
@@ -118,10 +128,10 @@ class UpBlock(nn.Module):
 class MidBlock(nn.Module):
     """ResBlock, spatial transformer, ResBlock at the lowest resolution."""
 
-    def __init__(self, ch: int, *, cfg: UNetConfig, heads: int) -> None:
+    def __init__(self, ch: int, *, cfg: UNetConfig) -> None:
         super().__init__()
-        self.resnets = nn.ModuleList(ResBlock(ch, ch, temb_dim=cfg.temb_dim, groups=cfg.groups) for _ in range(2))
-        self.attentions = nn.ModuleList([_transformer(ch, cfg, heads)])
+        self.resnets = nn.ModuleList(_resblock(ch, ch, cfg) for _ in range(2))
+        self.attentions = nn.ModuleList([_transformer(ch, cfg, len(cfg.channels) - 1)])
 
     def forward(self, h: Tensor, temb: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
         h = self.resnets[0](h, temb)
@@ -129,9 +139,15 @@ class MidBlock(nn.Module):
         return self.resnets[1](h, temb)
 
 
-def _transformer(ch: int, cfg: UNetConfig, heads: int) -> SpatialTransformer:
-    return SpatialTransformer(ch, heads=heads, context_dim=cfg.context_dim, depth=cfg.transformer_depth,
-                              groups=cfg.groups, linear_projection=cfg.linear_projection)
+def _resblock(in_ch: int, out_ch: int, cfg: UNetConfig) -> ResBlock:
+    return ResBlock(in_ch, out_ch, temb_dim=cfg.temb_dim, groups=cfg.groups, eps=cfg.norm_eps, dropout=cfg.dropout)
+
+
+def _transformer(ch: int, cfg: UNetConfig, level: int) -> SpatialTransformer:
+    """The spatial transformer of ``level`` (the mid block uses the deepest level's heads and depth)."""
+    return SpatialTransformer(ch, heads=cfg.heads[level], context_dim=cfg.context_dim,
+                              depth=cfg.transformer_depth[level], groups=cfg.groups,
+                              linear_projection=cfg.linear_projection, upcast=cfg.upcast_attention)
 
 
 def _cat(h: Tensor, skip: Tensor) -> Tensor:
@@ -158,19 +174,17 @@ class UNet(DenoiserNet):
         self.down_blocks = nn.ModuleList()
         prev = ch[0]
         for i, out in enumerate(ch):
-            self.down_blocks.append(DownBlock(prev, out, cfg=config, heads=config.heads[i], attention=config.attention[i],
-                                              downsample=i < len(ch) - 1))
+            self.down_blocks.append(DownBlock(prev, out, cfg=config, level=i, downsample=i < len(ch) - 1))
             prev = out
-        self.mid_block = MidBlock(ch[-1], cfg=config, heads=config.heads[-1])
+        self.mid_block = MidBlock(ch[-1], cfg=config)
         self.up_blocks = nn.ModuleList()
         rev = list(reversed(range(len(ch))))
         prev = ch[-1]
         for j, level in enumerate(rev):
             in_ch = ch[max(level - 1, 0)]
-            self.up_blocks.append(UpBlock(in_ch, prev, ch[level], cfg=config, heads=config.heads[level],
-                                          attention=config.attention[level], upsample=j < len(ch) - 1))
+            self.up_blocks.append(UpBlock(in_ch, prev, ch[level], cfg=config, level=level, upsample=j < len(ch) - 1))
             prev = ch[level]
-        self.conv_norm_out = GroupNorm(config.groups, ch[0], activation="silu")
+        self.conv_norm_out = GroupNorm(config.groups, ch[0], eps=config.norm_eps, activation="silu")
         self.conv_out = ops.Conv2d(ch[0], config.out_channels, 3, padding=1)
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditioning, *,  # type: ignore[override]

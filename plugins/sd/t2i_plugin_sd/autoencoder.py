@@ -21,7 +21,8 @@ from t2i_engine.nn import Downsample, GroupNorm, ResBlock, SpatialSelfAttention,
 class AutoencoderConfig:
     """Architecture of the KL autoencoder."""
 
-    in_channels: int = 3  # image channels
+    in_channels: int = 3  # image channels in
+    out_channels: int = 3  # image channels the decoder writes
     latent_channels: int = 4  # channels of the latent the UNet sees
     channels: tuple[int, ...] = attrs.field(default=(128, 256, 512, 512), converter=lambda v: tuple(int(x) for x in v))
     layers_per_block: int = 2  # ResBlocks per encoder level (decoder levels have one more)
@@ -92,7 +93,7 @@ class Decoder(nn.Module):
             for i in range(len(rev))
         )
         self.conv_norm_out = GroupNorm(g, rev[-1], eps=1e-6, activation="silu")
-        self.conv_out = ops.Conv2d(rev[-1], cfg.in_channels, 3, padding=1)
+        self.conv_out = ops.Conv2d(rev[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid_block(self.conv_in(z))

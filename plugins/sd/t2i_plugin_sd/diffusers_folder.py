@@ -14,6 +14,7 @@ from torch import Tensor
 from t2i_engine.checkpoint.io import save_safetensors
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_sd import keymaps
+from t2i_plugin_sd.diffusers_config import text_config, text_hints, unet_config, unet_hints, vae_config, vae_hints
 from t2i_plugin_sd.model import StableDiffusion, Weights
 from t2i_plugin_sd.presets import ScheduleConfig
 from t2i_plugin_sd.tokenizer_files import read_pad, write_clip_tokenizer
@@ -22,8 +23,10 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                  "diffusion_pytorch_model.bin", "pytorch_model.bin")
 
 
-def _json(path: Path) -> dict[str, Any]:
+def _json(path: Path, *, required: bool = False) -> dict[str, Any]:
     if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path} is missing: the folder's architecture is read from it")
         return {}
     try:
         return json.loads(path.read_text())
@@ -50,8 +53,9 @@ class DiffusersFolder:
 
     def load(self, path: str) -> Weights:
         root = Path(path)
-        unet_cfg, vae_cfg = _json(root / "unet" / "config.json"), _json(root / "vae" / "config.json")
-        text_cfg, sched = _json(root / "text_encoder" / "config.json"), _json(root / "scheduler" / "scheduler_config.json")
+        unet_cfg, vae_cfg, text_cfg = (_json(root / sub / "config.json", required=True)
+                                       for sub in ("unet", "vae", "text_encoder"))
+        sched = _json(root / "scheduler" / "scheduler_config.json")
         hf = _weights(root / "text_encoder")
         text, unknown = keymaps.hf_clip_to_open_clip(hf)
         if unknown:
@@ -59,22 +63,15 @@ class DiffusersFolder:
         # transformers 5 writes CLIPTextModel keys without the "text_model." prefix; keep the style
         hints: dict[str, Any] = {"text_skip": 0,
                                  "hf_text_prefix": "text_model." if any(k.startswith("text_model.") for k in hf) else ""}
-        heads = unet_cfg.get("num_attention_heads") or unet_cfg.get("attention_head_dim")
-        if heads is not None:
-            n = len(unet_cfg.get("block_out_channels", ()))
-            hints["unet_heads"] = tuple(heads) if isinstance(heads, list) else (int(heads),) * n
+        hints |= unet_hints(unet_cfg, where=f"{root / 'unet' / 'config.json'}")
+        hints |= vae_hints(vae_cfg, where=f"{root / 'vae' / 'config.json'}")
+        hints |= text_hints(text_cfg, where=f"{root / 'text_encoder' / 'config.json'}")
         if "prediction_type" in sched:
             if sched["prediction_type"] not in ("epsilon", "v_prediction"):
                 raise CheckpointError(f"{root}/scheduler: prediction_type {sched['prediction_type']!r} is not supported")
             hints["prediction"] = "eps" if sched["prediction_type"] == "epsilon" else "v"
         if sched:
             hints["schedule"] = ScheduleConfig(**{k: sched[k] for k in _SCHEDULE_FIELDS if k in sched})
-        if "scaling_factor" in vae_cfg:
-            hints["scaling_factor"] = float(vae_cfg["scaling_factor"])
-        if "hidden_act" in text_cfg:
-            hints["text_activation"] = text_cfg["hidden_act"]
-        if "num_attention_heads" in text_cfg:
-            hints["text_heads"] = int(text_cfg["num_attention_heads"])
         pad = read_pad(root / "tokenizer")
         if pad is not None:
             hints["text_pad"] = pad
@@ -93,10 +90,10 @@ class DiffusersFolder:
         text = {k: v for k, v in w.text.items()
                 if not k.startswith(tuple(f"transformer.resblocks.{a.text.layers - 1 - i}." for i in range(a.text.skip_last_layers)))}
         files: Mapping[str, tuple[dict[str, Tensor], dict[str, Any], str]] = {
-            "unet": (w.unet, _unet_config(model), "diffusion_pytorch_model.safetensors"),
-            "vae": (w.vae, _vae_config(model), "diffusion_pytorch_model.safetensors"),
+            "unet": (w.unet, unet_config(a.unet), "diffusion_pytorch_model.safetensors"),
+            "vae": (w.vae, vae_config(a.vae), "diffusion_pytorch_model.safetensors"),
             "text_encoder": (_hf_text(text, model.extras_hints.get("hf_text_prefix", "text_model.")),
-                             _text_config(model), "model.safetensors"),
+                             text_config(a.text), "model.safetensors"),
         }
         for sub, (sd, cfg, fname) in files.items():
             (root / sub).mkdir(exist_ok=True)
@@ -119,44 +116,6 @@ def _hf_text(text: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 _SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "timestep_spacing", "steps_offset")
-
-
-def _unet_config(model: StableDiffusion) -> dict[str, Any]:
-    u = model.arch.unet
-    n = len(u.channels)
-    return {
-        "_class_name": "UNet2DConditionModel", "in_channels": u.in_channels, "out_channels": u.out_channels,
-        "block_out_channels": list(u.channels), "layers_per_block": u.layers_per_block,
-        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in u.attention],
-        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(u.attention)],
-        "cross_attention_dim": u.context_dim, "attention_head_dim": list(u.heads), "norm_num_groups": u.groups,
-        "use_linear_projection": u.linear_projection, "transformer_layers_per_block": u.transformer_depth,
-        "flip_sin_to_cos": u.flip_sin_to_cos, "freq_shift": u.freq_shift,
-        "sample_size": 8 * 2 ** (n - 1) if u.channels[0] < 128 else 64,
-    }
-
-
-def _vae_config(model: StableDiffusion) -> dict[str, Any]:
-    v = model.arch.vae
-    n = len(v.channels)
-    return {
-        "_class_name": "AutoencoderKL", "in_channels": v.in_channels, "out_channels": v.in_channels,
-        "latent_channels": v.latent_channels, "block_out_channels": list(v.channels),
-        "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
-        "layers_per_block": v.layers_per_block, "norm_num_groups": v.groups, "scaling_factor": v.scaling_factor,
-        "sample_size": 512,
-    }
-
-
-def _text_config(model: StableDiffusion) -> dict[str, Any]:
-    t = model.arch.text
-    return {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model", "vocab_size": t.vocab_size,
-        "hidden_size": t.width, "intermediate_size": 4 * t.width, "num_hidden_layers": t.layers - t.skip_last_layers,
-        "num_attention_heads": t.heads, "max_position_embeddings": t.context_length, "hidden_act": t.activation,
-        "layer_norm_eps": 1e-5, "projection_dim": t.width, "bos_token_id": 49406, "eos_token_id": 49407,
-        "pad_token_id": 49407 if t.pad == "eos" else 0, "torch_dtype": "float32",
-    }
 
 
 def _scheduler_config(model: StableDiffusion) -> dict[str, Any]:

@@ -12,10 +12,12 @@ import io
 import json
 import struct
 import tarfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+import attrs
 import torch
 import yaml
 from torch import Tensor
@@ -26,14 +28,16 @@ from t2i_engine.checkpoint.io import (
 from t2i_engine.errors import CheckpointError
 from t2i_engine.nn import UNetConfig
 from t2i_plugin_sd import keymaps
-from t2i_plugin_sd.model import StableDiffusion, Weights
-from t2i_plugin_sd.presets import ScheduleConfig
+from t2i_plugin_sd.ldm_config import (
+    ARCH_METADATA_KEY, architecture_metadata, hints_from_metadata, inexpressible, ldm_yaml, ldm_yaml_hints,
+)
+from t2i_plugin_sd.model import StableDiffusion, Weights, architecture_hints
+from t2i_plugin_sd.presets import Architecture
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 HF_TEXT_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_TEXT_PREFIX = "cond_stage_model.model."
-_SCHEDULE_KEYS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "timestep_spacing", "steps_offset")
 
 
 class CheckpointFormat(Protocol):
@@ -55,6 +59,17 @@ class CheckpointFormat(Protocol):
 
 def safetensors_keys(path: str) -> list[str] | None:
     """Tensor names from a safetensors header, or None when ``path`` is not safetensors."""
+    header = _safetensors_header(path)
+    return None if header is None else [k for k in header if k != "__metadata__"]
+
+
+def safetensors_metadata(path: str) -> dict[str, str]:
+    """The ``__metadata__`` strings of a safetensors file (empty when it has none)."""
+    meta = (_safetensors_header(path) or {}).get("__metadata__")
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def _safetensors_header(path: str) -> dict[str, Any] | None:
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -66,7 +81,7 @@ def safetensors_keys(path: str) -> list[str] | None:
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
-    return [k for k in header if k != "__metadata__"] if isinstance(header, dict) else None
+    return header if isinstance(header, dict) else None
 
 
 def read_state_dict(path: str) -> dict[str, Tensor]:
@@ -140,14 +155,27 @@ def join_single_file(weights: Weights) -> dict[str, Tensor]:
     layers = len({k.split(".")[4] for k in weights.vae if k.startswith("encoder.down_blocks.0.resnets.")})
     vae, _ = keymaps.convert(weights.vae, keymaps.vae_table(levels, layers), forward=True)
     out = {UNET_PREFIX + k: v for k, v in unet.items()} | {VAE_PREFIX + k: v for k, v in vae.items()}
-    if weights.hints.get("text_activation", "quick_gelu") == "quick_gelu":
+    activation, skip = weights.hints.get("text_activation", "quick_gelu"), weights.hints.get("text_skip", 1)
+    if activation == "quick_gelu":
         out |= {HF_TEXT_PREFIX + k: v for k, v in keymaps.open_clip_to_hf_clip(weights.text).items()}
     else:
-        text = weights.text
-        if weights.hints.get("text_skip", 1) == 0:
-            text = pad_identity_layer(text)
+        text = pad_identity_layer(weights.text) if pads_identity_layer(activation, skip) else weights.text
         out |= {OPENCLIP_TEXT_PREFIX + k: v for k, v in text.items()}
     return out | weights.extras
+
+
+def pads_identity_layer(activation: str, skip_last_layers: int) -> bool:
+    """Whether a single-file export appends an identity layer to the text tower: an open_clip
+    layout tower read from its last layer (see :func:`pad_identity_layer`)."""
+    return activation != "quick_gelu" and skip_last_layers == 0
+
+
+def single_file_architecture(arch: Architecture) -> Architecture:
+    """``arch`` as a single-file export stores it (with the padded identity text layer)."""
+    t = arch.text
+    if not pads_identity_layer(t.activation, t.skip_last_layers):
+        return arch
+    return attrs.evolve(arch, text=attrs.evolve(t, layers=t.layers + 1, skip_last_layers=1))
 
 
 def pad_identity_layer(text: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -174,25 +202,26 @@ def _unet_skeleton_from_ours(sd: Mapping[str, Tensor]) -> UNetConfig:
     return UNetConfig(channels=(1,) * n, attention=attention, heads=(1,) * n, layers_per_block=layers)
 
 
-def _ldm_yaml_hints(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Hints from a latent-diffusion yaml (``model.params``) or a NeMo ``model_config.yaml``."""
-    params = cfg.get("model", {}).get("params", cfg) if isinstance(cfg.get("model"), Mapping) else cfg
-    hints: dict[str, Any] = {}
-    if params.get("parameterization") in ("eps", "v"):
-        hints["prediction"] = params["parameterization"]
-    if "scale_factor" in params:
-        hints["scaling_factor"] = float(params["scale_factor"])
-    if "linear_start" in params and "linear_end" in params:
-        hints["schedule"] = ScheduleConfig(beta_start=float(params["linear_start"]), beta_end=float(params["linear_end"]),
-                                           num_train_timesteps=int(params.get("timesteps", 1000)))
-    return hints
+def _ldm_yaml_hints(cfg: Mapping[str, Any], *, where: str = "latent-diffusion yaml") -> dict[str, Any]:
+    """Hints from a latent-diffusion yaml (:func:`t2i_plugin_sd.ldm_config.ldm_yaml_hints`)."""
+    return ldm_yaml_hints(cfg, where=where)
+
+
+def read_yaml(text: str | bytes, *, where: str) -> Any:
+    """``yaml.safe_load`` with every YAML failure as a CheckpointError naming ``where``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{where} is not a valid (safe) YAML file: {e}") from e
 
 
 class SingleFile:
     """One ``.safetensors`` (or weights-only ``.ckpt``) file in the CompVis/A1111 layout.
 
-    A ``.yaml`` beside it with the same stem (the latent-diffusion inference config) supplies
-    the prediction type (``parameterization``), scale factor and schedule.
+    Architecture: the weights' shapes; then the engine's own record in the safetensors metadata
+    (:data:`~t2i_plugin_sd.ldm_config.ARCH_METADATA_KEY`, written by :meth:`save`); then a
+    ``.yaml`` beside it with the same stem (the latent-diffusion inference config: prediction
+    type, scale factor, schedule, heads, text read-out), which wins where both speak.
     """
 
     name = "single-file"
@@ -210,22 +239,33 @@ class SingleFile:
 
     def load(self, path: str) -> Weights:
         weights = split_single_file(read_state_dict(path), source=path)
+        record = safetensors_metadata(path).get(ARCH_METADATA_KEY)
+        if record is not None:
+            weights.hints.update(hints_from_metadata(record, where=path))
         side = Path(path).with_suffix(".yaml")
         if side.is_file():
-            weights.hints.update(_ldm_yaml_hints(yaml.safe_load(side.read_text()) or {}))
+            weights.hints.update(ldm_yaml_hints(read_yaml(side.read_bytes(), where=str(side)) or {}, where=str(side)))
         return weights
 
     def save(self, model: StableDiffusion, path: str, *, dtype: torch.dtype | None = None) -> None:
-        """Write one safetensors file in the CompVis layout (floats in ``dtype`` when given) and,
-        beside it, the latent-diffusion ``.yaml`` (prediction type, latent scale factor, schedule)
-        that :meth:`load` reads back, as the CompVis/A1111 tools pair them."""
-        save_safetensors(join_single_file(model.weights()), path, dtype=dtype,
-                         metadata={"prediction": model.prediction, "format": "compvis"})
-        s = model.arch.schedule
-        params = {"parameterization": model.prediction, "scale_factor": float(model.vae.scaling_factor),
-                  "linear_start": s.beta_start, "linear_end": s.beta_end, "timesteps": s.num_train_timesteps}
+        """Write one safetensors file in the CompVis layout (floats in ``dtype`` when given), with
+        the engine's architecture record in its metadata, and beside it the latent-diffusion
+        ``.yaml`` CompVis/A1111 tools and diffusers' ``from_single_file(original_config=...)`` read.
+
+        Fields that yaml cannot express (:func:`~t2i_plugin_sd.ldm_config.inexpressible`) are
+        named in a warning: the engine reloads them from the metadata, other tools would not.
+        """
+        weights, arch = model.weights(), single_file_architecture(model.arch)
+        meta = {"prediction": model.prediction, "format": "compvis",
+                ARCH_METADATA_KEY: architecture_metadata({"schedule": arch.schedule, **architecture_hints(arch)})}
+        lost = inexpressible(arch)
+        if lost:
+            warnings.warn(f"{path}: the latent-diffusion yaml cannot express {', '.join(lost)}; the engine reads "
+                          "them back from the file's metadata, other tools will build a different model "
+                          "(export a diffusers folder for them)", stacklevel=2)
+        save_safetensors(join_single_file(weights), path, dtype=dtype, metadata=meta)
         side = path.removesuffix(Path(path).suffix) + ".yaml"
-        atomic_write_bytes(side, yaml.safe_dump({"model": {"params": params}}, sort_keys=False).encode())
+        atomic_write_bytes(side, yaml.safe_dump(ldm_yaml(arch), sort_keys=False).encode())
 
 
 class NemoArchive:
@@ -249,7 +289,8 @@ class NemoArchive:
         with tarfile.open(path) as tar:
             raw = tar.extractfile(members["model_weights.ckpt"]).read()  # type: ignore[union-attr]
             cfg_name = members.get("model_config.yaml")
-            cfg = yaml.safe_load(tar.extractfile(cfg_name).read()) if cfg_name else {}  # type: ignore[union-attr]
+            cfg = read_yaml(tar.extractfile(cfg_name).read(), where=f"{path}:{cfg_name}") \
+                if cfg_name else {}  # type: ignore[union-attr]
         import torch
 
         try:
@@ -261,7 +302,7 @@ class NemoArchive:
             sd = sd["state_dict"]
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
         weights = split_single_file(sd, source=path)
-        weights.hints.update(_ldm_yaml_hints(cfg or {}))
+        weights.hints.update(_ldm_yaml_hints(cfg or {}, where=f"{path}:model_config.yaml"))
         return weights
 
 

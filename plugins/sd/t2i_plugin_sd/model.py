@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
 from t2i_engine.diffusion.schedules import DiscreteSchedule
-from t2i_engine.errors import ConfigError
+from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_engine.nn import UNet
 from t2i_plugin_sd.autoencoder import AutoencoderKL
 from t2i_plugin_sd.infer import infer_text, infer_unet, infer_vae
@@ -108,41 +108,82 @@ class StableDiffusion(nn.Module):
         self.extras_hints = {k: v for k, v in weights.hints.items() if k == "hf_text_prefix"}
 
     def weights(self) -> Weights:
-        """The current weights in our layout (tensors shared, not copied)."""
-        a = self.arch
-        hints = {"prediction": a.unet.prediction, "schedule": a.schedule, "scaling_factor": a.vae.scaling_factor,
-                 "unet_heads": a.unet.heads, "text_heads": a.text.heads, "text_activation": a.text.activation,
-                 "text_skip": a.text.skip_last_layers, "text_pad": a.text.pad}
+        """The current weights in our layout (tensors shared, not copied), with every hint
+        :func:`architecture_from` needs to rebuild this architecture from them."""
+        hints = {"schedule": self.arch.schedule, **architecture_hints(self.arch)}
         return Weights(dict(self.unet.state_dict()), dict(self.vae.state_dict()),
                        dict(self.text_encoder.model.state_dict()), hints, dict(self.extras))
 
 
-def architecture_from(weights: Weights, base: Architecture, *, overrides: dict[str, Any] | None = None) -> Architecture:
-    """Architecture from the weights' shapes; hints from the files, then ``overrides`` (the
-    ``[model]`` keys) take precedence over ``base`` (the preset)."""
+_UNET_HINTS = {"unet_groups": "groups", "unet_norm_eps": "norm_eps", "unet_upcast_attention": "upcast_attention",
+               "unet_flip_sin_to_cos": "flip_sin_to_cos", "unet_freq_shift": "freq_shift", "unet_dropout": "dropout",
+               "prediction": "prediction"}
+_VAE_HINTS = {"vae_groups": "groups", "scaling_factor": "scaling_factor"}
+_TEXT_HINTS = {"text_activation": "activation", "text_skip": "skip_last_layers", "text_pad": "pad",
+               "text_layer_norm_eps": "layer_norm_eps"}
+"""Hint name -> the architecture field it sets (what the weights' shapes cannot tell)."""
+
+
+def _apply(config: Any, hints: dict[str, Any], names: dict[str, str]) -> Any:
+    return attrs.evolve(config, **{field: hints[name] for name, field in names.items() if name in hints})
+
+
+def _check_declared(config: Any, declared: dict[str, tuple[str, Any]], *, what: str, source: str) -> None:
+    """A field the checkpoint's config declares must be what its weights hold."""
+    for field, (name, value) in declared.items():
+        held = config.temb_dim if field == "temb_dim" else \
+            (config.mlp_width or 4 * config.width) if field == "mlp_width" else \
+            config.transformer_depth if field == "depth" else getattr(config, field)
+        if field == "depth":  # levels without attention have no transformer to count
+            held = tuple(d for d, a in zip(held, config.attention) if a)
+            value = tuple(d for d, a in zip(value, config.attention) if a)
+        if held != value:
+            raise CheckpointError(f"{source}: the {what} config says {name} = {value!r} but the weights hold "
+                                  f"{held!r}; the config and the weights do not belong together")
+
+
+def architecture_hints(arch: Architecture) -> dict[str, Any]:
+    """Every architecture field the weights' shapes cannot tell, as hints (what exports record)."""
+    hints: dict[str, Any] = {"unet_heads": arch.unet.heads, "text_heads": arch.text.heads}
+    for config, names in ((arch.unet, _UNET_HINTS), (arch.vae, _VAE_HINTS), (arch.text, _TEXT_HINTS)):
+        hints |= {name: getattr(config, field) for name, field in names.items()}
+    return hints
+
+
+def architecture_from(weights: Weights, base: Architecture, *, overrides: dict[str, Any] | None = None,
+                      explicit: bool = False) -> Architecture:
+    """Architecture from the weights' shapes; then hints from the checkpoint's files and
+    ``overrides`` (the ``[model]`` keys, which win) over ``base``.
+
+    ``explicit`` says the user chose ``base`` (a preset): only then does it supply attention heads
+    the checkpoint does not record.
+    """
     h = {**weights.hints, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    unet = infer_unet(weights.unet, base.unet, heads=tuple(h["unet_heads"]) if "unet_heads" in h else None)
-    if "prediction" in h:
-        unet = attrs.evolve(unet, prediction=h["prediction"])
-    vae = infer_vae(weights.vae, base.vae)
-    if "scaling_factor" in h:
-        vae = attrs.evolve(vae, scaling_factor=float(h["scaling_factor"]))
-    text = infer_text(weights.text, base.text, heads=h.get("text_heads"))
-    text = attrs.evolve(text, activation=h.get("text_activation", text.activation),
-                        skip_last_layers=h.get("text_skip", text.skip_last_layers), pad=h.get("text_pad", text.pad))
+    src = weights.source or "checkpoint"
+    heads = tuple(h["unet_heads"]) if "unet_heads" in h else None
+    unet = _apply(infer_unet(weights.unet, base.unet, heads=heads, base_heads=explicit), h, _UNET_HINTS)
+    vae = _apply(infer_vae(weights.vae, base.vae), h, _VAE_HINTS)
+    text = _apply(infer_text(weights.text, base.text, heads=h.get("text_heads"), base_heads=explicit), h, _TEXT_HINTS)
+    for config, key, what in ((unet, "unet_declared", "UNet"), (vae, "vae_declared", "autoencoder"),
+                              (text, "text_declared", "text encoder")):
+        _check_declared(config, h.get(key, {}), what=what, source=src)
     schedule = h.get("schedule", base.schedule)
     assert isinstance(schedule, ScheduleConfig)
     return Architecture(unet, vae, text, schedule)
 
 
 def build_model(weights: Weights | None, base: Architecture, *, overrides: dict[str, Any] | None = None,
-                seed: int = 0) -> StableDiffusion:
-    """A model from ``weights`` (architecture inferred) or, without weights, the preset with random
-    weights drawn from ``seed``."""
+                explicit: bool = False, seed: int = 0) -> StableDiffusion:
+    """A model from ``weights`` (architecture inferred; see :func:`architecture_from`) or,
+    without weights, the preset with random weights drawn from ``seed``."""
     if weights is None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return StableDiffusion(base).eval()
-    model = StableDiffusion(architecture_from(weights, base, overrides=overrides))
+    arch = architecture_from(weights, base, overrides=overrides, explicit=explicit)
+    try:
+        model = StableDiffusion(arch)
+    except ValueError as e:  # e.g. GroupNorm groups that do not divide a level's channels
+        raise CheckpointError(f"{weights.source or 'checkpoint'}: cannot build this architecture: {e}") from e
     model.load_weights(weights)
     return model.eval()

@@ -52,7 +52,7 @@ def build_stable_diffusion(config: StableDiffusionConfig) -> Any:
                               "eps or v; set [model] prediction = \"eps\" or \"v\" (or preset = \"sd-2\"/\"sd-2-v\")")
     base = PRESETS[preset]
     weights.hints.setdefault("prediction", base.prediction)
-    return build_model(weights, base, overrides=overrides)
+    return build_model(weights, base, overrides=overrides, explicit=config.preset is not None)
 
 
 build_stable_diffusion.Config = StableDiffusionConfig  # type: ignore[attr-defined]

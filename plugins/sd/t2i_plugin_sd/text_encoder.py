@@ -9,7 +9,7 @@ BPE tokenizer open_clip ships, padded with the id the checkpoint's own tokenizer
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Literal
 
 import attrs
@@ -18,6 +18,12 @@ from torch import Tensor, nn
 
 from t2i_engine.interfaces import TextEmbedding
 from t2i_engine.pipeline import check_prompts
+
+def _mlp_ratio(mlp_width: int, width: int) -> float:
+    """The ``mlp_ratio`` for which open_clip's ``int(width * mlp_ratio)`` is exactly ``mlp_width``."""
+    ratio = mlp_width / width
+    return ratio if int(width * ratio) == mlp_width else (mlp_width + 0.5) / width
+
 
 EOT_ID = 49407
 """``<|endoftext|>`` in the CLIP BPE vocabulary (SD 1.x pads with it)."""
@@ -30,6 +36,8 @@ class TextEncoderConfig:
     width: int = 768  # hidden size (the UNet's context_dim)
     layers: int = 12  # transformer layers held in the weights
     heads: int = 12  # attention heads
+    mlp_width: int | None = None  # hidden width of each MLP (None: 4 x width, as every CLIP release)
+    layer_norm_eps: float = 1e-5  # eps of every LayerNorm
     vocab_size: int = 49408
     context_length: int = 77  # tokens per prompt (padded or truncated)
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # OpenAI CLIP uses QuickGELU
@@ -50,10 +58,14 @@ class CLIPTextEncoder(nn.Module):
         self.config = config
         self.max_length = config.context_length
         self.dim = config.width
+        from open_clip.transformer import LayerNorm
+
         act = QuickGELU if config.activation == "quick_gelu" else nn.GELU
+        mlp_width = config.mlp_width or 4 * config.width
         self.model = TextTransformer(context_length=config.context_length, vocab_size=config.vocab_size,
                                      width=config.width, heads=config.heads, layers=config.layers,
-                                     output_dim=None, act_layer=act)
+                                     mlp_ratio=_mlp_ratio(mlp_width, config.width), output_dim=None, act_layer=act,
+                                     norm_layer=partial(LayerNorm, eps=config.layer_norm_eps))
 
     @cached_property
     def _tokenizer(self) -> Any:

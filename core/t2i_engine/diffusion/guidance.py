@@ -19,6 +19,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from t2i_engine.diffusion.parameterization import from_x0, to_x0
 from t2i_engine.interfaces import Conditioning, Denoiser
 
 CondDenoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
@@ -40,8 +41,9 @@ def rescale_guidance(eps_cfg: Tensor, eps_cond: Tensor, phi: float) -> Tensor:
 class CFGDenoiser:
     """Classifier-free guidance: ``D_u + scale * (D_c - D_u)`` from one forward of batch ``2B``.
 
-    ``rescale > 0`` applies guidance rescale to the noise prediction ``(x - D) / sigma`` (as
-    diffusers' ``guidance_rescale`` does for eps models). ``scale == 1`` skips the uncond branch.
+    ``rescale > 0`` applies guidance rescale to the network's raw output (eps, or v for a
+    v-prediction network: ``inner.prediction``), as diffusers' ``guidance_rescale`` does.
+    ``scale == 1`` skips the uncond branch.
     """
 
     def __init__(self, inner: CondDenoiser, cond: Conditioning, uncond: Conditioning, *,
@@ -59,9 +61,12 @@ class CFGDenoiser:
         d_uncond, d_cond = out.chunk(2)
         guided = d_uncond + self.scale * (d_cond - d_uncond)
         if self.rescale > 0:
-            s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-            eps = rescale_guidance((x - guided) / s, (x - d_cond) / s, self.rescale)
-            guided = x - s * eps
+            # on the network's own output (eps, v, ...), as diffusers' rescale_noise_cfg is applied
+            # to the guided model output; x0 is affine in it, so CFG itself is the same either way
+            kw = {"prediction": getattr(self.inner, "prediction", "eps"),
+                  "sigma_data": getattr(self.inner, "sigma_data", 0.5)}
+            out_cfg, out_cond = from_x0(guided, x, sigma, **kw), from_x0(d_cond, x, sigma, **kw)
+            guided = to_x0(rescale_guidance(out_cfg, out_cond, self.rescale), x, sigma, **kw)
         return guided
 
 

@@ -83,7 +83,11 @@ def sampling_plan_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int |
     own = getattr(sampler, "plan", None)
     if callable(own) and steps is None:
         plan = own(schedule)
-        return plan if sigmas is None else attrs.evolve(plan, sigmas=sigmas.to("cpu", torch.float64))
+        if sigmas is None:
+            return plan
+        sigmas = sigmas.to("cpu", torch.float64)
+        same = sigmas.shape == plan.sigmas.shape and bool((sigmas == plan.sigmas).all())
+        return attrs.evolve(plan, sigmas=sigmas, options=plan.options if same else {})  # options fit its grid
     if steps is None and sigmas is None:
         raise TypeError("a bare sampler function needs steps= (or pass sigmas=)")
     return default_plan(schedule, steps, sigmas=sigmas)
@@ -137,7 +141,10 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
     else:
         latents = model.autoencoder.encode(init_images.to(device, noise.dtype), generator=generator)
         sigmas, x = img2img_start(latents, sigmas, strength=strength, noise=noise)
-    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback)
+    options = dict(plan.options)
+    if "targets" in options:  # one per step but the last, of the steps run
+        options["targets"] = options["targets"][len(options["targets"]) - (len(sigmas) - 2):]
+    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
     latents = latents * plan.final_scale(float(sigmas[-1]))
     if device.type == "cpu":
         release_free_memory()  # the loop's free blocks: the decoder's larger activations refill pages

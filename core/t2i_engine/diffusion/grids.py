@@ -163,6 +163,7 @@ class GridSpec:
     sigma_range: tuple[float | None, float | None] = (None, None)  # Euler's sigma_min / sigma_max
     clip_x0: float | None = None  # clip_sample: clip the x0 estimate to [-r, r]
     round_karras_t: bool = True  # DPM-Solver rounds Karras timesteps (not for cosine betas)
+    scheduler: str | None = None  # the diffusers class (DDIM/PNDM step to t - T // steps)
 
 
 @attrs.frozen
@@ -175,6 +176,7 @@ class SamplingPlan:
     final_vp: bool = False  # the decoder gets the last sample in VP space (x / sqrt(1 + sigma^2))
     round_t: bool = False  # round the network's timesteps (DPM-Solver with Karras sigmas)
     clip_x0: float | None = None  # clip the x0 estimate to [-clip_x0, clip_x0]
+    options: dict[str, Any] = attrs.field(factory=dict)  # extra sampler keywords (DDIM's targets)
 
     def start_std(self, sigma: float) -> float:
         """The std of the first sample at ``sigma`` (diffusers' ``init_noise_sigma``)."""
@@ -239,7 +241,7 @@ def grid_spec(sampler: str, schedule: DiscreteSchedule, *, spacing: Spacing | No
                     steps_offset=s["steps_offset"] if steps_offset is None else steps_offset, final=final,
                     karras=bool(s.get("use_karras_sigmas", False)) if karras is None else karras,
                     sigma_range=(s.get("sigma_min"), s.get("sigma_max")), clip_x0=clip,
-                    round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2")
+                    round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2", scheduler=class_name)
 
 
 def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: float = 7.0) -> SamplingPlan:
@@ -261,11 +263,33 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
         sig = karras_sigmas(steps, lo, hi, rho=rho)
         view = schedule.with_interpolation("log_linear")  # diffusers' _sigma_to_t
     last = sig.new_zeros(1) if spec.final == "zero" else schedule.sigmas[:1].clone()
+    options: dict[str, Any] = {}
+    if spec.scheduler in ("DDIMScheduler", "PNDMScheduler") and not spec.karras:
+        last, targets = _ratio_steps(view, ts, last, scheduler=spec.scheduler)
+        if targets is not None:
+            options["targets"] = targets
     sigmas = torch.cat([sig, last])
     # the Euler family starts at sigma_max itself for linspace/trailing (its init_noise_sigma)
     start_vp = not (spec.family == "k" and spec.spacing in ("linspace", "trailing"))
     return SamplingPlan(sigmas, view, start_vp=start_vp, final_vp=spec.family != "k", round_t=round_t,
-                        clip_x0=spec.clip_x0)
+                        clip_x0=spec.clip_x0, options=options)
+
+
+def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor, *,
+                 scheduler: str) -> tuple[Tensor, Tensor | None]:
+    """DDIM and PNDM step from ``t`` to ``t - T // steps`` (``final`` below 0), not to the next
+    grid timestep: the last sigma, and the landing sigmas of the other steps where they are not
+    the next grid sigma (None when the grid is such a chain, as ``leading`` always is)."""
+    prev = ts - schedule.num_train_timesteps // len(ts)
+    land = schedule.t_to_sigma(torch.from_numpy(prev.clip(min=0)))
+    land = torch.where(torch.from_numpy(prev >= 0), land, final.expand_as(land))
+    if np.array_equal(prev[:-1], ts[1:]):
+        return land[-1:], None
+    if scheduler == "PNDMScheduler":
+        raise ConfigError(f"pndm: diffusers' PNDMScheduler steps from t to t - T // steps, which on this grid "
+                          f"({ts.astype(int).tolist()}) is not the next timestep; the engine reproduces that for "
+                          "ddim only: use 'leading' spacing or a step count that divides num_train_timesteps")
+    return land[-1:], land[:-1]
 
 
 def is_variance_preserving(schedule: NoiseSchedule) -> bool:

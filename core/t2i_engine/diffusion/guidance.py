@@ -26,6 +26,12 @@ CondDenoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 """``D(x, sigma, cond) -> x0`` (e.g. :class:`~t2i_engine.diffusion.parameterization.DenoiserWrapper`)."""
 
 
+def _output_kind(model: object) -> dict[str, Any]:
+    """``prediction`` and ``sigma_data`` of the network under a wrapper (eps when it does not say),
+    passed along so that samplers and guidance rescale can work on the raw network output."""
+    return {"prediction": getattr(model, "prediction", "eps"), "sigma_data": float(getattr(model, "sigma_data", 0.5))}
+
+
 def _as_batch(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
@@ -49,6 +55,7 @@ class CFGDenoiser:
     def __init__(self, inner: CondDenoiser, cond: Conditioning, uncond: Conditioning, *,
                  scale: float, rescale: float = 0.0) -> None:
         self.inner, self.scale, self.rescale = inner, scale, rescale
+        self.prediction, self.sigma_data = _output_kind(inner).values()
         self.cond = cond
         self.both = Conditioning.cat([uncond, cond]) if scale != 1 else cond
 
@@ -63,8 +70,7 @@ class CFGDenoiser:
         if self.rescale > 0:
             # on the network's own output (eps, v, ...), as diffusers' rescale_noise_cfg is applied
             # to the guided model output; x0 is affine in it, so CFG itself is the same either way
-            kw = {"prediction": getattr(self.inner, "prediction", "eps"),
-                  "sigma_data": getattr(self.inner, "sigma_data", 0.5)}
+            kw = _output_kind(self.inner)
             out_cfg, out_cond = from_x0(guided, x, sigma, **kw), from_x0(d_cond, x, sigma, **kw)
             guided = to_x0(rescale_guidance(out_cfg, out_cond, self.rescale), x, sigma, **kw)
         return guided
@@ -81,6 +87,7 @@ class DualCFGDenoiser:
     def __init__(self, inner: CondDenoiser, full: Conditioning, image_only: Conditioning,
                  uncond: Conditioning, *, text_scale: float, image_scale: float) -> None:
         self.inner, self.text_scale, self.image_scale = inner, text_scale, image_scale
+        self.prediction, self.sigma_data = _output_kind(inner).values()
         self.all = Conditioning.cat([full, image_only, uncond])
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -100,6 +107,7 @@ class DynamicThreshold:
 
     def __init__(self, model: Denoiser, *, percentile: float = 0.995, max_value: float = 1.0) -> None:
         self.model, self.percentile, self.max_value = model, percentile, max_value
+        self.prediction, self.sigma_data = _output_kind(model).values()
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         x0 = self.model(x, sigma)
@@ -114,6 +122,7 @@ class StaticClip:
 
     def __init__(self, model: Denoiser, *, max_value: float = 1.0) -> None:
         self.model, self.max_value = model, max_value
+        self.prediction, self.sigma_data = _output_kind(model).values()
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.model(x, sigma).clamp(-self.max_value, self.max_value)

@@ -119,6 +119,16 @@ class BoundDenoiser:
     inner: DenoiserWrapper
     cond: Conditioning
 
+    @property
+    def prediction(self) -> Prediction:
+        """The network's output type (samplers that combine raw outputs read it)."""
+        return self.inner.prediction
+
+    @property
+    def sigma_data(self) -> float:
+        """The schedule's data std (EDM scalings)."""
+        return self.inner.sigma_data
+
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.inner(x, sigma, self.cond)
 

@@ -159,9 +159,10 @@ class ConfiguredSampler:
 
     def __call__(self, model: Denoiser, x: Tensor, sigmas: Tensor, *,
                  generator: torch.Generator | None = None,
-                 callback: StepCallback | None = None) -> Tensor:
-        """Run the sampler from ``x`` (noise at ``sigmas[0]``) down ``sigmas``."""
-        return self.fn(model, x, sigmas, generator=generator, callback=callback, **self.options())
+                 callback: StepCallback | None = None, **plan_options: Any) -> Tensor:
+        """Run the sampler from ``x`` (noise at ``sigmas[0]``) down ``sigmas``; ``plan_options``
+        are a :class:`SamplingPlan`'s extra keywords (``plan.options``)."""
+        return self.fn(model, x, sigmas, generator=generator, callback=callback, **self.options(), **plan_options)
 
 
 def _sampler(name: str, fn: SamplerFn, config_cls: type[SamplerConfig]) -> Callable[..., ConfiguredSampler]:

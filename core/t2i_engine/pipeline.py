@@ -95,9 +95,11 @@ def sampling_plan_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int |
 
 def sampling_sigmas_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int | None = None,
                         device: torch.device | None = None) -> Tensor:
-    """The sigmas ``sampler`` walks (:func:`sampling_plan_for`); float64 unless ``device`` lacks it."""
+    """The sigmas ``sampler`` walks (:func:`sampling_plan_for`), float64 (float32 on MPS, which has no float64)."""
     sigmas = sampling_plan_for(sampler, schedule, steps=steps).sigmas
-    return sigmas if device is None or torch.device(device).type == "cpu" else sigmas.float().to(device)
+    if device is not None and torch.device(device).type == "mps":
+        return sigmas.float().to(device)
+    return sigmas.to(device)
 
 
 @torch.no_grad()

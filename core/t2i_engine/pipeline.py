@@ -8,7 +8,9 @@ One loop for every model plugin (Stable Diffusion, and the next ones):
    into ``D(x, sigma, cond) -> x0``, then by the guidance chain of
    :func:`~t2i_engine.diffusion.guidance.guided_denoiser` (classifier-free guidance, Ho & Salimans
    2022, batching cond and uncond in one forward; optional rescale and thresholding);
-3. any registered sampler over the sigma sequence it asks for (its own ``steps`` / ``karras``);
+3. any registered sampler over the plan it asks for (:func:`sampling_plan_for`: on a discrete
+   schedule the timestep grid of the sampler's diffusers scheduler class, see
+   :mod:`t2i_engine.diffusion.grids`); sigmas stay float64 under any model precision;
 4. txt2img starts from noise at ``sigmas[0]``; img2img (SDEdit, Meng et al. 2022) encodes the
    source image and starts part-way down the sigmas (:func:`~t2i_engine.diffusion.samplers.img2img_start`);
 5. the autoencoder decodes the latents.
@@ -19,10 +21,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import torch
 from torch import Tensor
 
-from t2i_engine.diffusion.guidance import GuidanceConfig, guided_denoiser
+from t2i_engine.diffusion.grids import SamplingPlan, default_plan, is_variance_preserving
+from t2i_engine.diffusion.guidance import GuidanceConfig, StaticClip, guided_denoiser
 from t2i_engine.diffusion.parameterization import DenoiserWrapper
 from t2i_engine.diffusion.samplers import img2img_start
 from t2i_engine.interfaces import (
@@ -30,7 +34,8 @@ from t2i_engine.interfaces import (
 )
 from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
 
-__all__ = ["check_prompts", "encode_prompts", "generate", "sampling_sigmas_for", "seeded_noise", "start_noise_scale"]
+__all__ = ["check_prompts", "encode_prompts", "generate", "sampling_plan_for", "sampling_sigmas_for", "seeded_noise",
+           "start_noise_scale"]
 
 
 def check_prompts(prompts: Any, *, what: str = "prompts") -> list[str]:
@@ -55,17 +60,10 @@ def encode_prompts(text_encoder: TextEncoder, prompts: Sequence[str],
 
 
 def start_noise_scale(schedule: NoiseSchedule, sigma: Tensor) -> Tensor:
-    """The std of the starting sample at ``sigma`` for unit-variance noise.
-
-    Variance-preserving schedules (discrete DDPM betas, VP cosine) start from unit-variance noise
-    in VP space, i.e. ``sqrt(1 + sigma^2)`` in sigma space (diffusers' ``init_noise_sigma``); EDM
-    (variance exploding) starts from ``sigma``. A schedule may say which with a boolean
-    ``variance_preserving`` attribute.
-    """
-    from t2i_engine.diffusion.schedules import EDMSchedule
-
-    vp = getattr(schedule, "variance_preserving", not isinstance(schedule, EDMSchedule))
-    return (1 + sigma**2).sqrt() if vp else sigma
+    """The std of the starting sample at ``sigma`` for unit-variance noise: ``sqrt(1 + sigma^2)``
+    on variance-preserving schedules, ``sigma`` on EDM (see
+    :func:`~t2i_engine.diffusion.grids.is_variance_preserving`)."""
+    return (1 + sigma**2).sqrt() if is_variance_preserving(schedule) else sigma
 
 
 def seeded_noise(seeds: Sequence[int], shape: tuple[int, int, int], *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -77,16 +75,31 @@ def seeded_noise(seeds: Sequence[int], shape: tuple[int, int, int], *, dtype: to
                       for s in seeds]).to(dtype)
 
 
+def sampling_plan_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int | None = None,
+                      sigmas: Tensor | None = None) -> SamplingPlan:
+    """How ``sampler`` runs on ``schedule``: a registered sampler's own :meth:`plan` (its grid,
+    the network timing, start and end; ``sigmas`` replace its sigmas), else ``sigmas`` or
+    ``steps`` of the schedule's spacing."""
+    own = getattr(sampler, "plan", None)
+    if callable(own) and steps is None:
+        plan = own(schedule)
+        if sigmas is None:
+            return plan
+        sigmas = sigmas.to("cpu", torch.float64)
+        same = sigmas.shape == plan.sigmas.shape and bool((sigmas == plan.sigmas).all())
+        return attrs.evolve(plan, sigmas=sigmas, options=plan.options if same else {})  # options fit its grid
+    if steps is None and sigmas is None:
+        raise TypeError("a bare sampler function needs steps= (or pass sigmas=)")
+    return default_plan(schedule, steps, sigmas=sigmas)
+
+
 def sampling_sigmas_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int | None = None,
                         device: torch.device | None = None) -> Tensor:
-    """The sigmas ``sampler`` walks: its own ``sigmas(schedule)`` (registered samplers carry
-    ``steps`` and ``karras`` in their config), else ``steps`` of the schedule's spacing."""
-    own = getattr(sampler, "sigmas", None)
-    if callable(own) and steps is None:
-        return own(schedule, device=device)
-    if steps is None:
-        raise TypeError("a bare sampler function needs steps= (or pass sigmas=)")
-    return schedule.sampling_sigmas(steps, device=device)
+    """The sigmas ``sampler`` walks (:func:`sampling_plan_for`), float64 (float32 on MPS, which has no float64)."""
+    sigmas = sampling_plan_for(sampler, schedule, steps=steps).sigmas
+    if device is not None and torch.device(device).type == "mps":
+        return sigmas.float().to(device)
+    return sigmas.to(device)
 
 
 @torch.no_grad()
@@ -101,8 +114,9 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
         model: the bundle (text encoder, autoencoder, denoiser network, schedule).
         prompts: one prompt per image (a list of str).
         noise: ``(B, C, h, w)`` unit-variance starting noise; its size sets the image size.
-        sampler: any sampler; a registered one supplies its own sigmas.
-        sigmas: the sigma sequence, overriding the sampler's (``steps + 1`` values ending in 0).
+        sampler: any sampler; a registered one supplies its own plan (grid, network timing, start
+            and end: :func:`sampling_plan_for`).
+        sigmas: the sigma sequence, overriding the sampler's (``steps + 1`` decreasing values).
         guidance: CFG scale, rescale, thresholding (default ``GuidanceConfig()``: scale 7.5).
         negative_prompts: what guidance steers away from; default ``""`` (unconditional).
         init_images: ``(B, 3, H, W)`` in [-1, 1] for img2img; the same ``noise`` noises them.
@@ -118,17 +132,22 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
         retain_freed_memory()  # else glibc page-faults every freed activation / weight cast back in
     noise = noise.to(device)
     cond, uncond = encode_prompts(model.text_encoder, prompts, negative_prompts)
-    denoiser = guided_denoiser(DenoiserWrapper(model.denoiser, model.schedule), guidance or GuidanceConfig(),
-                               cond=cond, uncond=uncond)
-    if sigmas is None:
-        sigmas = sampling_sigmas_for(sampler, model.schedule, device=device)
-    sigmas = sigmas.to(device=device, dtype=noise.dtype)
+    plan = sampling_plan_for(sampler, model.schedule, sigmas=sigmas)
+    sigmas = plan.sigmas  # float64 on the CPU whatever the model's precision: samplers read floats
+    denoiser = guided_denoiser(DenoiserWrapper(model.denoiser, plan.schedule, round_t=plan.round_t),
+                               guidance or GuidanceConfig(), cond=cond, uncond=uncond)
+    if plan.clip_x0 is not None:  # the scheduler config's clip_sample
+        denoiser = StaticClip(denoiser, max_value=plan.clip_x0)
     if init_images is None:
-        x = noise * start_noise_scale(model.schedule, sigmas[0])
+        x = noise * plan.start_std(float(sigmas[0]))
     else:
         latents = model.autoencoder.encode(init_images.to(device, noise.dtype), generator=generator)
         sigmas, x = img2img_start(latents, sigmas, strength=strength, noise=noise)
-    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback)
+    options = dict(plan.options)
+    if "targets" in options:  # one per step but the last, of the steps run
+        options["targets"] = options["targets"][len(options["targets"]) - (len(sigmas) - 2):]
+    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+    latents = latents * plan.final_scale(float(sigmas[-1]))
     if device.type == "cpu":
         release_free_memory()  # the loop's free blocks: the decoder's larger activations refill pages
     images = model.autoencoder.decode(latents).clamp_(-1, 1)

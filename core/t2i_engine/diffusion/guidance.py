@@ -19,10 +19,17 @@ import attrs
 import torch
 from torch import Tensor
 
+from t2i_engine.diffusion.parameterization import from_x0, to_x0
 from t2i_engine.interfaces import Conditioning, Denoiser
 
 CondDenoiser = Callable[[Tensor, Tensor, Conditioning], Tensor]
 """``D(x, sigma, cond) -> x0`` (e.g. :class:`~t2i_engine.diffusion.parameterization.DenoiserWrapper`)."""
+
+
+def _output_kind(model: object) -> dict[str, Any]:
+    """``prediction`` and ``sigma_data`` of the network under a wrapper (eps when it does not say),
+    passed along so that samplers and guidance rescale can work on the raw network output."""
+    return {"prediction": getattr(model, "prediction", "eps"), "sigma_data": float(getattr(model, "sigma_data", 0.5))}
 
 
 def _as_batch(sigma: Tensor, x: Tensor) -> Tensor:
@@ -40,13 +47,15 @@ def rescale_guidance(eps_cfg: Tensor, eps_cond: Tensor, phi: float) -> Tensor:
 class CFGDenoiser:
     """Classifier-free guidance: ``D_u + scale * (D_c - D_u)`` from one forward of batch ``2B``.
 
-    ``rescale > 0`` applies guidance rescale to the noise prediction ``(x - D) / sigma`` (as
-    diffusers' ``guidance_rescale`` does for eps models). ``scale == 1`` skips the uncond branch.
+    ``rescale > 0`` applies guidance rescale to the network's raw output (eps, or v for a
+    v-prediction network: ``inner.prediction``), as diffusers' ``guidance_rescale`` does.
+    ``scale == 1`` skips the uncond branch.
     """
 
     def __init__(self, inner: CondDenoiser, cond: Conditioning, uncond: Conditioning, *,
                  scale: float, rescale: float = 0.0) -> None:
         self.inner, self.scale, self.rescale = inner, scale, rescale
+        self.prediction, self.sigma_data = _output_kind(inner).values()
         self.cond = cond
         self.both = Conditioning.cat([uncond, cond]) if scale != 1 else cond
 
@@ -59,9 +68,11 @@ class CFGDenoiser:
         d_uncond, d_cond = out.chunk(2)
         guided = d_uncond + self.scale * (d_cond - d_uncond)
         if self.rescale > 0:
-            s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-            eps = rescale_guidance((x - guided) / s, (x - d_cond) / s, self.rescale)
-            guided = x - s * eps
+            # on the network's own output (eps, v, ...), as diffusers' rescale_noise_cfg is applied
+            # to the guided model output; x0 is affine in it, so CFG itself is the same either way
+            kw = _output_kind(self.inner)
+            out_cfg, out_cond = from_x0(guided, x, sigma, **kw), from_x0(d_cond, x, sigma, **kw)
+            guided = to_x0(rescale_guidance(out_cfg, out_cond, self.rescale), x, sigma, **kw)
         return guided
 
 
@@ -76,6 +87,7 @@ class DualCFGDenoiser:
     def __init__(self, inner: CondDenoiser, full: Conditioning, image_only: Conditioning,
                  uncond: Conditioning, *, text_scale: float, image_scale: float) -> None:
         self.inner, self.text_scale, self.image_scale = inner, text_scale, image_scale
+        self.prediction, self.sigma_data = _output_kind(inner).values()
         self.all = Conditioning.cat([full, image_only, uncond])
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
@@ -95,6 +107,7 @@ class DynamicThreshold:
 
     def __init__(self, model: Denoiser, *, percentile: float = 0.995, max_value: float = 1.0) -> None:
         self.model, self.percentile, self.max_value = model, percentile, max_value
+        self.prediction, self.sigma_data = _output_kind(model).values()
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         x0 = self.model(x, sigma)
@@ -109,6 +122,7 @@ class StaticClip:
 
     def __init__(self, model: Denoiser, *, max_value: float = 1.0) -> None:
         self.model, self.max_value = model, max_value
+        self.prediction, self.sigma_data = _output_kind(model).values()
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.model(x, sigma).clamp(-self.max_value, self.max_value)

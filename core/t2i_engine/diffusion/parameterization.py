@@ -98,10 +98,12 @@ class DenoiserWrapper:
         """``x`` ``(B, ...)``, ``sigma`` scalar or ``(B,)`` -> x0 estimate ``(B, ...)``."""
         flat = sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma  # (B,), caller's precision
         t = self.schedule.sigma_to_t(flat)  # before any cast to a half-precision x
-        s = _bcast(sigma, x)  # (B, 1, ..., 1)
-        c_skip, c_out, c_in = scalings(self.prediction, s, sigma_data=self.sigma_data)
         if self.round_t:
             t = t.round()
+        s = flat.to(device=x.device, dtype=torch.promote_types(flat.dtype, torch.float32))
+        s = s.reshape(-1, *([1] * (x.ndim - 1)))  # (B, 1, ..., 1)
+        # scalings in float32 or better, then in x's dtype (a bf16 sigma is off by up to 0.4%)
+        c_skip, c_out, c_in = (c.to(x.dtype) for c in scalings(self.prediction, s, sigma_data=self.sigma_data))
         out = self.net(x * c_in, t, cond)
         return c_skip * x + c_out * out.to(x.dtype)
 
@@ -116,6 +118,16 @@ class BoundDenoiser:
 
     inner: DenoiserWrapper
     cond: Conditioning
+
+    @property
+    def prediction(self) -> Prediction:
+        """The network's output type (samplers that combine raw outputs read it)."""
+        return self.inner.prediction
+
+    @property
+    def sigma_data(self) -> float:
+        """The schedule's data std (EDM scalings)."""
+        return self.inner.sigma_data
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         return self.inner(x, sigma, self.cond)

@@ -4,8 +4,10 @@ Each factory carries a frozen attrs ``Config`` (the keys of the ``[sampler]`` / 
 table) and ``factory(config)`` returns a bound object. A sampling task does::
 
     sampler = SAMPLERS["euler"](EulerConfig(steps=30))
-    sigmas = sampler.sigmas(schedule)               # (steps + 1,), ends in 0
-    x = sampler(model, noise * sigmas[0], sigmas, generator=g, callback=cb)
+    plan = sampler.plan(schedule)                   # sigmas (steps + 1,), start std, ...
+    x = sampler(model, noise * plan.start_std, plan.sigmas, generator=g, callback=cb)
+
+(:func:`t2i_engine.pipeline.generate` does this, with the plan's timing and last-step scale.)
 
 The core's hookimpl returns these dicts from ``register_samplers`` / ``register_schedules``.
 """
@@ -23,9 +25,8 @@ from torch import Tensor
 
 from t2i_engine.diffusion import samplers as S
 from t2i_engine.diffusion.guidance import float_field
-from t2i_engine.diffusion.schedules import (
-    DiscreteSchedule, EDMSchedule, VPCosineSchedule, sampling_sigmas,
-)
+from t2i_engine.diffusion.grids import GridSpec, SamplingPlan, default_plan, grid_plan, grid_spec
+from t2i_engine.diffusion.schedules import DiscreteSchedule, EDMSchedule, VPCosineSchedule
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import Denoiser, NoiseSchedule, StepCallback
 
@@ -51,13 +52,24 @@ def bool_field(default: bool) -> Any:
 # Sampler configs
 # ---------------------------------------------------------------------------------------------
 
+def optional_field(*validators: Any) -> Any:
+    """A config field that may be left unset (None: take the value from the model's schedule)."""
+    return attrs.field(default=None, validator=v.optional(list(validators)))
+
+
 @attrs.frozen
 class SamplerConfig:
-    """Keys every sampler takes."""
+    """Keys every sampler takes. Unset grid keys (None) come from the model's scheduler config,
+    resolved for the sampler's diffusers scheduler class (:mod:`t2i_engine.diffusion.grids`)."""
 
     steps: int = int_field(30, v.ge(1))  # number of sampler steps (model calls for 1st-order ones)
-    karras: bool = bool_field(False)  # Karras et al. sigma spacing over the schedule's range
+    karras: bool | None = optional_field(v.instance_of(bool))  # Karras et al. sigmas (use_karras_sigmas)
     rho: float = float_field(7.0, v.gt(0.0))  # Karras spacing exponent
+    spacing: Literal["leading", "trailing", "linspace"] | None = optional_field(
+        v.in_(("leading", "trailing", "linspace")))  # timestep spacing (timestep_spacing)
+    steps_offset: int | None = optional_field(_strict_int, v.ge(0))  # added to 'leading' timesteps
+    final_sigma: Literal["zero", "sigma_min"] | None = optional_field(
+        v.in_(("zero", "sigma_min")))  # last sigma: 0, or sigma(t=0) (set_alpha_to_one=false)
 
 
 @attrs.frozen
@@ -103,7 +115,7 @@ class LMSConfig(SamplerConfig):
 
 
 SamplerFn = Callable[..., Tensor]
-_COMMON = ("steps", "karras", "rho")
+_COMMON = ("steps", "karras", "rho", "spacing", "steps_offset", "final_sigma")
 
 
 @attrs.frozen
@@ -123,16 +135,34 @@ class ConfiguredSampler:
         """The keyword options passed to the sampler function."""
         return {k: val for k, val in attrs.asdict(self.config).items() if k not in _COMMON}
 
+    def plan(self, schedule: NoiseSchedule) -> SamplingPlan:
+        """Sigmas, network timing, start and end of a run on ``schedule``: on a discrete schedule
+        the grid of the sampler's diffusers scheduler class (:func:`grids.grid_spec`), else the
+        schedule's own sigmas."""
+        c = self.config
+        grid_keys = {"spacing": c.spacing, "steps_offset": c.steps_offset, "final_sigma": c.final_sigma}
+        if isinstance(schedule, DiscreteSchedule):
+            spec = grid_spec(self.name, schedule, karras=c.karras, **grid_keys)
+            if spec is None:  # no diffusers class: the schedule's own spacing, with the overrides
+                spec = GridSpec(family="k", spacing=c.spacing or schedule.spacing, final=c.final_sigma or "zero",
+                                steps_offset=schedule.steps_offset if c.steps_offset is None else c.steps_offset,
+                                karras=bool(c.karras))
+            return grid_plan(schedule, spec, c.steps, rho=c.rho)
+        given = [k for k, val in grid_keys.items() if val is not None]
+        if given:
+            raise ConfigError(f"sampler '{self.name}': {', '.join(given)} apply to discrete (DDPM) schedules only")
+        return default_plan(schedule, c.steps, karras=bool(c.karras), rho=c.rho)
+
     def sigmas(self, schedule: NoiseSchedule, *, device: torch.device | None = None) -> Tensor:
-        """The ``steps + 1`` decreasing sigmas to sample over (Karras-spaced if configured)."""
-        return sampling_sigmas(schedule, self.config.steps, karras=self.config.karras,
-                               rho=self.config.rho, device=device)
+        """The ``steps + 1`` decreasing sigmas to sample over (see :meth:`plan`)."""
+        return self.plan(schedule).sigmas.to(device)
 
     def __call__(self, model: Denoiser, x: Tensor, sigmas: Tensor, *,
                  generator: torch.Generator | None = None,
-                 callback: StepCallback | None = None) -> Tensor:
-        """Run the sampler from ``x`` (noise at ``sigmas[0]``) down ``sigmas``."""
-        return self.fn(model, x, sigmas, generator=generator, callback=callback, **self.options())
+                 callback: StepCallback | None = None, **plan_options: Any) -> Tensor:
+        """Run the sampler from ``x`` (noise at ``sigmas[0]``) down ``sigmas``; ``plan_options``
+        are a :class:`SamplingPlan`'s extra keywords (``plan.options``)."""
+        return self.fn(model, x, sigmas, generator=generator, callback=callback, **self.options(), **plan_options)
 
 
 def _sampler(name: str, fn: SamplerFn, config_cls: type[SamplerConfig]) -> Callable[..., ConfiguredSampler]:

@@ -21,8 +21,9 @@ Schedules:
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from t2i_engine.interfaces import NoiseSchedule
 
 BetaSchedule = Literal["linear", "scaled_linear", "cosine", "squaredcos_cap_v2"]
 Spacing = Literal["leading", "trailing", "linspace"]
+Interpolation = Literal["log_linear", "linear"]
 
 ZERO_SNR_ALPHA_BAR = 2.0**-24
 """alpha_bar used for the last timestep of a zero-terminal-SNR schedule, where sigma would be
@@ -154,15 +156,21 @@ def timestep_grid(steps: int, *, num_train_timesteps: int, spacing: Spacing = "l
 class DiscreteSchedule:
     """A DDPM schedule on ``T`` integer timesteps, exposed as sigmas.
 
-    ``sigma_to_t`` interpolates linearly in log-sigma between timesteps (as diffusers and
-    k-diffusion do) and :meth:`t_to_sigma` is its exact inverse, so fractional timesteps (Karras
-    sigmas) reach the network consistently.
+    Between integer timesteps sigma is interpolated log-linearly (``interpolation="log_linear"``,
+    k-diffusion's and diffusers' ``_sigma_to_t``) or linearly (``"linear"``, the ``np.interp`` of
+    diffusers' Euler-family ``set_timesteps``); :meth:`sigma_to_t` is the exact inverse of
+    :meth:`t_to_sigma` in either mode, so fractional timesteps reach the network consistently.
+
+    ``scheduler_config`` is the diffusers ``scheduler_config.json`` the schedule was read from
+    (a model loaded from a diffusers folder), or None; samplers derive their default timestep
+    grid from it (:mod:`t2i_engine.diffusion.grids`).
     """
 
     discrete = True
 
-    def __init__(self, alphas_cumprod: Tensor, *, spacing: Spacing = "leading",
-                 steps_offset: int = 0) -> None:
+    def __init__(self, alphas_cumprod: Tensor, *, spacing: Spacing = "leading", steps_offset: int = 0,
+                 interpolation: Interpolation = "log_linear",
+                 scheduler_config: dict[str, Any] | None = None) -> None:
         ab = alphas_cumprod.to(torch.float64).clamp(min=ZERO_SNR_ALPHA_BAR)
         self.alphas_cumprod = ab  # (T,)
         self.sigmas = alpha_bar_to_sigma(ab)  # (T,) increasing with t
@@ -170,6 +178,8 @@ class DiscreteSchedule:
         self.num_train_timesteps = int(ab.shape[0])
         self.spacing: Spacing = spacing
         self.steps_offset = steps_offset
+        self.interpolation: Interpolation = interpolation
+        self.scheduler_config = scheduler_config
         self.sigma_min = float(self.sigmas[0])
         self.sigma_max = float(self.sigmas[-1])
 
@@ -177,27 +187,41 @@ class DiscreteSchedule:
     def from_betas(cls, kind: BetaSchedule, *, num_train_timesteps: int = 1000,
                    beta_start: float = 0.00085, beta_end: float = 0.012,
                    rescale_zero_snr: bool = False, spacing: Spacing = "leading",
-                   steps_offset: int = 0) -> DiscreteSchedule:
+                   steps_offset: int = 0, scheduler_config: dict[str, Any] | None = None) -> DiscreteSchedule:
         """Build from a named beta schedule (see :func:`make_betas`)."""
         betas = make_betas(kind, num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
         if rescale_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(torch.cumprod(1 - betas, 0), spacing=spacing, steps_offset=steps_offset)
+        return cls(torch.cumprod(1 - betas, 0), spacing=spacing, steps_offset=steps_offset,
+                   scheduler_config=scheduler_config)
+
+    def with_interpolation(self, interpolation: Interpolation) -> DiscreteSchedule:
+        """The same schedule with another interpolation of sigma between integer timesteps."""
+        if interpolation == self.interpolation:
+            return self
+        other = copy.copy(self)
+        other.interpolation = interpolation
+        return other
 
     def t_to_sigma(self, t: Tensor) -> Tensor:
-        """Sigma at (fractional) timesteps ``t``, log-linear between integer steps."""
+        """Sigma at (fractional) timesteps ``t``, interpolated between integer steps."""
         t = t.to(torch.float64).clamp(0, self.num_train_timesteps - 1)
         low = t.floor().long().clamp(max=self.num_train_timesteps - 2)
         w = t - low
+        if self.interpolation == "linear":
+            s = self.sigmas.to(t.device)
+            return (1 - w) * s[low] + w * s[low + 1]
         ls = self.log_sigmas.to(t.device)
         return ((1 - w) * ls[low] + w * ls[low + 1]).exp()
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The (fractional) timestep of each sigma, clamped to ``[0, T - 1]``."""
-        ls = self.log_sigmas.to(sigma.device)
-        log_sigma = sigma.to(torch.float64).clamp(min=1e-10).log()
-        low = (torch.searchsorted(ls, log_sigma, right=True) - 1).clamp(0, self.num_train_timesteps - 2)
-        w = ((ls[low] - log_sigma) / (ls[low] - ls[low + 1])).clamp(0, 1)
+        linear = self.interpolation == "linear"
+        table = (self.sigmas if linear else self.log_sigmas).to(sigma.device)
+        value = sigma.to(torch.float64).clamp(min=1e-10)
+        value = value if linear else value.log()
+        low = (torch.searchsorted(table, value, right=True) - 1).clamp(0, self.num_train_timesteps - 2)
+        w = ((table[low] - value) / (table[low] - table[low + 1])).clamp(0, 1)
         return (low + w).to(sigma.dtype)
 
     def timesteps(self, steps: int) -> Tensor:

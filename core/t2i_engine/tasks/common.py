@@ -13,7 +13,7 @@ from t2i_engine.interfaces import LatentDiffusionModel, RunContext
 from t2i_engine.nn.cpu_inference import pack_conv_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
-__all__ = ["build_model", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
+__all__ = ["apply_schedule", "build_model", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
 
 
 def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
@@ -26,7 +26,32 @@ def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
         raise ConfigError(f"model.type: '{ctx.config.model.name}' (from plugin '{ctx.config.model.plugin}') "
                           f"does not implement LatentDiffusionModel, which task '{task}' drives "
                           "(see docs/contracts.md)")
+    apply_schedule(ctx, model)
     return model.to(ctx.device)
+
+
+def apply_schedule(ctx: RunContext, model: LatentDiffusionModel) -> None:
+    """Replace ``model``'s noise schedule by the run's ``[schedule]`` table, when it has one.
+
+    The table is the whole schedule: betas, timesteps, zero-SNR rescale and the timestep spacing
+    every sampler then uses (keys it does not give take the schedule type's defaults; a diffusers
+    folder's scheduler config no longer applies). A ConfigError when the kinds differ (a discrete
+    model given a continuous schedule or the reverse) or the model's schedule cannot be replaced.
+    Every task that builds its model with :func:`build_model` gets this.
+    """
+    if ctx.config.schedule is None:
+        return
+    schedule = ctx.plugins.build(ctx.config.schedule)
+    ours, theirs = bool(getattr(model.schedule, "discrete", False)), bool(getattr(schedule, "discrete", False))
+    if ours != theirs:
+        kind = {True: "discrete (DDPM timesteps)", False: "continuous"}
+        raise ConfigError(f"schedule.type: '{ctx.config.schedule.name}' is a {kind[theirs]} schedule but model "
+                          f"'{ctx.config.model.name}' was trained on a {kind[ours]} one")  # type: ignore[union-attr]
+    try:
+        model.schedule = schedule  # type: ignore[misc]
+    except AttributeError as e:
+        raise ConfigError(f"schedule: model '{ctx.config.model.name}' does not let [schedule] replace its "  # type: ignore[union-attr]
+                          f"noise schedule ({e})") from e
 
 
 def output_path(ctx: RunContext, path: str) -> str:

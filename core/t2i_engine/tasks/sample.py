@@ -101,7 +101,7 @@ class SampleTask:
                               f"got {c.width}x{c.height}")
         autocast, dtype = inference_precision(ctx, model)
         init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height).to(dtype)
-        sigmas = sampling_sigmas_for(sampler, model.schedule, device=ctx.device)
+        sigmas = sampling_sigmas_for(sampler, model.schedule)  # float64: never in the model's precision
         out_dir = Path(ctx.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,

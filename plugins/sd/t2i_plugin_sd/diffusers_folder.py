@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from t2i_engine.checkpoint.io import save_safetensors
-from t2i_engine.errors import CheckpointError
+from t2i_engine.diffusion.grids import betas_config
+from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_plugin_sd import keymaps
 from t2i_plugin_sd.diffusers_config import text_config, text_hints, unet_config, unet_hints, vae_config, vae_hints
 from t2i_plugin_sd.model import StableDiffusion, Weights
@@ -71,7 +72,7 @@ class DiffusersFolder:
                 raise CheckpointError(f"{root}/scheduler: prediction_type {sched['prediction_type']!r} is not supported")
             hints["prediction"] = "eps" if sched["prediction_type"] == "epsilon" else "v"
         if sched:
-            hints["schedule"] = ScheduleConfig(**{k: sched[k] for k in _SCHEDULE_FIELDS if k in sched})
+            hints["schedule"] = _schedule(sched, root / "scheduler")
         pad = read_pad(root / "tokenizer")
         if pad is not None:
             hints["text_pad"] = pad
@@ -115,14 +116,30 @@ def _hf_text(text: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {prefix + k.removeprefix("text_model."): v for k, v in keymaps.open_clip_to_hf_clip(text).items()}
 
 
-_SCHEDULE_FIELDS = ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "timestep_spacing", "steps_offset")
+_SCHEDULE_FIELDS = ("timestep_spacing", "steps_offset")
+
+
+def _schedule(sched: dict[str, Any], where: Path) -> ScheduleConfig:
+    """The training schedule of a ``scheduler_config.json`` (absent beta keys take its own class's
+    defaults, as ``from_pretrained`` would); the raw config rides along for the samplers' grids."""
+    try:
+        betas = betas_config(sched)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from e
+    if betas["beta_schedule"] not in ("linear", "scaled_linear", "squaredcos_cap_v2"):
+        raise CheckpointError(f"{where}: beta_schedule {betas['beta_schedule']!r} is not supported "
+                              "(linear, scaled_linear, squaredcos_cap_v2)")
+    return ScheduleConfig(**betas, **{k: sched[k] for k in _SCHEDULE_FIELDS if k in sched},
+                          scheduler_config=dict(sched))
 
 
 def _scheduler_config(model: StableDiffusion) -> dict[str, Any]:
+    """The folder's own scheduler config written back (the samplers' grids come from it), else one
+    that gives every sampler the grid the engine uses for a model without one."""
     s = model.arch.schedule
-    return {
-        "_class_name": "DDIMScheduler", "beta_schedule": s.beta_schedule, "beta_start": s.beta_start,
-        "beta_end": s.beta_end, "num_train_timesteps": s.num_train_timesteps, "timestep_spacing": s.timestep_spacing,
-        "steps_offset": s.steps_offset, "clip_sample": False, "set_alpha_to_one": False,
-        "prediction_type": "epsilon" if model.prediction == "eps" else "v_prediction",
-    }
+    base = dict(s.scheduler_config) if s.scheduler_config is not None else {
+        "_class_name": "DDIMScheduler", "timestep_spacing": s.timestep_spacing, "steps_offset": s.steps_offset,
+        "clip_sample": False, "set_alpha_to_one": True, "skip_prk_steps": True}
+    return {**base, "beta_schedule": s.beta_schedule, "beta_start": s.beta_start, "beta_end": s.beta_end,
+            "num_train_timesteps": s.num_train_timesteps, "rescale_betas_zero_snr": s.rescale_betas_zero_snr,
+            "prediction_type": "epsilon" if model.prediction == "eps" else "v_prediction"}

@@ -54,7 +54,9 @@ class StableDiffusion(nn.Module):
         s = arch.schedule
         self.schedule = DiscreteSchedule.from_betas(s.beta_schedule, num_train_timesteps=s.num_train_timesteps,
                                                     beta_start=s.beta_start, beta_end=s.beta_end,
-                                                    spacing=s.timestep_spacing, steps_offset=s.steps_offset)
+                                                    rescale_zero_snr=s.rescale_betas_zero_snr,
+                                                    spacing=s.timestep_spacing, steps_offset=s.steps_offset,
+                                                    scheduler_config=s.scheduler_config)
         self.extras: dict[str, Tensor] = {}
         self.extras_hints: dict[str, Any] = {}  # layout details to write back (key prefixes)
 

@@ -6,7 +6,7 @@ the prediction type and the training schedule. Shapes found in a checkpoint over
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import attrs
 
@@ -26,8 +26,12 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     num_train_timesteps: int = 1000
-    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"
-    steps_offset: int = 1
+    timestep_spacing: Literal["leading", "trailing", "linspace"] = "leading"  # without scheduler_config
+    steps_offset: int = 1  # without scheduler_config
+    rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR
+    # the raw scheduler_config.json of a diffusers folder: samplers take their default grids from
+    # it as diffusers' <Scheduler>.from_config would (t2i_engine.diffusion.grids)
+    scheduler_config: dict[str, Any] | None = attrs.field(default=None, eq=False)
 
 
 @attrs.frozen

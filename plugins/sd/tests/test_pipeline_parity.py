@@ -4,7 +4,6 @@ prompts, initial latents and scheduler (guidance 7.5, from the core's GuidanceCo
 
 from __future__ import annotations
 
-import attrs
 import pytest
 import torch
 
@@ -22,18 +21,18 @@ from t2i_plugin_sd.presets import PRESETS
 def test_pipeline_matches_diffusers(kind, layout, sd1_folder, sd2v_folder):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    pipe, folder = sd1_folder if layout == "sd1" else sd2v_folder
+    from diffusers import StableDiffusionPipeline
+
+    _, folder = sd1_folder if layout == "sd1" else sd2v_folder
     weights = DiffusersFolder().load(str(folder))
+    # the folder as a diffusers user loads it and swaps schedulers: its saved config has
+    # timestep_spacing 'leading' and set_alpha_to_one false; DPM-Solver spaces 'leading' its own way
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
     if kind == "ddim":
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         sampler = SAMPLERS["ddim"](DDIMConfig(steps=6))
     else:
-        # diffusers' DPM-Solver spaces "leading" timesteps differently from DDIM; "trailing" is
-        # the same grid in both, so both sides use it
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
-                                                                 solver_order=2, timestep_spacing="trailing",
-                                                                 steps_offset=0)
-        weights.hints["schedule"] = attrs.evolve(weights.hints["schedule"], timestep_spacing="trailing", steps_offset=0)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         sampler = SAMPLERS["dpmpp_2m"](SamplerConfig(steps=6))
     ours = build_model(weights, PRESETS["sd-1"])
     assert isinstance(ours, LatentDiffusionModel)
@@ -57,7 +56,7 @@ def test_img2img_matches_diffusers(sd1_folder):
     pipe, folder = sd1_folder
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     # from the saved folder: other tests swap the shared pipeline's scheduler
-    img2img.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler", set_alpha_to_one=True)
+    img2img.scheduler = DDIMScheduler.from_pretrained(str(folder), subfolder="scheduler")
     ours = build_model(DiffusersFolder().load(str(folder)), PRESETS["sd-1"])
     source = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():

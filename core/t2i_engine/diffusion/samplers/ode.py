@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from t2i_engine.diffusion.parameterization import from_x0, to_x0
 from t2i_engine.diffusion.samplers._common import (
     call, churn, churn_gamma, noise_like, report, sigma_list, to_d,
 )
@@ -105,23 +106,33 @@ def sample_plms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
                 generator: torch.Generator | None = None,
                 callback: StepCallback | None = None) -> Tensor:
     """Pseudo linear multistep, PLMS/PNDM (Liu et al. 2022) with the Heun warm-up of diffusers'
-    ``PNDMScheduler(skip_prk_steps=True)``: 4th-order Adams-Bashforth on eps with fixed weights.
+    ``PNDMScheduler(skip_prk_steps=True)``: 4th-order Adams-Bashforth with fixed weights.
 
-    Step ``i`` costs one model call; the first costs two.
+    As diffusers does, the multistep combines the network's raw outputs (eps, or v for a
+    v-prediction network: ``model.prediction``, default eps) and turns the combination into a
+    step at the current point; for v this differs from combining eps. Step ``i`` costs one model
+    call; the first costs two when more steps follow.
     """
+    prediction, sigma_data = getattr(model, "prediction", "eps"), float(getattr(model, "sigma_data", 0.5))
+
+    def raw(x0: Tensor, x_at: Tensor, sigma: float) -> Tensor:
+        return from_x0(x0, x_at, torch.tensor(sigma), prediction=prediction, sigma_data=sigma_data)
+
     s = sigma_list(sigmas)
-    ds: list[Tensor] = []  # eps at the accepted points, oldest first
+    outs: list[Tensor] = []  # raw outputs at the accepted points, oldest first
     for i in range(len(s) - 1):
         denoised = call(model, x, s[i])
-        d = to_d(x, s[i], denoised)
-        ds = [*ds, d][-4:]
+        out = raw(denoised, x, s[i])
+        outs = [*outs, out][-4:]
         dt = s[i + 1] - s[i]
-        if i == 0 and s[1] > 0:
-            # warm-up: Heun, averaging eps here and at the Euler-predicted next point
-            d_prime = (d + to_d(x + d * dt, s[1], call(model, x + d * dt, s[1]))) / 2
+        if i == 0 and len(s) > 2:
+            # warm-up: Heun, averaging the output here and at the Euler-predicted next point
+            x_next = x + to_d(x, s[i], denoised) * dt
+            out_prime = (out + raw(call(model, x_next, s[1]), x_next, s[1])) / 2
         else:
-            d_prime = sum(w * dj for w, dj in zip(_AB[len(ds)], reversed(ds)))
-        x = x + d_prime * dt
+            out_prime = sum(w * o for w, o in zip(_AB[len(outs)], reversed(outs)))
+        x0_prime = to_x0(out_prime, x, torch.tensor(s[i]), prediction=prediction, sigma_data=sigma_data)
+        x = x + to_d(x, s[i], x0_prime) * dt
         report(callback, i, x, s[i], s[i + 1], denoised)
     return x
 

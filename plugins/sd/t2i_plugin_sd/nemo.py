@@ -141,7 +141,7 @@ def nemo_to_weights(sd: Mapping[str, Tensor], cfg: Mapping[str, Any], *, source:
     weights = split_single_file(compvis, source=source)
     _refuse_unknown(weights.extras, source)
     if text_cfg is not None or megatron:  # without cond_stage_config the shapes and preset decide, as for a single file
-        weights.hints.update(_text_hints(kind, weights.text, text_cfg, mt, source, base_dir))
+        weights.hints.update(_text_hints(kind, weights.text, text_cfg, mt, source))
     weights.hints.update(unet_hints(_section(cfg, "unet_config", source), weights.unet, source))
     weights.hints.update(vae_hints(_section(cfg, "first_stage_config", source), source))
     weights.hints.update(diffusion_hints(cfg, sd, source))
@@ -229,16 +229,17 @@ def _text_layer(text_cfg: Mapping[str, Any], allowed: Mapping[str, int], source:
 
 
 def _text_hints(kind: str, text: Mapping[str, Tensor], text_cfg: Mapping[str, Any] | None, mt: Mapping[str, Any],
-                source: str, base_dir: Path | None) -> dict[str, Any]:
+                source: str) -> dict[str, Any]:
     text_cfg = text_cfg or {}
     width = int(text["token_embedding.weight"].shape[1])
-    mlp = int(text["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]) if "transformer.resblocks.0.mlp.c_fc.weight" in text else None
+    fc = text.get("transformer.resblocks.0.mlp.c_fc.weight")
+    mlp = int(fc.shape[0]) if fc is not None else None
     if kind == "megatron":
         hints = _megatron_hints(mt, width, mlp, source)
         hints["text_skip"] = _text_layer(text_cfg, {"last": 0, "penultimate": 1}, source,
                                          "FrozenMegatronCLIPEmbedder reads 'last' or 'penultimate'")
     elif kind == "hf":
-        hints = _hf_hints(text_cfg, base_dir, width, mlp, int(text["positional_embedding"].shape[0]), source)
+        hints = _hf_hints(text_cfg, width, mlp, int(text["positional_embedding"].shape[0]), source)
         hints["text_skip"] = _text_layer(
             text_cfg, {"last": 0}, source, "'hidden' reads a hidden state without the final LayerNorm and 'pooled' "
             "one pooled token; the engine reads the last layer after its LayerNorm")
@@ -267,7 +268,8 @@ def _megatron_hints(mt: Mapping[str, Any], width: int, mlp: int | None, source: 
     kv = mt.get("kv_channels")
     need("kv_channels", kv in (None, width // heads), kv, "head width other than hidden_size / heads")
     need("ffn_hidden_size", mt.get("ffn_hidden_size", mlp) == mlp, mt.get("ffn_hidden_size"), f"the weights have {mlp}")
-    need("openai_gelu", not mt.get("openai_gelu", False), mt.get("openai_gelu"), "tanh-approximate GELU is not modelled")
+    need("openai_gelu", not mt.get("openai_gelu", False), mt.get("openai_gelu"),
+         "tanh-approximate GELU is not modelled")
     act = mt.get("activation", "gelu")
     # approx-gelu is x * sigmoid(1.702 x): NeMo's OpenAI ViT-L/14 CLIP config (QuickGELU weights) uses
     # it, the OpenCLIP ViT-H/14 config (GELU weights) uses gelu
@@ -290,13 +292,13 @@ def _megatron_hints(mt: Mapping[str, Any], width: int, mlp: int | None, source: 
             "text_pad": "zero"}  # NeMo's clip_dataset.tokenize fills with 0 after <|endoftext|>
 
 
-def _hf_hints(text_cfg: Mapping[str, Any], base_dir: Path | None, width: int, mlp: int | None, positions: int,
+def _hf_hints(text_cfg: Mapping[str, Any], width: int, mlp: int | None, positions: int,
               source: str) -> dict[str, Any]:
     """FrozenCLIPEmbedder: the CLIPTextModel config from ``version`` (a hub id or a local folder)."""
     from t2i_plugin_sd.tokenizer_files import read_pad
 
     version = text_cfg.get("version", "openai/clip-vit-large-patch14")
-    folder = _local_path(version, base_dir)
+    folder = _local_path(version, None)  # a hub id or a folder (relative to the working directory, as for NeMo)
     pad: str | None = "eos"  # the openai/clip-vit-large-patch14 tokenizer pads with <|endoftext|>
     if folder is not None and (folder / "config.json").is_file():
         conf = json.loads((folder / "config.json").read_text())
@@ -314,7 +316,8 @@ def _hf_hints(text_cfg: Mapping[str, Any], base_dir: Path | None, width: int, ml
     if abs(float(conf.get("layer_norm_eps", 1e-5)) - 1e-5) > 1e-12:
         raise _refuse(source, "cond_stage_config.version", version, "layer_norm_eps other than 1e-5")
     if conf.get("intermediate_size", mlp) != mlp:
-        raise _refuse(source, "cond_stage_config.version", version, f"intermediate_size differs from the weights ({mlp})")
+        raise _refuse(source, "cond_stage_config.version", version,
+                      f"intermediate_size differs from the weights ({mlp})")
     if int(text_cfg.get("max_length", 77)) != positions:
         raise _refuse(source, "cond_stage_config.max_length", text_cfg.get("max_length"),
                       f"the text tower has {positions} positions")
@@ -351,7 +354,8 @@ def unet_hints(u: Mapping[str, Any] | None, unet: Mapping[str, Tensor], source: 
     channels = [int(u.get("model_channels", 0)) * int(m) for m in mult]
     found = [int(unet[f"down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in range(n)]
     if channels != found:
-        raise _refuse(source, "unet_config.model_channels", u.get("model_channels"), f"the weights have channels {found}")
+        raise _refuse(source, "unet_config.model_channels", u.get("model_channels"),
+                      f"the weights have channels {found}")
     res = u.get("num_res_blocks")
     blocks = res if isinstance(res, (list, tuple)) else [res] * n
     if len(set(blocks)) != 1:
@@ -382,7 +386,8 @@ def _heads(u: Mapping[str, Any], channels: list[int], source: str) -> tuple[int,
 def _transformer_depth(u: Mapping[str, Any], attention: list[bool], source: str) -> int:
     depth = u.get("transformer_depth", 1)
     per_level = list(depth) if isinstance(depth, (list, tuple)) else [depth] * len(attention)
-    used = {int(d) for d, a in zip(per_level, attention) if a} | {int(u.get("transformer_depth_middle") or per_level[-1])}
+    middle = int(u.get("transformer_depth_middle") or per_level[-1])  # NeMo's default: the last level's
+    used = {int(d) for d, a in zip(per_level, attention) if a} | {middle}
     if len(used) != 1:
         raise _refuse(source, "unet_config.transformer_depth", depth, "different depths per level are not modelled")
     return used.pop()
@@ -396,7 +401,8 @@ def vae_hints(f: Mapping[str, Any] | None, source: str) -> dict[str, Any]:
     if target.rsplit(".", 1)[-1] != "AutoencoderKL":
         raise _refuse(source, "first_stage_config._target_", target, "only AutoencoderKL is modelled")
     dd = f.get("ddconfig") or {}
-    checks = {"double_z": (dd.get("double_z", True), (True,)), "attn_resolutions": (list(dd.get("attn_resolutions") or []), ([],)),
+    checks = {"double_z": (dd.get("double_z", True), (True,)),
+              "attn_resolutions": (list(dd.get("attn_resolutions") or []), ([],)),
               "attn_type": (dd.get("attn_type", "vanilla"), ("vanilla",)),
               "use_linear_attn": (dd.get("use_linear_attn", False), (False,)),
               "resamp_with_conv": (dd.get("resamp_with_conv", True), (True,))}

@@ -91,8 +91,9 @@ def vae_to_compvis(vae: Mapping[str, Tensor]) -> StateDict:
     return {k: v[:, :, None, None] if _VAE_CONV_ATTN.match(k) and v.ndim == 2 else v for k, v in vae.items()}
 
 
-_MEGATRON_LAYER = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2", "self_attention.dense": "attn.out_proj",
-                   "mlp.dense_h_to_4h": "mlp.c_fc", "mlp.dense_4h_to_h": "mlp.c_proj"}
+_MEGATRON_LAYER = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+                   "self_attention.dense": "attn.out_proj", "mlp.dense_h_to_4h": "mlp.c_fc",
+                   "mlp.dense_4h_to_h": "mlp.c_proj"}
 
 
 def megatron_qkv_to_in_proj(t: Tensor, *, heads: int, megatron_legacy: bool) -> Tensor:

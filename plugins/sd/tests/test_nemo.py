@@ -376,3 +376,25 @@ def test_unsafe_yaml_and_pickles_are_refused(tmp_path):
     tar(tmp_path / "p.nemo", {"model_weights.ckpt": evil.getvalue()})
     with pytest.raises(CheckpointError, match="weights_only"):
         load_checkpoint(str(tmp_path / "p.nemo"))
+
+
+def test_open_clip_text_archive_matches_open_clip(sd1_folder, tmp_path):
+    """FrozenOpenCLIPEmbedder ('penultimate', as SD 2): open_clip's own tower is the reference."""
+    from open_clip.transformer import TextTransformer
+
+    pipe, _ = sd1_folder
+    torch.manual_seed(1)
+    tower = TextTransformer(context_length=77, vocab_size=49408, width=128, heads=2, layers=3, output_dim=64,
+                            act_layer=torch.nn.GELU).eval()
+    text = dict(tower.state_dict()) | {"logit_scale": torch.tensor(4.6)}
+    text_cfg = {"_target_": NEMO_SD + "modules.stable_diffusion.encoders.modules.FrozenOpenCLIPEmbedder",
+                "arch": "ViT-H-14", "version": "laion2b_s32b_b79k", "layer": "penultimate"}
+    path = write_nemo(tmp_path / "oc.nemo", pipe, config(sd2=False, text=text_cfg), text=text,
+                      text_prefix="cond_stage_model.model.")
+    ours = build_model(load_checkpoint(str(path)), PRESETS["sd-1"])
+    ids = ours.text_encoder.tokenize(["a red square", "a blue circle on green"])
+    with torch.no_grad():
+        x = tower.token_embedding(ids) + tower.positional_embedding
+        for block in tower.transformer.resblocks[:-1]:  # FrozenOpenCLIPEmbedder's layer_idx = 1
+            x = block(x, attn_mask=tower.attn_mask)
+        assert rel(ours.text_encoder(ids), tower.ln_final(x)) <= 1e-5

@@ -153,8 +153,8 @@ def _section(cfg: Mapping[str, Any], name: str, source: str) -> dict[str, Any] |
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise CheckpointError(f"{source}: model_config.yaml {name} is {value!r}, not a mapping; only a "
-                              f"{'conditional ' if name == 'cond_stage_config' else ''}model of this layout is read")
+        raise CheckpointError(f"{source}: model_config.yaml {name} is {value!r}, not a mapping; only text-conditioned "
+                              "latent diffusion with a UNet, a KL autoencoder and a CLIP text encoder is read")
     return dict(value)
 
 
@@ -192,20 +192,20 @@ def _text_kind(sd: Mapping[str, Tensor], text_cfg: Mapping[str, Any] | None, sou
 
 
 def _megatron_text_config(text_cfg: Mapping[str, Any] | None, source: str, base_dir: Path | None) -> dict[str, Any]:
-    """The Megatron CLIP ``text`` config: embedded as ``cond_stage_config.cfg`` or in the CLIP
-    ``.nemo`` named by ``cond_stage_config.restore_from_path``."""
+    """The Megatron CLIP ``text`` config, where FrozenMegatronCLIPEmbedder takes it from: the CLIP
+    ``.nemo`` at ``cond_stage_config.restore_from_path`` when set, else ``cond_stage_config.cfg``."""
     text_cfg = text_cfg or {}
-    clip_cfg = text_cfg.get("cfg")
-    where = "cond_stage_config.cfg"
-    if not isinstance(clip_cfg, Mapping):
-        restore = text_cfg.get("restore_from_path")
-        clip_path = _local_path(restore, base_dir)
-        if clip_path is None or not clip_path.is_file():
-            raise _refuse(source, "cond_stage_config.restore_from_path", restore,
-                          "the Megatron CLIP text encoder's architecture (heads, qkv layout, activation) lives in that "
-                          "CLIP .nemo's model_config.yaml, which is not here; put the CLIP .nemo there (or next to "
-                          "this archive), or embed its config as cond_stage_config.cfg")
+    restore = text_cfg.get("restore_from_path")
+    clip_path = _local_path(restore, base_dir)
+    if clip_path is not None and clip_path.is_file():
         clip_cfg, where = read_config(str(clip_path)), f"{clip_path.name}:{CONFIG_MEMBER}"
+    elif restore is None and isinstance(text_cfg.get("cfg"), Mapping):
+        clip_cfg, where = text_cfg["cfg"], "cond_stage_config.cfg"
+    else:
+        raise _refuse(source, "cond_stage_config.restore_from_path", restore,
+                      "the Megatron CLIP text encoder's architecture (heads, qkv layout, activation) lives in that "
+                      "CLIP .nemo's model_config.yaml, which is not here; put the CLIP .nemo there (or next to this "
+                      "archive), or embed its config as cond_stage_config.cfg with restore_from_path: null")
     text = clip_cfg.get("text") if isinstance(clip_cfg.get("text"), Mapping) else None
     if text is None or "num_attention_heads" not in text:
         raise CheckpointError(f"{source}: {where} has no text.num_attention_heads (Megatron CLIP text config)")

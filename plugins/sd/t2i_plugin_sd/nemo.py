@@ -20,12 +20,14 @@ import yaml
 from torch import Tensor
 
 from t2i_engine.errors import CheckpointError
+from t2i_plugin_sd import keymaps
 from t2i_plugin_sd import nemo_keymaps as nk
 from t2i_plugin_sd.model import Weights
 from t2i_plugin_sd.presets import ScheduleConfig
 
 WEIGHTS_MEMBER = "model_weights.ckpt"
 CONFIG_MEMBER = "model_config.yaml"
+HF_TEXT = "cond_stage_model.transformer."
 TEXT_PAD_MULTIPLE = 8
 """NeMo's text embedders zero-pad the embedding sequence to a multiple of 8 tokens (77 -> 80)."""
 
@@ -122,30 +124,40 @@ def nemo_to_weights(sd: Mapping[str, Tensor], cfg: Mapping[str, Any], *, source:
     sd = nk.strip_wrappers(sd)
     text_cfg = _section(cfg, "cond_stage_config", source)
     kind = _text_kind(sd, text_cfg, source)
-    megatron = kind == "megatron"
-    mt = _megatron_text_config(text_cfg, source, base_dir) if megatron else {}
-    compvis: dict[str, Tensor] = {}
+    mt = _megatron_text_config(text_cfg, source, base_dir) if kind == "megatron" else {}
     unet = {k[len(nk.UNET):]: v for k, v in sd.items() if k.startswith(nk.UNET)}
-    compvis |= {nk.UNET + k: v for k, v in nk.unet_to_compvis(unet, source=source).items()}
     vae = {k[len(nk.VAE):]: v for k, v in sd.items() if k.startswith(nk.VAE)}
+    compvis = {nk.UNET + k: v for k, v in nk.unet_to_compvis(unet, source=source).items()}
     compvis |= {nk.VAE + k: v for k, v in nk.vae_to_compvis(vae).items()}
-    if megatron:
-        tower = {k[len(nk.MEGATRON_TEXT):]: v for k, v in sd.items() if k.startswith(nk.MEGATRON_TEXT)}
-        text, unknown = nk.megatron_clip_to_open_clip(tower, heads=int(mt["num_attention_heads"]),
-                                                      megatron_legacy=bool(mt.get("megatron_legacy", False)))
-        if unknown:
-            raise CheckpointError(f"{source}: Megatron CLIP tensors not understood: {unknown[:5]}")
-        compvis |= {"cond_stage_model.model." + k: v for k, v in text.items()}
-    handled = (nk.UNET, nk.VAE, nk.MEGATRON_TEXT) if megatron else (nk.UNET, nk.VAE)
-    compvis |= {k: v for k, v in sd.items() if not k.startswith(handled)}
+    compvis |= _text_to_compvis(sd, kind, mt, source)
+    compvis |= {k: v for k, v in sd.items() if not k.startswith((nk.UNET, nk.VAE, "cond_stage_model."))}
     weights = split_single_file(compvis, source=source)
     _refuse_unknown(weights.extras, source)
-    if text_cfg is not None or megatron:  # without cond_stage_config the shapes and preset decide, as for a single file
+    if text_cfg is not None or kind == "megatron":  # else shapes and preset decide, as for a single file
         weights.hints.update(_text_hints(kind, weights.text, text_cfg, mt, source))
     weights.hints.update(unet_hints(_section(cfg, "unet_config", source), weights.unet, source))
     weights.hints.update(vae_hints(_section(cfg, "first_stage_config", source), source))
     weights.hints.update(diffusion_hints(cfg, sd, source))
     return weights
+
+
+def _text_to_compvis(sd: Mapping[str, Tensor], kind: str, mt: Mapping[str, Any], source: str) -> dict[str, Tensor]:
+    """The text tower under the single-file prefixes (Megatron CLIP converted to open_clip's layout)."""
+    text = {k: v for k, v in sd.items() if k.startswith("cond_stage_model.")}
+    if kind == "hf":
+        hf = {k[len(HF_TEXT):]: v for k, v in text.items() if k.startswith(HF_TEXT)}
+        _, unknown = keymaps.hf_clip_to_open_clip(hf)
+        if unknown:  # split_single_file would drop them
+            raise CheckpointError(f"{source}: CLIPTextModel tensors not understood: {unknown[:5]}")
+    if kind != "megatron":
+        return text
+    tower = {k[len(nk.MEGATRON_TEXT):]: v for k, v in text.items() if k.startswith(nk.MEGATRON_TEXT)}
+    converted, unknown = nk.megatron_clip_to_open_clip(tower, heads=int(mt["num_attention_heads"]),
+                                                       megatron_legacy=bool(mt.get("megatron_legacy", False)))
+    if unknown:
+        raise CheckpointError(f"{source}: Megatron CLIP tensors not understood: {unknown[:5]}")
+    rest = {k: v for k, v in text.items() if not k.startswith(nk.MEGATRON_TEXT)}
+    return rest | {"cond_stage_model.model." + k: v for k, v in converted.items()}
 
 
 def _section(cfg: Mapping[str, Any], name: str, source: str) -> dict[str, Any] | None:
@@ -176,7 +188,7 @@ def _refuse_unknown(extras: Mapping[str, Tensor], source: str) -> None:
 def _text_kind(sd: Mapping[str, Tensor], text_cfg: Mapping[str, Any] | None, source: str) -> str:
     if any(k.startswith(nk.MEGATRON_TEXT) for k in sd):
         kind = "megatron"
-    elif any(k.startswith("cond_stage_model.transformer.") for k in sd):
+    elif any(k.startswith(HF_TEXT) for k in sd):
         kind = "hf"
     elif any(k.startswith("cond_stage_model.model.decoder.layers.") for k in sd):
         raise CheckpointError(f"{source}: the text encoder is Megatron-core CLIP (decoder.layers.*), which NeMo's "

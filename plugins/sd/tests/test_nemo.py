@@ -398,3 +398,50 @@ def test_open_clip_text_archive_matches_open_clip(sd1_folder, tmp_path):
         for block in tower.transformer.resblocks[:-1]:  # FrozenOpenCLIPEmbedder's layer_idx = 1
             x = block(x, attn_mask=tower.attn_mask)
         assert rel(ours.text_encoder(ids), tower.ln_final(x)) <= 1e-5
+
+
+# NeMo's UNetModel._legacy_unet_ckpt_mapping (old name -> current name) and its index shift for
+# checkpoints saved before GroupNorm and SiLU were fused ("idx + 1" in _load_pretrained_model)
+_LEGACY_TBLOCK = {"norm1": "attn1.norm", "norm2": "attn2.norm", "norm3": "ff.net.0", "ff.net.0.proj": "ff.net.1.proj",
+                  "ff.net.2": "ff.net.3"}
+
+
+def _to_legacy(key: str) -> str:
+    for old, new in _LEGACY_TBLOCK.items():
+        key = key.replace(f".transformer_blocks.0.{new}.", f".transformer_blocks.0.{old}.")
+    for layer, idx in (("in_layers", 1), ("out_layers", 2)):
+        key = key.replace(f".{layer}.{idx}.", f".{layer}.{idx + 1}.")
+    return key.replace("diffusion_model.out.1.", "diffusion_model.out.2.")
+
+
+def _rewrite(path: Path, out: Path, rename, extra: dict | None = None) -> Path:
+    with tarfile.open(path) as f:
+        sd = torch.load(io.BytesIO(f.extractfile("./model_weights.ckpt").read()), weights_only=True)
+        cfg = f.extractfile("./model_config.yaml").read()
+    buf = io.BytesIO()
+    torch.save({rename(k): v for k, v in sd.items()} | (extra or {}), buf)
+    return tar(out, {"model_weights.ckpt": buf.getvalue(), "model_config.yaml": cfg})
+
+
+@pytest.mark.parametrize("variant", ["legacy-names", "float16-module", "compiled"])
+def test_older_and_wrapped_nemo_layouts_load(sd1_folder, tmp_path, variant):
+    pipe, _ = sd1_folder
+    rename = {"legacy-names": _to_legacy,
+              "float16-module": lambda k: "model.module." + k.removeprefix("model."),  # megatron_amp_O2
+              "compiled": lambda k: k.replace("model.model.diffusion_model.", "model.model._orig_mod.diffusion_model.")}
+    path = _rewrite(hf_archive(tmp_path, pipe), tmp_path / "v.nemo", rename[variant])
+    with tarfile.open(path) as f:
+        keys = torch.load(io.BytesIO(f.extractfile("./model_weights.ckpt").read()), weights_only=True).keys()
+    assert {"legacy-names": any(".in_layers.2." in k for k in keys) and any(".norm3." in k for k in keys),
+            "float16-module": any(k.startswith("model.module.model.diffusion_model.") for k in keys),
+            "compiled": any("._orig_mod." in k for k in keys)}[variant]
+    ours = build_model(load_checkpoint(str(path)), PRESETS["sd-1"])
+    assert unet_rel(ours, pipe) <= 1e-5
+
+
+def test_stray_unet_tensors_are_refused(sd1_folder, tmp_path):
+    pipe, _ = sd1_folder
+    path = _rewrite(hf_archive(tmp_path, pipe), tmp_path / "s.nemo", lambda k: k,
+                    extra={"model.model.diffusion_model.label_emb.0.weight": torch.zeros(4, 128)})
+    with pytest.raises(CheckpointError, match="label_emb"):
+        load_checkpoint(str(path))

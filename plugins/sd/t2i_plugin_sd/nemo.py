@@ -219,8 +219,8 @@ def _megatron_text_config(text_cfg: Mapping[str, Any] | None, source: str, base_
                       "CLIP .nemo's model_config.yaml, which is not here; put the CLIP .nemo there (or next to this "
                       "archive), or embed its config as cond_stage_config.cfg with restore_from_path: null")
     text = clip_cfg.get("text") if isinstance(clip_cfg.get("text"), Mapping) else None
-    if text is None or "num_attention_heads" not in text:
-        raise CheckpointError(f"{source}: {where} has no text.num_attention_heads (Megatron CLIP text config)")
+    if text is None or not isinstance(text.get("num_attention_heads"), int):
+        raise CheckpointError(f"{source}: {where} has no integer text.num_attention_heads (Megatron CLIP text config)")
     return {**text, "_tokenizer": clip_cfg.get("tokenizer") or {}, "_where": where}
 
 

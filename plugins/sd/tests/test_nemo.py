@@ -445,3 +445,24 @@ def test_stray_unet_tensors_are_refused(sd1_folder, tmp_path):
                     extra={"model.model.diffusion_model.label_emb.0.weight": torch.zeros(4, 128)})
     with pytest.raises(CheckpointError, match="label_emb"):
         load_checkpoint(str(path))
+
+
+def ldm_betas(schedule: str, n: int, start: float, end: float, cosine_s: float = 8e-3) -> torch.Tensor:
+    """NeMo's diffusionmodules/util.py make_beta_schedule, float64."""
+    if schedule == "linear":
+        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float64) ** 2
+    if schedule == "sqrt_linear":
+        return torch.linspace(start, end, n, dtype=torch.float64)
+    t = torch.arange(n + 1, dtype=torch.float64) / n + cosine_s
+    a = torch.cos(t / (1 + cosine_s) * torch.pi / 2).pow(2)
+    a = a / a[0]
+    return (1 - a[1:] / a[:-1]).clamp(0, 0.999)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "sqrt_linear", "cosine"])
+def test_model_schedule_is_nemos(sd1_folder, tmp_path, schedule):
+    pipe, _ = sd1_folder
+    path = hf_archive(tmp_path, pipe, beta_schedule=schedule, linear_start=0.0015, linear_end=0.0195, timesteps=800)
+    ours = build_model(load_checkpoint(str(path)), PRESETS["sd-1"])
+    expected = torch.cumprod(1 - ldm_betas(schedule, 800, 0.0015, 0.0195), 0)
+    assert torch.allclose(ours.schedule.alphas_cumprod.double(), expected, rtol=1e-5, atol=1e-7)

@@ -8,7 +8,6 @@ a network; pickles load only through ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import tarfile
@@ -268,45 +267,8 @@ class SingleFile:
         atomic_write_bytes(side, yaml.safe_dump(ldm_yaml(arch), sort_keys=False).encode())
 
 
-class NemoArchive:
-    """A NeMo ``.nemo`` archive of its Stable Diffusion model (tar with ``model_config.yaml``
-    and ``model_weights.ckpt``; weights under ``model.`` in the CompVis layout)."""
-
-    name = "nemo"
-
-    @staticmethod
-    def _members(path: str) -> dict[str, str]:
-        with tarfile.open(path) as tar:
-            return {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
-
-    def detect(self, path: str) -> bool:
-        if not Path(path).is_file() or safetensors_keys(path) is not None or not tarfile.is_tarfile(path):
-            return False
-        return "model_weights.ckpt" in self._members(path)
-
-    def load(self, path: str) -> Weights:
-        members = self._members(path)
-        with tarfile.open(path) as tar:
-            raw = tar.extractfile(members["model_weights.ckpt"]).read()  # type: ignore[union-attr]
-            cfg_name = members.get("model_config.yaml")
-            cfg = read_yaml(tar.extractfile(cfg_name).read(), where=f"{path}:{cfg_name}") \
-                if cfg_name else {}  # type: ignore[union-attr]
-        import torch
-
-        try:
-            sd = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"refusing {path}: its model_weights.ckpt cannot be read with "
-                                  f"torch.load(weights_only=True) ({e})") from e
-        if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
-            sd = sd["state_dict"]
-        sd = {k.removeprefix("model."): v for k, v in sd.items()}
-        weights = split_single_file(sd, source=path)
-        weights.hints.update(_ldm_yaml_hints(cfg or {}, where=f"{path}:model_config.yaml"))
-        return weights
-
-
 from t2i_plugin_sd.diffusers_folder import DiffusersFolder  # noqa: E402
+from t2i_plugin_sd.nemo import NemoArchive  # noqa: E402
 
 CHECKPOINT_FORMATS: dict[str, Any] = {"diffusers": DiffusersFolder, "single-file": SingleFile, "nemo": NemoArchive}
 """Format name -> factory (``factory()`` gives the format object)."""

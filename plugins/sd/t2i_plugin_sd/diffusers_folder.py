@@ -4,6 +4,7 @@ scheduler sub-folders), read and written without diffusers itself."""
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ class DiffusersFolder:
         root = Path(path)
         root.mkdir(parents=True, exist_ok=True)
         a, w = model.arch, model.weights()
+        if a.text.pad_to_multiple != 1:
+            warnings.warn(f"{path}: diffusers cannot express text embeddings zero-padded to a multiple of "
+                          f"{a.text.pad_to_multiple} (NeMo's convention); its pipeline will condition on the "
+                          "unpadded embeddings", stacklevel=2)
         text = {k: v for k, v in w.text.items()
                 if not k.startswith(tuple(f"transformer.resblocks.{a.text.layers - 1 - i}." for i in range(a.text.skip_last_layers)))}
         files: Mapping[str, tuple[dict[str, Tensor], dict[str, Any], str]] = {

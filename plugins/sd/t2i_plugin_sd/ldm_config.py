@@ -205,6 +205,7 @@ def inexpressible(arch: Architecture) -> list[str]:
     out += ["vae channels not multiples of the first"] * any(c % v.channels[0] for c in v.channels)
     out += [f"text heads {t.heads}"] * (t.heads != {768: 12, 1024: 16, 1280: 20}.get(t.width, -1))
     out += [f"text mlp width {t.mlp_width}"] * (t.mlp_width is not None)
+    out += [f"text embeddings zero-padded to a multiple of {t.pad_to_multiple}"] * (t.pad_to_multiple != 1)
     p = _heads_params(arch)
     got = (p["num_heads"],) * len(u.channels) if p.get("num_heads", -1) != -1 else \
         tuple(max(1, c // p["num_head_channels"]) for c in u.channels)

@@ -122,7 +122,7 @@ _UNET_HINTS = {"unet_groups": "groups", "unet_norm_eps": "norm_eps", "unet_upcas
                "prediction": "prediction"}
 _VAE_HINTS = {"vae_groups": "groups", "scaling_factor": "scaling_factor"}
 _TEXT_HINTS = {"text_activation": "activation", "text_skip": "skip_last_layers", "text_pad": "pad",
-               "text_layer_norm_eps": "layer_norm_eps"}
+               "text_layer_norm_eps": "layer_norm_eps", "text_pad_to_multiple": "pad_to_multiple"}
 """Hint name -> the architecture field it sets (what the weights' shapes cannot tell)."""
 
 

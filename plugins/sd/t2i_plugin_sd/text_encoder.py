@@ -43,6 +43,7 @@ class TextEncoderConfig:
     activation: Literal["quick_gelu", "gelu"] = "quick_gelu"  # OpenAI CLIP uses QuickGELU
     skip_last_layers: int = 0  # 1 reads the penultimate layer (SD 2), then the final LayerNorm
     pad: Literal["eos", "zero"] = "eos"  # padding id: <|endoftext|> (SD 1) or 0 "!" (SD 2)
+    pad_to_multiple: int = 1  # zero token embeddings appended up to a multiple (NeMo: 8, 77 -> 80)
 
 
 class CLIPTextEncoder(nn.Module):
@@ -97,6 +98,9 @@ class CLIPTextEncoder(nn.Module):
         ids = self.tokenize(prompts).to(device)
         tokens = self(ids)
         eot = (ids == EOT_ID).int().argmax(dim=1)  # first <|endoftext|>
-        mask = torch.arange(ids.shape[1], device=device)[None] <= eot[:, None]
         pooled = tokens[torch.arange(ids.shape[0], device=device), eot]
+        extra = -tokens.shape[1] % self.config.pad_to_multiple
+        if extra:  # NeMo's embedders: zero embeddings that cross-attention still attends to
+            tokens = torch.nn.functional.pad(tokens, (0, 0, 0, extra))  # (B, L + extra, D)
+        mask = torch.arange(tokens.shape[1], device=device)[None] <= eot[:, None]
         return TextEmbedding(tokens, mask, pooled)

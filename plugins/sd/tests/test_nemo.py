@@ -287,8 +287,6 @@ def test_sd2_v_archive_with_clip_nemo_beside_it(sd2v_folder, tmp_path):
         load_checkpoint(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="text_pad_to_multiple (NeMo pads the text embedding 77 -> 80 with zeros) "
-                                       "is not read by the model yet")
 def test_images_match_nemo_padded_conditioning(sd1_folder, tmp_path):
     """NeMo's embedders zero-pad the text embedding to a multiple of 8 tokens; diffusers given
     those padded embeddings is the reference."""

@@ -8,6 +8,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.t2i-installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# pytest-xdist workers for `make test`: the suite takes about 10 minutes on one core of the
+# 2-core development machine; override with `make test TEST_WORKERS=4` (or 0 for one process).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install bench clean
 
@@ -26,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/t2i-engine run examples/quickstart.toml
 
 test: $(STAMP)
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_overhead.py

@@ -8,8 +8,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.t2i-installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
-# pytest-xdist workers for `make test`: the suite takes about 10 minutes on one core of the
+# pytest-xdist workers for `make test`: in one process the suite takes about 10 minutes on the
 # 2-core development machine; override with `make test TEST_WORKERS=4` (or 0 for one process).
+# --dist loadfile keeps a test file on one worker, so its module-scoped fixtures are built once.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test install bench clean
@@ -29,7 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/t2i-engine run examples/quickstart.toml
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_overhead.py

@@ -16,6 +16,7 @@ TEST_WORKERS ?= 2
 .PHONY: demo test install bench clean
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "t2i-engine needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0] + " (pick another: make PYTHON=python3.12 ...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 

@@ -189,3 +189,59 @@ def test_from_png_errors_name_the_problem(tmp_path: Path, capsys: pytest.Capture
     assert "no such file" in capsys.readouterr().err
     assert main(["run", str(SAMPLE), "--from-png", str(plain)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def _metadata_for(data: dict, **extra) -> dict[str, str]:
+    """sample_png_metadata for a job given as parsed TOML (no model is built: only its schedule)."""
+    from types import SimpleNamespace
+
+    from t2i_engine.config.loader import resolve_config
+    from t2i_engine.diffusion.schedules import DiscreteSchedule
+    from t2i_engine.plugins.manager import EnginePluginManager
+    from t2i_engine.utils.recipe import sample_png_metadata
+
+    config = resolve_config(data, EnginePluginManager().load())
+    if extra:
+        import attrs
+
+        config = attrs.evolve(config, **extra)
+    ctx = SimpleNamespace(config=config)
+    model = SimpleNamespace(schedule=DiscreteSchedule.from_betas("scaled_linear", spacing="trailing"))
+    return sample_png_metadata(ctx, model, prompt="p", seed=1, size=(8, 8), batch_prompts=["p"], batch_seeds=[1])
+
+
+def _job(sampler: dict, **tables) -> dict:
+    return {"engine": {"plugins": ["sd"], "precision": tables.pop("precision", "32-true")},
+            "task": {"name": "sample", "prompts": ["p"], **tables.pop("task", {})},
+            "model": {"type": "stable-diffusion", "preset": "tiny"}, "sampler": sampler, **tables}
+
+
+def test_parameters_carry_sampler_options_img2img_precision_and_conditioners(tmp_path: Path) -> None:
+    import attrs
+
+    from t2i_engine.config.schema import ComponentConfig
+
+    @attrs.frozen
+    class HintOptions:
+        scale: float = 0.5
+        image: str = "edges.png"
+        window: list = attrs.Factory(lambda: [0.0, 1.0])  # not a scalar: left to the job chunk
+
+    source = tmp_path / "source.png"
+    Image.new("RGB", (8, 8)).save(source)
+    hint = ComponentConfig(kind="conditioner", name="canny", options=HintOptions(), plugin="demo")
+    got = parse_a1111(_metadata_for(_job({"name": "edm", "steps": 4}, precision="bf16-mixed",
+                                         task={"init_image": str(source), "strength": 0.6}),
+                                    conditioners=[hint])["parameters"])
+    assert got["Sampler"] == "Heun" and got["Sigma churn"] == "40.0" and got["Sigma tmin"] == "0.05"
+    assert got["Sigma tmax"] == "50.0" and got["Sigma noise"] == "1.003"
+    assert got["Timestep spacing"] == "trailing" and "Schedule type" not in got
+    assert got["Denoising strength"] == "0.6" and got["Precision"] == "bf16-mixed"
+    assert got["Conditioner 0"] == "type: canny, scale: 0.5, image: edges.png"
+
+    ddim = parse_a1111(_metadata_for(_job({"name": "ddim", "eta": 0.3, "karras": True, "rho": 5.0}))["parameters"])
+    assert ddim["Eta DDIM"] == "0.3" and ddim["Schedule type"] == "Karras" and ddim["Schedule rho"] == "5.0"
+    assert "Timestep spacing" not in ddim and "Denoising strength" not in ddim and "Precision" not in ddim
+    plain = parse_a1111(_metadata_for(_job({"name": "euler_ancestral"}))["parameters"])
+    assert "Eta" not in plain and "Sigma noise" not in plain  # A1111's defaults are left out, as A1111 does
+    assert parse_a1111(_metadata_for(_job({"name": "euler_ancestral", "eta": 0.5}))["parameters"])["Eta"] == "0.5"

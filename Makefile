@@ -8,10 +8,15 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.t2i-installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# pytest-xdist workers for `make test`: in one process the suite takes about 10 minutes on the
+# 2-core development machine; override with `make test TEST_WORKERS=4` (or 0 for one process).
+# --dist loadfile keeps a test file on one worker, so its module-scoped fixtures are built once.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install bench clean
 
 $(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "t2i-engine needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0] + " (pick another: make PYTHON=python3.12 ...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
@@ -26,7 +31,7 @@ demo: $(STAMP)
 	$(VENV)/bin/t2i-engine run examples/quickstart.toml
 
 test: $(STAMP)
-	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_overhead.py

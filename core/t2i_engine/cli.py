@@ -1,10 +1,11 @@
 """``t2i-engine``: the one command for every job.
 
     t2i-engine run CONFIG.toml [--set key.path=value ...] [--debug]
+    t2i-engine run --from-png IMAGE.png [--set ...] re-run the job recorded in a sample PNG
     t2i-engine config CONFIG.toml [--set ...]      print the resolved config, defaults filled in
     t2i-engine plugins [--json]                     installed plugins and what each registers
     t2i-engine new-plugin NAME [--dir DIR]          scaffold a plugin distribution
-    t2i-engine --version
+    t2i-engine --version                            engine, SDK, plugin, torch, CUDA, Triton versions
 
 Exit status: 0 on success, 2 for a configuration or plugin error (one readable message on
 stderr, a traceback only with ``--debug``), 1 for any other failure.
@@ -21,17 +22,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from t2i_engine import __version__
-from t2i_engine.errors import T2IError
+from t2i_engine.errors import ConfigError, T2IError
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the report a bug needs (built only when asked: it imports torch)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from t2i_engine.utils.versions import version_report
+
+        print(version_report())
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-engine", description="Plugin-based text-to-image engine.")
-    parser.add_argument("--version", action="version", version=f"t2i-engine {__version__}")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print engine, SDK, plugin, torch, CUDA and Triton versions and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="the job's TOML file")
+        p.add_argument("config", nargs="?", help="the job's TOML file")
+        p.add_argument("--from-png", metavar="PNG", help="instead of a TOML file: the job recorded in a PNG "
+                       "the sample task wrote (it writes beside the PNG, in <name>-rerun/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a value, e.g. --set sampler.steps=30 (repeatable)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -84,6 +101,14 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     from t2i_engine.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
+    if args.from_png is not None:
+        if args.config is not None:
+            raise ConfigError(f"{args.command}: give a config file or --from-png, not both")
+        from t2i_engine.utils.recipe import load_png_job
+
+        return pm, load_png_job(args.from_png, pm, overrides=args.overrides)
+    if args.config is None:
+        raise ConfigError(f"{args.command}: give the job's TOML file (or --from-png IMAGE.png)")
     return pm, load_config(args.config, pm, overrides=args.overrides)
 
 

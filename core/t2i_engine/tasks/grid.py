@@ -86,6 +86,7 @@ class SampleGridConfig:
     size: int = option(default=64, validator=attrs.validators.ge(8), help="image side in pixels")
     batch_size: int = option(default=16, validator=_ge1, help="images per sampler run")
     filename: str = option(default="grid.png", help="file name inside engine.output_dir")
+    captions: bool = option(default=True, help="write each tile's prompt under it")
 
 
 class SampleGridTask:
@@ -107,7 +108,7 @@ class SampleGridTask:
         images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance, size=c.size,
                                 batch_size=c.batch_size, on_step=hook_reporter(ctx, steps))
         path = str(Path(ctx.output_dir) / c.filename)
-        save_png(make_grid(images, nrow=c.images_per_prompt), path,
+        save_png(make_grid(images, nrow=c.images_per_prompt, captions=prompts if c.captions else None), path,
                  metadata={"prompts": "\n".join(c.prompts), "seed": str(ctx.seed), "sampler": ctx.config.sampler.name,
                            "guidance_scale": str((ctx.config.guidance or GuidanceConfig()).guidance_scale)})
         return {"image": path}

@@ -84,6 +84,7 @@ class SampleTask:
         from t2i_engine.diffusion.guidance import GuidanceConfig
         from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
         from t2i_engine.utils.images import save_png, to_pil
+        from t2i_engine.utils.recipe import sample_png_metadata
 
         c = self.config
         if ctx.config.sampler is None:
@@ -129,6 +130,8 @@ class SampleTask:
                                   callback=_step_reporter(ctx, bar, total=total))
             for prompt, seed, pil in zip(chunk, chunk_seeds, to_pil(images)):
                 path = out_dir / f"{len(written):05d}-{seed}.png"
-                save_png(pil, str(path), metadata={"prompt": prompt, "seed": str(seed), **meta})
+                recipe = sample_png_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size,
+                                             batch_prompts=chunk, batch_seeds=chunk_seeds)
+                save_png(pil, str(path), metadata={"prompt": prompt, "seed": str(seed), **meta, **recipe})
                 written.append(str(path))
         return {"images": written}

@@ -34,17 +34,21 @@ def ancestral_step(sigma_from: float, sigma_to: float, *, eta: float = 1.0) -> t
 
 
 def churn(x: Tensor, sigma: float, *, gamma: float, s_noise: float,
-          generator: torch.Generator | None) -> tuple[Tensor, float]:
+          generator: torch.Generator | None, draw: bool = False) -> tuple[Tensor, float]:
     """EDM's stochastic "churn" (Karras et al. 2022, Algorithm 2, lines 5-6).
 
     Raises the noise level from ``sigma`` to ``sigma_hat = sigma (1 + gamma)`` by adding fresh
-    noise; returns ``(x_hat, sigma_hat)``. ``gamma = 0`` returns ``x`` unchanged.
+    noise; returns ``(x_hat, sigma_hat)``. ``gamma = 0`` returns ``x`` unchanged. With ``draw``
+    the noise is drawn even then, as k-diffusion does on every churn step, so that a seed gives
+    k-diffusion's sample when ``[s_tmin, s_tmax]`` leaves some steps out.
     """
+    if gamma <= 0 and not draw:
+        return x, sigma
+    eps = noise_like(x, generator) * s_noise
     if gamma <= 0:
         return x, sigma
     sigma_hat = sigma * (1 + gamma)
-    x = x + noise_like(x, generator) * s_noise * math.sqrt(sigma_hat**2 - sigma**2)
-    return x, sigma_hat
+    return x + eps * math.sqrt(sigma_hat**2 - sigma**2), sigma_hat
 
 
 def churn_gamma(sigma: float, steps: int, *, s_churn: float, s_tmin: float, s_tmax: float) -> float:

@@ -30,7 +30,7 @@ def sample_euler(model: Denoiser, x: Tensor, sigmas: Tensor, *,
     n = len(s) - 1
     for i in range(n):
         gamma = churn_gamma(s[i], n, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
-        x, sigma_hat = churn(x, s[i], gamma=gamma, s_noise=s_noise, generator=generator)
+        x, sigma_hat = churn(x, s[i], gamma=gamma, s_noise=s_noise, generator=generator, draw=s_churn > 0)
         denoised = call(model, x, sigma_hat)
         x = x + to_d(x, sigma_hat, denoised) * (s[i + 1] - sigma_hat)
         report(callback, i, x, s[i], s[i + 1], denoised)
@@ -50,7 +50,7 @@ def sample_heun(model: Denoiser, x: Tensor, sigmas: Tensor, *,
     n = len(s) - 1
     for i in range(n):
         gamma = churn_gamma(s[i], n, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax)
-        x, sigma_hat = churn(x, s[i], gamma=gamma, s_noise=s_noise, generator=generator)
+        x, sigma_hat = churn(x, s[i], gamma=gamma, s_noise=s_noise, generator=generator, draw=s_churn > 0)
         denoised = call(model, x, sigma_hat)
         d = to_d(x, sigma_hat, denoised)
         dt = s[i + 1] - sigma_hat

@@ -18,6 +18,7 @@ the weights (``W += scale * up @ down``) and unmerged (the same update subtracte
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -74,17 +75,24 @@ def find_targets(root: nn.Module) -> dict[str, Target]:
 
 
 def match_targets(targets: Mapping[str, Target], patterns: Sequence[str]) -> dict[str, Target]:
-    """The targets whose name is a pattern or ends with ``"." + pattern`` (``"to_q"``,
-    ``"ff.net.2"``, ``"attn.in_proj.q"``). A pattern that matches nothing is a ``ValueError``
-    naming it: a target list that silently adapts nothing is a training run wasted."""
+    """The targets a pattern names: a pattern with ``*`` is a glob over the whole name
+    (``"unet.*.to_q"``); one without matches a name equal to it or ending with ``"." + pattern``
+    (``"to_q"``, ``"ff.net.2"``, ``"attn.in_proj.q"``). A pattern that matches nothing is a
+    ``ValueError`` naming it: a target list that silently adapts nothing is a training run wasted."""
     chosen: dict[str, Target] = {}
     for pattern in patterns:
-        hits = {n: t for n, t in targets.items() if n == pattern or n.endswith("." + pattern)}
+        hits = {n: t for n, t in targets.items() if _matches(n, pattern)}
         if not hits:
             raise ValueError(f"LoRA target pattern {pattern!r} matches no Linear, Conv2d or attention "
                              f"projection of this model")
         chosen.update(hits)
     return dict(sorted(chosen.items()))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if "*" in pattern:
+        return fnmatch.fnmatchcase(name, pattern)
+    return name == pattern or name.endswith("." + pattern)
 
 
 def _join(prefix: str, name: str) -> str:

@@ -47,10 +47,16 @@ SUFFIXES: tuple[tuple[str, str], ...] = (
 """Key suffix -> role. ``"<spelling><suffix>"``; attention-processor keys spell the target as
 ``...attn1.processor.to_q`` (the ``_lora`` belongs to the suffix)."""
 
-UNSUPPORTED = {"hada_w1_a": "LoHa", "hada_w2_a": "LoHa", "lokr_w1": "LoKr", "lokr_w2": "LoKr",
-               "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", ".lora_mid.": "LoCon-Tucker",
-               ".lora_B.bias": "LoRA bias", ".diff_b": "full-weight diff", ".diff": "full-weight diff"}
-"""Key fragments of adapter kinds that are not low-rank ``up @ down`` updates."""
+UNSUPPORTED: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), kind) for p, kind in (
+    (r"\.hada_(w[12]_[ab]|t[12])$", "LoHa"), (r"\.lokr_(w[12](_[ab])?|t2)$", "LoKr"),
+    (r"\.(dora_scale|lora_magnitude_vector(\.\w+)*)$", "DoRA"), (r"\.lora_mid\.weight$", "LoCon-Tucker"),
+    (r"\.lora_(B|up)\.bias$", "LoRA bias"), (r"\.diff(_b)?$", "full-weight diff")))
+"""Key endings of adapter kinds that are not low-rank ``up @ down`` updates."""
+
+
+def _unsupported(key: str) -> str | None:
+    return next((kind for pattern, kind in UNSUPPORTED if pattern.search(key)), None)
+
 
 WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors", "pytorch_lora_weights.bin",
                 "adapter_model.bin")
@@ -208,9 +214,9 @@ def split_key(key: str) -> tuple[str, str] | None:
 def group_keys(tensors: Mapping[str, Tensor], *, source: str) -> tuple[dict[str, dict[str, str]], list[str]]:
     """Group keys by spelling: ``{spelling: {role: key}}`` and the keys no suffix explains.
     Keys of unsupported adapter kinds (LoHa, LoKr, DoRA ...) are a CheckpointError naming them."""
-    odd = sorted(k for k in tensors if any(f in k for f in UNSUPPORTED))
+    odd = sorted(k for k in tensors if _unsupported(k))
     if odd:
-        kinds = sorted({UNSUPPORTED[f] for k in odd for f in UNSUPPORTED if f in k})
+        kinds = sorted({_unsupported(k) or "" for k in odd})
         raise CheckpointError(f"{source}: holds {'/'.join(kinds)} keys, which are not plain LoRA and are not "
                               f"supported: {', '.join(odd[:10])}{' ...' if len(odd) > 10 else ''}")
     groups: dict[str, dict[str, str]] = {}

@@ -21,6 +21,7 @@ import math
 import re
 import struct
 import tarfile
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ import fsspec
 import torch
 from torch import Tensor
 
+from t2i_engine.adapters.attach import Adapter
+from t2i_engine.adapters.keymaps import KeyMap
+from t2i_engine.adapters.layers import LoRA
 from t2i_engine.checkpoint.io import read_bytes, safe_torch_load, save_safetensors
 from t2i_engine.errors import CheckpointError
 
@@ -236,59 +240,58 @@ def group_keys(tensors: Mapping[str, Tensor], *, source: str) -> tuple[dict[str,
 # --- writing -------------------------------------------------------------------------------------
 
 
-def _component(spelling: str) -> tuple[str, str]:
-    component, _, module = spelling.partition(".")
-    return component, module
+def _common(values: list[Any]) -> Any:
+    """The most frequent value (PEFT's ``r``/``lora_alpha``; the rest go to its patterns)."""
+    return Counter(values).most_common(1)[0][0]
 
 
-def _ranks(pairs: list[tuple[Any, Any]]) -> tuple[Any, Any]:
-    ranks = {layer.rank for _, layer in pairs}
-    alphas = {layer.effective_alpha for _, layer in pairs}
-    return (ranks.pop() if len(ranks) == 1 else "Dynamic"), (alphas.pop() if len(alphas) == 1 else "Dynamic")
-
-
-def save_kohya(adapter: Any, url: str, keymap: Any, *, dtype: torch.dtype | None = None) -> None:
+def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None) -> None:
     """Write ``adapter`` as a kohya-ss LoRA (``lora_unet_*``/``lora_te_*`` with ``.lora_down``,
-    ``.lora_up`` and ``.alpha``) with the ``ss_*`` metadata kohya's tools and A1111 read."""
+    ``.lora_up`` and ``.alpha``) with the ``ss_*`` metadata kohya's tools and A1111 read.
+    ``ss_network_dim``/``ss_network_alpha`` say ``Dynamic`` where layers differ, as kohya's
+    ``resize_lora`` does. The multiplier is a load-time choice and is not written."""
     tensors: dict[str, Tensor] = {}
-    pairs = list(adapter.items())
-    for name, layer in pairs:
+    for name, layer in adapter.items():
         spelled = keymap.targets[name].kohya
         tensors[f"{spelled}.lora_down.weight"] = layer.down.weight
         tensors[f"{spelled}.lora_up.weight"] = layer.up.weight
         tensors[f"{spelled}.alpha"] = torch.tensor(layer.effective_alpha, dtype=torch.float32)
-    dim, alpha = _ranks(pairs)
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(dim), "ss_network_alpha": str(alpha),
+    ranks = {layer.rank for _, layer in adapter.items()}
+    alphas = {layer.effective_alpha for _, layer in adapter.items()}
+    meta = {"ss_network_module": "networks.lora",
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
+            "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
             "ss_base_model_version": keymap.base_model_version, "ss_v2": str(bool(keymap.v2))}
     save_safetensors(tensors, url, metadata=meta, dtype=dtype)
 
 
-def save_peft(adapter: Any, url: str, keymap: Any, *, dtype: torch.dtype | None = None) -> str:
+def save_peft(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None) -> str:
     """Write ``adapter`` in the diffusers/PEFT layout (``unet.<module>.lora_A.weight`` ...).
 
     ``url`` ending in ``.safetensors`` is the file; otherwise it is a folder and the file is
     ``pytorch_lora_weights.safetensors`` in it (what ``pipe.load_lora_weights(folder)`` reads).
     Alphas go into the header as diffusers' ``lora_adapter_metadata`` (``r``, ``lora_alpha``,
-    ``rank_pattern``, ``alpha_pattern``, ``target_modules`` per component), which diffusers >= 0.35
-    reads. Returns the file written.
+    ``rank_pattern``, ``alpha_pattern``, ``target_modules`` per component), the LoraConfig
+    diffusers builds when it loads the file. Returns the file written.
     """
     file = url if url.endswith(".safetensors") else url.rstrip("/") + "/pytorch_lora_weights.safetensors"
     tensors: dict[str, Tensor] = {}
-    per: dict[str, list[tuple[str, Any]]] = {}
+    per: dict[str, dict[str, LoRA]] = {}  # component ("unet", "text_encoder") -> module -> layer
     for name, layer in adapter.items():
         spelled = keymap.targets[name].peft
         tensors[f"{spelled}.lora_A.weight"] = layer.down.weight
         tensors[f"{spelled}.lora_B.weight"] = layer.up.weight
-        component, module = _component(spelled)
-        per.setdefault(component, []).append((module, layer))
+        component, _, module = spelled.partition(".")
+        per.setdefault(component, {})[module] = layer
     meta: dict[str, Any] = {}
-    for component, items in per.items():
-        r = max((layer.rank for _, layer in items), key=[x.rank for _, x in items].count)
-        a = max((layer.effective_alpha for _, layer in items), key=[x.effective_alpha for _, x in items].count)
+    for component, layers in per.items():
+        r = _common([x.rank for x in layers.values()])
+        a = _common([x.effective_alpha for x in layers.values()])
         meta |= {f"{component}.r": r, f"{component}.lora_alpha": a,
-                 f"{component}.rank_pattern": {m: x.rank for m, x in items if x.rank != r},
-                 f"{component}.alpha_pattern": {m: x.effective_alpha for m, x in items if x.effective_alpha != a},
-                 f"{component}.target_modules": sorted(m for m, _ in items)}
+                 f"{component}.rank_pattern": {m: x.rank for m, x in layers.items() if x.rank != r},
+                 f"{component}.alpha_pattern": {m: x.effective_alpha for m, x in layers.items()
+                                                if x.effective_alpha != a},
+                 f"{component}.target_modules": sorted(layers)}
     save_safetensors(tensors, file, dtype=dtype,
                      metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
     return file

@@ -107,6 +107,23 @@ def test_kohya_export_loads_in_diffusers(sd1_folder, tmp_path):
     assert max(components_match(ours, pipe)) <= 1e-4
 
 
+def test_kohya_locon_on_resnets_loads_in_diffusers(sd1_folder, tmp_path):
+    """3x3 and 1x1 convolutions of the resnets, their time projections and the down/up samplers
+    (kohya's LoCon / conv_dim targets) as diffusers reads them."""
+    _, folder = sd1_folder
+    ours, pipe = ours_from(folder), diffusers_from(folder)
+    adapter = create_adapter(ours, ["unet.*.resnets.*.conv1", "unet.*.resnets.*.conv2", "unet.*.conv_shortcut",
+                                    "unet.*.time_emb_proj", "unet.*.downsamplers.0.conv", "unet.*.upsamplers.0.conv"],
+                             rank=2, alpha=1.0)
+    with torch.no_grad():
+        for _, layer in adapter.items():
+            layer.up.weight.normal_(0, 0.3)
+    assert components_match(ours, pipe)[0] > 1e-2
+    save_kohya(adapter, str(tmp_path / "locon.safetensors"), ours.lora_key_map())
+    pipe.load_lora_weights(str(tmp_path / "locon.safetensors"))
+    assert components_match(ours, pipe)[0] <= 1e-4
+
+
 def test_kohya_metadata(sd1_folder, tmp_path):
     from safetensors import safe_open
 

@@ -193,3 +193,45 @@ def test_adapters_entry_path_multiplier_partial(tmp_path):
         apply_adapters(nn.Linear(2, 2), [strict])
     with pytest.raises(ConfigError, match="adapters.0..path"):
         structure(AdapterEntry, {"path": str(tmp_path / "missing.safetensors")}, "adapters[0]")
+
+
+def test_adapters_array_from_toml(tmp_path):
+    import tomllib
+
+    from t2i_engine.adapters.config import structure_adapters
+
+    for name in ("a", "b"):
+        down, up = random_weights(seed=ord(name))
+        save_file({"lora_unet_block_to_q.lora_down.weight": down, "lora_unet_block_to_q.lora_up.weight": up},
+                  str(tmp_path / f"{name}.safetensors"))
+    data = tomllib.loads(f'[[adapters]]\npath = "{tmp_path}/a.safetensors"\nmultiplier = 0.5\n\n'
+                         f'[[adapters]]\npath = "{tmp_path}/b.safetensors"\n')
+    entries = structure_adapters(data["adapters"])
+    assert [e.multiplier for e in entries] == [0.5, 1.0]
+    model = Toy()
+    apply_adapters(model, entries)
+    (da, ua), (db, ub) = random_weights(seed=ord("a")), random_weights(seed=ord("b"))
+    want = expected_output({"block.to_q": (torch.cat([da, db]), torch.cat([ua * 0.5, ub], dim=1), 1.0)})
+    torch.testing.assert_close(run(model), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="array of tables"):
+        structure_adapters({"path": "x"})
+    with pytest.raises(ConfigError, match=r"adapters\[0\]\.multipler: unknown key"):
+        structure_adapters([{"path": f"{tmp_path}/a.safetensors", "multipler": 2.0}])
+
+
+def test_adapter_follows_a_model_cast_after_attaching():
+    """The tasks cast a model's weights for *-true precisions after building it: an adapter
+    attached before keeps its float32 layers and still applies (in the model's dtype)."""
+    model = Toy()
+    adapter = create_adapter(model, ["to_q", "proj", "attn.in_proj.v"], rank=2)
+    with torch.no_grad():
+        for _, layer in adapter.items():
+            layer.up.weight.normal_()
+    want = run(model)
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        got = model(X.to(torch.bfloat16)).float()
+        adapter.enabled = False
+        without = model(X.to(torch.bfloat16)).float()
+    effect = float((want - without).abs().max())
+    assert effect > 0.5 and float((got - want).abs().max()) < 0.05 * effect  # bf16 rounding only

@@ -19,9 +19,10 @@ from torch import nn
 from t2i_engine.adapters.attach import Adapter
 from t2i_engine.adapters.load import LoadReport, load_lora
 from t2i_engine.config.fields import existing_path, option
+from t2i_engine.config.structure import Locate, structure
 from t2i_engine.errors import CheckpointError, ConfigError
 
-__all__ = ["AdapterEntry", "apply_adapters"]
+__all__ = ["AdapterEntry", "apply_adapters", "structure_adapters"]
 
 
 @attrs.frozen
@@ -32,6 +33,15 @@ class AdapterEntry:
     multiplier: float = option(default=1.0, help="strength: W x + up(down(x)) * multiplier * alpha / rank")
     partial: bool = option(default=False, help="accept a file whose keys do not all match the model (reports "
                                                "the count) instead of refusing it")
+
+
+def structure_adapters(value: Any, locate: Locate | None = None) -> list[AdapterEntry]:
+    """The parsed ``adapters`` value of a job TOML (an array of tables) as entries; errors name
+    ``adapters[i].key`` (and the file and line when ``locate`` is the loader's locator)."""
+    where = locate or (lambda key: "")
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"adapters: expected an array of tables ([[adapters]]){where('adapters')}")
+    return [structure(AdapterEntry, table, f"adapters[{i}]", where) for i, table in enumerate(value)]
 
 
 def apply_adapters(model: nn.Module, entries: Sequence[AdapterEntry]) -> list[tuple[Adapter, LoadReport]]:

@@ -107,7 +107,7 @@ class Adapter(nn.Module):
     """A named set of LoRA layers over one model's targets (one file, or one training run).
 
     Build it with :func:`create_adapter` (fresh, for training) or a loader
-    (:func:`t2i_engine.adapters.formats.load_lora`); both attach it. The model's own
+    (:func:`t2i_engine.adapters.load.load_lora`); both attach it. The model's own
     ``state_dict`` is unchanged by an attached adapter; the adapter's layers live here, on the
     device and in the dtype of the weights they adapt when they were attached (move the model
     first, then attach).
@@ -120,6 +120,8 @@ class Adapter(nn.Module):
         self.targets: dict[str, Target] = {}
         self.enabled = True  # False: attached but not applied (a cheap A/B switch)
         self.merged = False
+        given = {layer.multiplier for layer in layers.values()}
+        self._multiplier: float | None = given.pop() if len(given) == 1 else None
         self._set_root(None)
 
     def _set_root(self, root: nn.Module | None) -> None:
@@ -140,17 +142,20 @@ class Adapter(nn.Module):
         return self.layers[_key(name)]  # type: ignore[return-value]
 
     @property
-    def multiplier(self) -> float:
-        """The strength every layer of this adapter is applied with (1.0: as trained)."""
-        values = {layer.multiplier for _, layer in self.items()}
-        return values.pop() if len(values) == 1 else float("nan")
+    def multiplier(self) -> float | None:
+        """The strength every layer of this adapter is applied with (1.0: as trained); None
+        while its layers hold different ones (as built). Setting it sets every layer's."""
+        return self._multiplier
 
     @multiplier.setter
-    def multiplier(self, value: float) -> None:
+    def multiplier(self, value: float | None) -> None:
+        if value is None:
+            raise ValueError("an adapter's multiplier must be a number")
         if self.merged:
             raise RuntimeError(f"adapter {self.name!r} is merged; unmerge it before changing its multiplier")
+        self._multiplier = float(value)
         for _, layer in self.items():
-            layer.multiplier = float(value)
+            layer.multiplier = self._multiplier
 
     @property
     def active(self) -> bool:

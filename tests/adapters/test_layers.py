@@ -165,3 +165,21 @@ def test_fresh_adapter_is_identity_and_patterns_must_match():
         torch.testing.assert_close(g, b)
     with pytest.raises(ValueError, match="'to_q'"):
         create_adapter(model, ["to_q"], rank=2, name="b")
+
+
+def test_fused_slice_adapters_train():
+    """Gradients reach the LoRA of a fused q/k/v slice and of out_proj through the weight they
+    are added to, not the frozen attention weights; a step moves the output."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    adapter = create_adapter(mha, ["in_proj.q", "in_proj.v", "out_proj"], rank=2, dropout=0.3)
+    assert all(layer.dropout == 0.0 for _, layer in adapter.items())  # weight-form: no input dropout
+    params = trainable_parameters(mha, [adapter])
+    x = torch.randn(2, 5, 8)
+    before = mha(x, x, x, need_weights=False)[0].detach()
+    mha(x, x, x, need_weights=False)[0].square().mean().backward()
+    assert mha.in_proj_weight.grad is None and mha.out_proj.weight.grad is None
+    assert all(p.grad is not None for p in params)
+    assert adapter["in_proj.q"].up.weight.grad.abs().sum() > 0  # up starts at zero; its gradient does not
+    torch.optim.SGD(params, lr=1.0).step()
+    assert not torch.allclose(mha(x, x, x, need_weights=False)[0], before)

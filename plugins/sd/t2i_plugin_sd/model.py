@@ -88,6 +88,12 @@ class StableDiffusion(nn.Module):
 
         return SDTrainable(self, caption_dropout=caption_dropout, train_text_encoder=train_text_encoder)
 
+    def lora_key_map(self) -> Any:
+        """How LoRA files spell this model's adapter targets (:mod:`t2i_plugin_sd.lora_keys`)."""
+        from t2i_plugin_sd.lora_keys import lora_key_map
+
+        return lora_key_map(self)
+
     def save(self, url: str, *, format: str | None = None, dtype: torch.dtype | None = None) -> None:
         """Export to ``url``: ``"diffusers"`` (a folder, the default) or ``"single-file"``
         (one CompVis-layout safetensors file and its ``.yaml``); floats in ``dtype`` when given."""

@@ -113,10 +113,6 @@ def test_plan_matches_from_config(sampler, extra, steps):
     the sampler's scheduler class built from the folder's config."""
     config = {**SD15, **extra}
     cls = SAMPLER_CLASS[sampler]
-    if cls == "DPMSolverMultistepScheduler" and extra.get("final_sigmas_type") == "sigma_min":
-        with pytest.raises(ConfigError, match="sigma_min"):
-            _plan(sampler, config, steps)
-        return
     if extra.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in grids.SCHEDULER_DEFAULTS[cls]:
         pytest.skip(f"{cls} has no rescale_betas_zero_snr (diffusers drops it); the engine keeps the model's betas")
     ref = _ref_from_config(cls, config, steps)
@@ -159,7 +155,8 @@ def test_sampler_keys_override():
 @pytest.mark.parametrize("sampler,key,value", [
     ("euler", "interpolation_type", "log_linear"), ("euler", "use_exponential_sigmas", True),
     ("lms", "use_beta_sigmas", True), ("dpmpp_2m", "use_lu_lambdas", True), ("dpmpp_2m", "lambda_min_clipped", -5.1),
-    ("ddim", "thresholding", True), ("pndm", "skip_prk_steps", False), ("ddim", "timestep_spacing", "middle")])
+    ("ddim", "thresholding", True), ("pndm", "skip_prk_steps", False), ("ddim", "timestep_spacing", "middle"),
+    ("ddpm", "variance_type", "fixed_large"), ("dpmpp_2m", "variance_type", "learned_range")])
 def test_unsupported_keys_are_refused(sampler, key, value):
     with pytest.raises(ConfigError, match=key):
         _plan(sampler, {**SD15, key: value}, 10)

@@ -75,7 +75,8 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
     "LMSDiscreteScheduler": {**_BETAS, "timestep_spacing": "linspace", "steps_offset": 0, **_SIGMA_KINDS},
     "DPMSolverMultistepScheduler": {**_BETAS, "timestep_spacing": "linspace", "steps_offset": 0, **_SIGMA_KINDS,
                                     "use_lu_lambdas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
-                                    "lambda_min_clipped": -math.inf, "thresholding": False,
+                                    "lambda_min_clipped": -math.inf, "thresholding": False, "variance_type": None,
+                                    "lower_order_final": True, "euler_at_final": False,
                                     "rescale_betas_zero_snr": False},
 }
 """For each class, the ``__init__`` defaults of the config keys the engine reads (diffusers 0.42)."""
@@ -164,6 +165,8 @@ class GridSpec:
     clip_x0: float | None = None  # clip_sample: clip the x0 estimate to [-r, r]
     round_karras_t: bool = True  # DPM-Solver rounds Karras timesteps (not for cosine betas)
     scheduler: str | None = None  # the diffusers class (DDIM/PNDM step to t - T // steps)
+    lower_order_final: bool = True  # DPM-Solver: first-order last step below 15 steps ...
+    euler_at_final: bool = False  # ... or always
 
 
 @attrs.frozen
@@ -190,8 +193,9 @@ class SamplingPlan:
 
 def _refuse(class_name: str, settings: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     def fail(key: str, why: str) -> None:
-        raise ConfigError(f"the model's scheduler config gives {class_name} {key}={settings[key]!r} ({why}), "
-                          "which the engine does not reproduce")
+        raise ConfigError(f"the model's scheduler config (scheduler/scheduler_config.json) gives {class_name} "
+                          f"{key}={settings[key]!r} ({why}), which the engine does not reproduce; change the key "
+                          "there or choose another sampler")
 
     for key, what in _UNSUPPORTED.items():
         if key in settings and settings[key] not in (None, False):
@@ -200,6 +204,8 @@ def _refuse(class_name: str, settings: Mapping[str, Any], config: Mapping[str, A
         fail("interpolation_type", "log-linear sigmas over the whole range")
     if settings.get("timestep_type", "discrete") != "discrete" and config.get("prediction_type") == "v_prediction":
         fail("timestep_type", "the network is given 0.25 log(sigma) as its time input")
+    if settings.get("variance_type") not in (None, "fixed_small"):
+        fail("variance_type", "another DDPM posterior variance")
     if settings.get("lambda_min_clipped", -math.inf) != -math.inf:
         fail("lambda_min_clipped", "a clipped last timestep")
     if class_name == "PNDMScheduler" and not settings["skip_prk_steps"]:
@@ -233,15 +239,14 @@ def grid_spec(sampler: str, schedule: DiscreteSchedule, *, spacing: Spacing | No
     else:
         final = s.get("final_sigmas_type", "zero")
     final = final_sigma or final
-    if family == "dpm" and final == "sigma_min":
-        raise ConfigError(f"sampler '{sampler}': a last sigma of sigma_min (final_sigmas_type) is not supported "
-                          "for DPM-Solver; use final_sigma = \"zero\"")
     clip = float(s["clip_sample_range"]) if s.get("clip_sample") else None
     return GridSpec(family=family, spacing=spacing or s["timestep_spacing"],
                     steps_offset=s["steps_offset"] if steps_offset is None else steps_offset, final=final,
                     karras=bool(s.get("use_karras_sigmas", False)) if karras is None else karras,
                     sigma_range=(s.get("sigma_min"), s.get("sigma_max")), clip_x0=clip,
-                    round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2", scheduler=class_name)
+                    round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2", scheduler=class_name,
+                    lower_order_final=bool(s.get("lower_order_final", True)),
+                    euler_at_final=bool(s.get("euler_at_final", False)))
 
 
 def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: float = 7.0) -> SamplingPlan:
@@ -268,6 +273,8 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
         last, targets = _ratio_steps(view, ts, last, scheduler=spec.scheduler)
         if targets is not None:
             options["targets"] = targets
+    if spec.family == "dpm" and spec.final != "zero":  # to 0 the last step is first order anyway
+        options["first_order_final"] = spec.euler_at_final or (spec.lower_order_final and steps < 15)
     sigmas = torch.cat([sig, last])
     # the Euler family starts at sigma_max itself for linspace/trailing (its init_noise_sigma)
     start_vp = not (spec.family == "k" and spec.spacing in ("linspace", "trailing"))

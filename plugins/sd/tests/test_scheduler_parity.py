@@ -88,6 +88,7 @@ def test_default_grid_matches_from_config(sampler, folder):
                                                ("euler", "use_karras_sigmas", True),
                                                ("dpmpp_2m", "use_karras_sigmas", True),
                                                ("euler", "final_sigmas_type", "sigma_min"),
+                                               ("dpmpp_2m", "final_sigmas_type", "sigma_min"),
                                                ("ddim", "rescale_betas_zero_snr", True)])
 def test_folder_keys_are_honoured(sampler, key, value, tmp_path):
     """Keys of the folder's scheduler config reach the grid (and the betas) as in diffusers."""

@@ -140,26 +140,30 @@ def sample_plms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
 @torch.no_grad()
 def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *,
                     generator: torch.Generator | None = None,
-                    callback: StepCallback | None = None) -> Tensor:
+                    callback: StepCallback | None = None, first_order_final: bool = False) -> Tensor:
     """DPM-Solver++(2M), the 2nd-order multistep data-prediction solver (Lu et al. 2022, Alg. 2).
 
-    First step and the step to sigma 0 are first order (diffusers' ``lower_order_final``).
+    The first step and a step to sigma 0 are first order; ``first_order_final`` makes the last
+    step first order also when it ends above 0 (diffusers' ``lower_order_final`` below 15 steps).
     """
-    return _dpmpp_2m(model, x, sigmas, eta=0.0, s_noise=1.0, generator=generator, callback=callback)
+    return _dpmpp_2m(model, x, sigmas, eta=0.0, s_noise=1.0, generator=generator, callback=callback,
+                     first_order_final=first_order_final)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *,
                         generator: torch.Generator | None = None,
                         callback: StepCallback | None = None, eta: float = 1.0,
-                        s_noise: float = 1.0) -> Tensor:
+                        s_noise: float = 1.0, first_order_final: bool = False) -> Tensor:
     """SDE-DPM-Solver++(2M), midpoint form (Lu et al. 2022, Appendix; diffusers'
     ``algorithm_type="sde-dpmsolver++"``). ``eta = 0`` recovers DPM-Solver++(2M)."""
-    return _dpmpp_2m(model, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, callback=callback)
+    return _dpmpp_2m(model, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, callback=callback,
+                     first_order_final=first_order_final)
 
 
 def _dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float, s_noise: float,
-              generator: torch.Generator | None, callback: StepCallback | None) -> Tensor:
+              generator: torch.Generator | None, callback: StepCallback | None,
+              first_order_final: bool = False) -> Tensor:
     """The shared 2M loop in ``lambda = -log(sigma)``; ``eta > 0`` adds the SDE noise."""
     s = sigma_list(sigmas)
     old_denoised: Tensor | None = None
@@ -172,7 +176,7 @@ def _dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float, s_noise
             h = math.log(s[i]) - math.log(s[i + 1])
             h_eta = h * (eta + 1)
             d = denoised
-            if old_denoised is not None:
+            if old_denoised is not None and not (first_order_final and i == len(s) - 2):
                 r = h_last / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (s[i + 1] / s[i] * math.exp(-h * eta)) * x - math.expm1(-h_eta) * d

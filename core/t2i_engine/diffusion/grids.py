@@ -270,9 +270,12 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
     last = sig.new_zeros(1) if spec.final == "zero" else schedule.sigmas[:1].clone()
     options: dict[str, Any] = {}
     if spec.scheduler in ("DDIMScheduler", "PNDMScheduler") and not spec.karras:
-        last, targets = _ratio_steps(view, ts, last, scheduler=spec.scheduler)
+        last, targets = _ratio_steps(view, ts, last)
         if targets is not None:
             options["targets"] = targets
+            if spec.scheduler == "PNDMScheduler":  # its warm-up step starts from t_1 + T // n
+                start = torch.tensor([ts[1] + schedule.num_train_timesteps // steps], dtype=torch.float64)
+                options["warmup_from"] = float(view.t_to_sigma(start)[0])
     if spec.family == "dpm" and spec.final != "zero":  # to 0 the last step is first order anyway
         options["first_order_final"] = spec.euler_at_final or (spec.lower_order_final and steps < 15)
     sigmas = torch.cat([sig, last])
@@ -282,8 +285,7 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
                         clip_x0=spec.clip_x0, options=options)
 
 
-def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor, *,
-                 scheduler: str) -> tuple[Tensor, Tensor | None]:
+def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor) -> tuple[Tensor, Tensor | None]:
     """DDIM and PNDM step from ``t`` to ``t - T // steps`` (``final`` below 0), not to the next
     grid timestep: the last sigma, and the landing sigmas of the other steps where they are not
     the next grid sigma (None when the grid is such a chain, as ``leading`` always is)."""
@@ -292,10 +294,6 @@ def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor, *,
     land = torch.where(torch.from_numpy(prev >= 0), land, final.expand_as(land))
     if np.array_equal(prev[:-1], ts[1:]):
         return land[-1:], None
-    if scheduler == "PNDMScheduler":
-        raise ConfigError(f"pndm: diffusers' PNDMScheduler steps from t to t - T // steps, which on this grid "
-                          f"({ts.astype(int).tolist()}) is not the next timestep; the engine reproduces that for "
-                          "ddim only: use 'leading' spacing or a step count that divides num_train_timesteps")
     return land[-1:], land[:-1]
 
 

@@ -211,3 +211,12 @@ def test_trajectory_matches_scheduler_loop(sampler, spacing, steps, prediction):
     model = DenoiserWrapper(Net(), plan.schedule, round_t=plan.round_t).bind(Conditioning())
     x = configured(model, z * plan.start_std(float(plan.sigmas[0])), plan.sigmas, **plan.options)
     torch.testing.assert_close(x * plan.final_scale(float(plan.sigmas[-1])), lat, rtol=1e-5, atol=1e-5)
+
+
+def test_final_sigma_key_wins_on_non_chain_grids():
+    """trailing at 6 steps: DDIM's last step lands on t = 0 whatever set_alpha_to_one says; an
+    explicit [sampler] final_sigma still decides."""
+    config = {**SD15, "timestep_spacing": "trailing", "steps_offset": 0}
+    plan = _plan("ddim", config, 6)
+    assert float(plan.sigmas[-1]) == pytest.approx(float(plan.schedule.sigmas[0]))
+    assert float(_plan("ddim", config, 6, final_sigma="zero").sigmas[-1]) == 0

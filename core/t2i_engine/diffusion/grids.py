@@ -167,6 +167,7 @@ class GridSpec:
     scheduler: str | None = None  # the diffusers class (DDIM/PNDM step to t - T // steps)
     lower_order_final: bool = True  # DPM-Solver: first-order last step below 15 steps ...
     euler_at_final: bool = False  # ... or always
+    force_final: bool = False  # ``final`` given by [sampler]: it wins over DDIM/PNDM's t - T // n last step
 
 
 @attrs.frozen
@@ -179,7 +180,7 @@ class SamplingPlan:
     final_vp: bool = False  # the decoder gets the last sample in VP space (x / sqrt(1 + sigma^2))
     round_t: bool = False  # round the network's timesteps (DPM-Solver with Karras sigmas)
     clip_x0: float | None = None  # clip the x0 estimate to [-clip_x0, clip_x0]
-    options: dict[str, Any] = attrs.field(factory=dict)  # extra sampler keywords (DDIM's targets)
+    options: dict[str, Any] = attrs.field(factory=dict)  # extra sampler keywords (targets, ...)
 
     def start_std(self, sigma: float) -> float:
         """The std of the first sample at ``sigma`` (diffusers' ``init_noise_sigma``)."""
@@ -246,7 +247,7 @@ def grid_spec(sampler: str, schedule: DiscreteSchedule, *, spacing: Spacing | No
                     sigma_range=(s.get("sigma_min"), s.get("sigma_max")), clip_x0=clip,
                     round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2", scheduler=class_name,
                     lower_order_final=bool(s.get("lower_order_final", True)),
-                    euler_at_final=bool(s.get("euler_at_final", False)))
+                    euler_at_final=bool(s.get("euler_at_final", False)), force_final=final_sigma is not None)
 
 
 def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: float = 7.0) -> SamplingPlan:
@@ -270,7 +271,8 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
     last = sig.new_zeros(1) if spec.final == "zero" else schedule.sigmas[:1].clone()
     options: dict[str, Any] = {}
     if spec.scheduler in ("DDIMScheduler", "PNDMScheduler") and not spec.karras:
-        last, targets = _ratio_steps(view, ts, last)
+        ratio_last, targets = _ratio_steps(view, ts, last)
+        last = last if spec.force_final else ratio_last
         if targets is not None:
             options["targets"] = targets
             if spec.scheduler == "PNDMScheduler":  # its warm-up step starts from t_1 + T // n

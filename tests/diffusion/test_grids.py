@@ -38,7 +38,7 @@ COMBOS = list(itertools.product([1, 2, 3, 6, 7, 10, 25, 50, 999], ["leading", "l
 def test_timesteps_match_set_timesteps(cls):
     """Every (steps, spacing, steps_offset, T) combination, per class."""
     for steps, spacing, offset, T in COMBOS:
-        if steps > T or (cls == "PNDMScheduler" and spacing != "leading" and steps > 1 and T % steps):
+        if steps > T:
             continue
         ref = getattr(diffusers, cls)(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=offset,
                                       **({"skip_prk_steps": True} if cls == "PNDMScheduler" else {}), **SD)
@@ -113,18 +113,10 @@ def test_plan_matches_from_config(sampler, extra, steps):
     the sampler's scheduler class built from the folder's config."""
     config = {**SD15, **extra}
     cls = SAMPLER_CLASS[sampler]
-    if cls == "DPMSolverMultistepScheduler" and extra.get("final_sigmas_type") == "sigma_min":
-        with pytest.raises(ConfigError, match="sigma_min"):
-            _plan(sampler, config, steps)
-        return
     if extra.get("rescale_betas_zero_snr") and "rescale_betas_zero_snr" not in grids.SCHEDULER_DEFAULTS[cls]:
         pytest.skip(f"{cls} has no rescale_betas_zero_snr (diffusers drops it); the engine keeps the model's betas")
     ref = _ref_from_config(cls, config, steps)
-    try:
-        plan = _plan(sampler, config, steps)
-    except ConfigError as e:  # only PNDM on a grid whose steps do not chain (t - T // n)
-        assert cls == "PNDMScheduler" and "not the next timestep" in str(e)
-        return
+    plan = _plan(sampler, config, steps)
     t = plan.schedule.sigma_to_t(plan.sigmas[:-1])
     if plan.round_t:
         t = t.round()
@@ -159,7 +151,8 @@ def test_sampler_keys_override():
 @pytest.mark.parametrize("sampler,key,value", [
     ("euler", "interpolation_type", "log_linear"), ("euler", "use_exponential_sigmas", True),
     ("lms", "use_beta_sigmas", True), ("dpmpp_2m", "use_lu_lambdas", True), ("dpmpp_2m", "lambda_min_clipped", -5.1),
-    ("ddim", "thresholding", True), ("pndm", "skip_prk_steps", False), ("ddim", "timestep_spacing", "middle")])
+    ("ddim", "thresholding", True), ("pndm", "skip_prk_steps", False), ("ddim", "timestep_spacing", "middle"),
+    ("ddpm", "variance_type", "fixed_large"), ("dpmpp_2m", "variance_type", "learned_range")])
 def test_unsupported_keys_are_refused(sampler, key, value):
     with pytest.raises(ConfigError, match=key):
         _plan(sampler, {**SD15, key: value}, 10)
@@ -182,3 +175,48 @@ def test_betas_config_takes_the_source_class_defaults():
     assert grids.betas_config({"_class_name": "PNDMScheduler"})["beta_schedule"] == "linear"
     with pytest.raises(ConfigError, match="trained_betas"):
         grids.betas_config({"trained_betas": [0.1, 0.2]})
+
+
+def _net_fn(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    t = t.to(torch.float64).reshape(-1, *([1] * (x_vp.ndim - 1))) if t.ndim else t.to(torch.float64)
+    return 0.6 * x_vp + 0.2 * torch.tanh(x_vp) + 0.1 * torch.cos(t / 300.0)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("sampler,spacing,steps", [("ddim", "trailing", 7), ("ddim", "linspace", 6),
+                                                   ("pndm", "trailing", 7), ("pndm", "linspace", 6),
+                                                   ("pndm", "leading", 5), ("dpmpp_2m", "leading", 7)])
+def test_trajectory_matches_scheduler_loop(sampler, spacing, steps, prediction):
+    """The whole run (plan + sampler + the pipeline's start and end scaling) against diffusers'
+    scheduler loop on an analytic network, including grids whose steps do not chain (DDIM and
+    PNDM step to t - T // n) and PLMS combining raw v outputs."""
+    from t2i_engine.diffusion.parameterization import DenoiserWrapper
+    from t2i_engine.interfaces import Conditioning, DenoiserNet
+
+    config = {**SD15, "timestep_spacing": spacing, "steps_offset": 1 if spacing == "leading" else 0,
+              "prediction_type": "epsilon" if prediction == "eps" else "v_prediction"}
+    ref = _ref_from_config(SAMPLER_CLASS[sampler], config, steps)
+    z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    lat = z * ref.init_noise_sigma
+    for t in ref.timesteps:
+        lat = ref.step(_net_fn(ref.scale_model_input(lat, t), t), t, lat).prev_sample
+
+    class Net(DenoiserNet):
+        def forward(self, x_t, t, cond):
+            return _net_fn(x_t, t)
+
+    Net.prediction = prediction
+    configured = SAMPLERS[sampler](SAMPLERS[sampler].Config(steps=steps))
+    plan = _plan(sampler, config, steps)
+    model = DenoiserWrapper(Net(), plan.schedule, round_t=plan.round_t).bind(Conditioning())
+    x = configured(model, z * plan.start_std(float(plan.sigmas[0])), plan.sigmas, **plan.options)
+    torch.testing.assert_close(x * plan.final_scale(float(plan.sigmas[-1])), lat, rtol=1e-5, atol=1e-5)
+
+
+def test_final_sigma_key_wins_on_non_chain_grids():
+    """trailing at 6 steps: DDIM's last step lands on t = 0 whatever set_alpha_to_one says; an
+    explicit [sampler] final_sigma still decides."""
+    config = {**SD15, "timestep_spacing": "trailing", "steps_offset": 0}
+    plan = _plan("ddim", config, 6)
+    assert float(plan.sigmas[-1]) == pytest.approx(float(plan.schedule.sigmas[0]))
+    assert float(_plan("ddim", config, 6, final_sigma="zero").sigmas[-1]) == 0

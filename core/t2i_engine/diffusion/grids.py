@@ -75,7 +75,8 @@ SCHEDULER_DEFAULTS: dict[str, dict[str, Any]] = {
     "LMSDiscreteScheduler": {**_BETAS, "timestep_spacing": "linspace", "steps_offset": 0, **_SIGMA_KINDS},
     "DPMSolverMultistepScheduler": {**_BETAS, "timestep_spacing": "linspace", "steps_offset": 0, **_SIGMA_KINDS,
                                     "use_lu_lambdas": False, "use_flow_sigmas": False, "final_sigmas_type": "zero",
-                                    "lambda_min_clipped": -math.inf, "thresholding": False,
+                                    "lambda_min_clipped": -math.inf, "thresholding": False, "variance_type": None,
+                                    "lower_order_final": True, "euler_at_final": False,
                                     "rescale_betas_zero_snr": False},
 }
 """For each class, the ``__init__`` defaults of the config keys the engine reads (diffusers 0.42)."""
@@ -164,6 +165,9 @@ class GridSpec:
     clip_x0: float | None = None  # clip_sample: clip the x0 estimate to [-r, r]
     round_karras_t: bool = True  # DPM-Solver rounds Karras timesteps (not for cosine betas)
     scheduler: str | None = None  # the diffusers class (DDIM/PNDM step to t - T // steps)
+    lower_order_final: bool = True  # DPM-Solver: first-order last step below 15 steps ...
+    euler_at_final: bool = False  # ... or always
+    force_final: bool = False  # ``final`` given by [sampler]: it wins over DDIM/PNDM's t - T // n last step
 
 
 @attrs.frozen
@@ -176,7 +180,7 @@ class SamplingPlan:
     final_vp: bool = False  # the decoder gets the last sample in VP space (x / sqrt(1 + sigma^2))
     round_t: bool = False  # round the network's timesteps (DPM-Solver with Karras sigmas)
     clip_x0: float | None = None  # clip the x0 estimate to [-clip_x0, clip_x0]
-    options: dict[str, Any] = attrs.field(factory=dict)  # extra sampler keywords (DDIM's targets)
+    options: dict[str, Any] = attrs.field(factory=dict)  # extra sampler keywords (targets, ...)
 
     def start_std(self, sigma: float) -> float:
         """The std of the first sample at ``sigma`` (diffusers' ``init_noise_sigma``)."""
@@ -190,8 +194,9 @@ class SamplingPlan:
 
 def _refuse(class_name: str, settings: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     def fail(key: str, why: str) -> None:
-        raise ConfigError(f"the model's scheduler config gives {class_name} {key}={settings[key]!r} ({why}), "
-                          "which the engine does not reproduce")
+        raise ConfigError(f"the model's scheduler config (scheduler/scheduler_config.json) gives {class_name} "
+                          f"{key}={settings[key]!r} ({why}), which the engine does not reproduce; change the key "
+                          "there or choose another sampler")
 
     for key, what in _UNSUPPORTED.items():
         if key in settings and settings[key] not in (None, False):
@@ -200,6 +205,8 @@ def _refuse(class_name: str, settings: Mapping[str, Any], config: Mapping[str, A
         fail("interpolation_type", "log-linear sigmas over the whole range")
     if settings.get("timestep_type", "discrete") != "discrete" and config.get("prediction_type") == "v_prediction":
         fail("timestep_type", "the network is given 0.25 log(sigma) as its time input")
+    if settings.get("variance_type") not in (None, "fixed_small"):
+        fail("variance_type", "another DDPM posterior variance")
     if settings.get("lambda_min_clipped", -math.inf) != -math.inf:
         fail("lambda_min_clipped", "a clipped last timestep")
     if class_name == "PNDMScheduler" and not settings["skip_prk_steps"]:
@@ -233,15 +240,14 @@ def grid_spec(sampler: str, schedule: DiscreteSchedule, *, spacing: Spacing | No
     else:
         final = s.get("final_sigmas_type", "zero")
     final = final_sigma or final
-    if family == "dpm" and final == "sigma_min":
-        raise ConfigError(f"sampler '{sampler}': a last sigma of sigma_min (final_sigmas_type) is not supported "
-                          "for DPM-Solver; use final_sigma = \"zero\"")
     clip = float(s["clip_sample_range"]) if s.get("clip_sample") else None
     return GridSpec(family=family, spacing=spacing or s["timestep_spacing"],
                     steps_offset=s["steps_offset"] if steps_offset is None else steps_offset, final=final,
                     karras=bool(s.get("use_karras_sigmas", False)) if karras is None else karras,
                     sigma_range=(s.get("sigma_min"), s.get("sigma_max")), clip_x0=clip,
-                    round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2", scheduler=class_name)
+                    round_karras_t=config.get("beta_schedule") != "squaredcos_cap_v2", scheduler=class_name,
+                    lower_order_final=bool(s.get("lower_order_final", True)),
+                    euler_at_final=bool(s.get("euler_at_final", False)), force_final=final_sigma is not None)
 
 
 def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: float = 7.0) -> SamplingPlan:
@@ -265,9 +271,15 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
     last = sig.new_zeros(1) if spec.final == "zero" else schedule.sigmas[:1].clone()
     options: dict[str, Any] = {}
     if spec.scheduler in ("DDIMScheduler", "PNDMScheduler") and not spec.karras:
-        last, targets = _ratio_steps(view, ts, last, scheduler=spec.scheduler)
+        ratio_last, targets = _ratio_steps(view, ts, last)
+        last = last if spec.force_final else ratio_last
         if targets is not None:
             options["targets"] = targets
+            if spec.scheduler == "PNDMScheduler":  # its warm-up step starts from t_1 + T // n
+                start = torch.tensor([ts[1] + schedule.num_train_timesteps // steps], dtype=torch.float64)
+                options["warmup_from"] = float(view.t_to_sigma(start)[0])
+    if spec.family == "dpm" and spec.final != "zero":  # to 0 the last step is first order anyway
+        options["first_order_final"] = spec.euler_at_final or (spec.lower_order_final and steps < 15)
     sigmas = torch.cat([sig, last])
     # the Euler family starts at sigma_max itself for linspace/trailing (its init_noise_sigma)
     start_vp = not (spec.family == "k" and spec.spacing in ("linspace", "trailing"))
@@ -275,8 +287,7 @@ def grid_plan(schedule: DiscreteSchedule, spec: GridSpec, steps: int, *, rho: fl
                         clip_x0=spec.clip_x0, options=options)
 
 
-def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor, *,
-                 scheduler: str) -> tuple[Tensor, Tensor | None]:
+def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor) -> tuple[Tensor, Tensor | None]:
     """DDIM and PNDM step from ``t`` to ``t - T // steps`` (``final`` below 0), not to the next
     grid timestep: the last sigma, and the landing sigmas of the other steps where they are not
     the next grid sigma (None when the grid is such a chain, as ``leading`` always is)."""
@@ -285,10 +296,6 @@ def _ratio_steps(schedule: DiscreteSchedule, ts: np.ndarray, final: Tensor, *,
     land = torch.where(torch.from_numpy(prev >= 0), land, final.expand_as(land))
     if np.array_equal(prev[:-1], ts[1:]):
         return land[-1:], None
-    if scheduler == "PNDMScheduler":
-        raise ConfigError(f"pndm: diffusers' PNDMScheduler steps from t to t - T // steps, which on this grid "
-                          f"({ts.astype(int).tolist()}) is not the next timestep; the engine reproduces that for "
-                          "ddim only: use 'leading' spacing or a step count that divides num_train_timesteps")
     return land[-1:], land[:-1]
 
 

@@ -180,6 +180,7 @@ class DiscreteSchedule:
         self.steps_offset = steps_offset
         self.interpolation: Interpolation = interpolation
         self.scheduler_config = scheduler_config
+        self.definition: dict[str, Any] | None = None  # set by from_betas
         self.sigma_min = float(self.sigmas[0])
         self.sigma_max = float(self.sigmas[-1])
 
@@ -192,8 +193,14 @@ class DiscreteSchedule:
         betas = make_betas(kind, num_train_timesteps, beta_start=beta_start, beta_end=beta_end)
         if rescale_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(torch.cumprod(1 - betas, 0), spacing=spacing, steps_offset=steps_offset,
-                   scheduler_config=scheduler_config)
+        schedule = cls(torch.cumprod(1 - betas, 0), spacing=spacing, steps_offset=steps_offset,
+                       scheduler_config=scheduler_config)
+        # what it was built from, in diffusers' names (so a model can export the schedule it runs)
+        schedule.definition = {
+            "beta_schedule": "squaredcos_cap_v2" if kind == "cosine" else kind, "beta_start": beta_start,
+            "beta_end": beta_end, "num_train_timesteps": num_train_timesteps,
+            "rescale_betas_zero_snr": rescale_zero_snr, "timestep_spacing": spacing, "steps_offset": steps_offset}
+        return schedule
 
     def with_interpolation(self, interpolation: Interpolation) -> DiscreteSchedule:
         """The same schedule with another interpolation of sigma between integer timesteps."""

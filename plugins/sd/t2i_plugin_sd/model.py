@@ -61,6 +61,21 @@ class StableDiffusion(nn.Module):
         self.extras_hints: dict[str, Any] = {}  # layout details to write back (key prefixes)
 
     @property
+    def schedule(self) -> DiscreteSchedule:
+        """The DDPM schedule the model runs (and exports: setting it updates ``arch.schedule``)."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value: DiscreteSchedule) -> None:
+        definition = getattr(value, "definition", None)
+        if definition is None:
+            raise ConfigError("schedule: Stable Diffusion takes a discrete beta schedule built by name "
+                              "(linear, scaled_linear, cosine/squaredcos_cap_v2)")
+        self.arch = attrs.evolve(self.arch, schedule=ScheduleConfig(
+            **definition, scheduler_config=getattr(value, "scheduler_config", None)))
+        self._schedule = value
+
+    @property
     def prediction(self) -> str:
         """What the UNet predicts (``eps`` or ``v``)."""
         return self.unet.prediction

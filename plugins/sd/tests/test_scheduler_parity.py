@@ -2,7 +2,7 @@
 diffusers with SD 1.5's scheduler config (PNDMScheduler, no ``timestep_spacing`` key), reloaded
 with ``from_pretrained``, its scheduler swapped with ``<Scheduler>.from_config(pipe.scheduler.config)``
 as diffusers users do; on our side the same folder loaded by the engine's model factory and each
-sampler with its default grid. Images compared at 1e-3, eps and v."""
+sampler with its default grid. Images compared at 5e-5 (the issue asks 1e-3), eps and v."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "pndm": "PNDMScheduler", "euler": "EulerD
               "euler_ancestral": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
               "lms": "LMSDiscreteScheduler", "dpmpp_2m": "DPMSolverMultistepScheduler"}
 STEPS = 6
+TOL = 5e-5  # about 10x the measured 1e-6 to 4e-6 (float32); the issue's bar is 1e-3
 
 
 def _folder(root, *, v: bool, extra: dict | None = None):
@@ -81,13 +82,14 @@ def test_default_grid_matches_from_config(sampler, folder):
     ref = _reference(folder, SCHEDULERS[sampler], noise)
     got = _ours(_engine_model(folder), sampler, noise)
     assert got.shape == ref.shape
-    assert (got - ref).abs().max() <= 1e-3
+    assert (got - ref).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("sampler,key,value", [("ddim", "timestep_spacing", "trailing"),
                                                ("euler", "use_karras_sigmas", True),
                                                ("dpmpp_2m", "use_karras_sigmas", True),
                                                ("euler", "final_sigmas_type", "sigma_min"),
+                                               ("dpmpp_2m", "final_sigmas_type", "sigma_min"),
                                                ("ddim", "rescale_betas_zero_snr", True)])
 def test_folder_keys_are_honoured(sampler, key, value, tmp_path):
     """Keys of the folder's scheduler config reach the grid (and the betas) as in diffusers."""
@@ -95,7 +97,7 @@ def test_folder_keys_are_honoured(sampler, key, value, tmp_path):
     noise = _noise()
     ref = _reference(folder, SCHEDULERS[sampler], noise)
     got = _ours(_engine_model(folder), sampler, noise)
-    assert (got - ref).abs().max() <= 1e-3
+    assert (got - ref).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("layout", ["eps", "v"])
@@ -105,7 +107,7 @@ def test_guidance_rescale_matches_diffusers(layout, tmp_path):
     noise = _noise()
     ref = _reference(folder, "DDIMScheduler", noise, guidance_rescale=0.7)
     got = _ours(_engine_model(folder), "ddim", noise, guidance_rescale=0.7)
-    assert (got - ref).abs().max() <= 1e-3
+    assert (got - ref).abs().max() <= TOL
 
 
 def test_sampler_keys_override_the_folder(folder):
@@ -196,3 +198,16 @@ def test_sigmas_stay_float32_under_bf16_true(tmp_path):
     want = plan.schedule.sigma_to_t(plan.sigmas[:-1])
     got = torch.stack([t[0] for t in seen])
     assert (got - want).abs().max() < 1e-3  # bf16 sigmas were up to 0.95 off
+
+
+def test_schedule_override_is_what_the_model_exports(tmp_path):
+    """A schedule set on the model (what [schedule] does) is the one its export writes."""
+    from t2i_engine.diffusion.registry import SCHEDULES
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    model = build_model(None, PRESETS["tiny"])
+    model.schedule = SCHEDULES["linear"](SCHEDULES["linear"].Config(beta_end=0.03, spacing="trailing"))
+    model.save(str(tmp_path / "out"))
+    config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["beta_schedule"], config["beta_end"], config["timestep_spacing"]) == ("linear", 0.03, "trailing")

@@ -103,8 +103,8 @@ _AB = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
 
 @torch.no_grad()
 def sample_plms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
-                generator: torch.Generator | None = None,
-                callback: StepCallback | None = None) -> Tensor:
+                generator: torch.Generator | None = None, callback: StepCallback | None = None,
+                targets: Tensor | None = None, warmup_from: float | None = None) -> Tensor:
     """Pseudo linear multistep, PLMS/PNDM (Liu et al. 2022) with the Heun warm-up of diffusers'
     ``PNDMScheduler(skip_prk_steps=True)``: 4th-order Adams-Bashforth with fixed weights.
 
@@ -112,27 +112,43 @@ def sample_plms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
     v-prediction network: ``model.prediction``, default eps) and turns the combination into a
     step at the current point; for v this differs from combining eps. Step ``i`` costs one model
     call; the first costs two when more steps follow.
+
+    ``targets`` and ``warmup_from`` reproduce diffusers on grids whose steps do not chain (it
+    steps from ``t`` to ``t - T // steps``; see :func:`sample_ddim`): where step ``i`` lands
+    when that is not ``sigmas[i + 1]``, and the level the warm-up step starts from
+    (``t_1 + T // steps`` rather than ``t_0``).
     """
     prediction, sigma_data = getattr(model, "prediction", "eps"), float(getattr(model, "sigma_data", 0.5))
 
     def raw(x0: Tensor, x_at: Tensor, sigma: float) -> Tensor:
         return from_x0(x0, x_at, torch.tensor(sigma), prediction=prediction, sigma_data=sigma_data)
 
+    def step(x_at: Tensor, sigma: float, out: Tensor, sigma_to: float) -> Tensor:
+        x0 = to_x0(out, x_at, torch.tensor(sigma), prediction=prediction, sigma_data=sigma_data)
+        return x_at + to_d(x_at, sigma, x0) * (sigma_to - sigma)
+
+    def relabel(x_at: Tensor, sigma: float, sigma_new: float) -> Tensor:
+        """The same VP sample read at another level (x_vp = x / sqrt(1 + sigma^2) kept)."""
+        return x_at if sigma == sigma_new else x_at * math.sqrt((1 + sigma_new**2) / (1 + sigma**2))
+
     s = sigma_list(sigmas)
+    to = [*sigma_list(targets), s[-1]] if targets is not None else s[1:]
     outs: list[Tensor] = []  # raw outputs at the accepted points, oldest first
     for i in range(len(s) - 1):
         denoised = call(model, x, s[i])
         out = raw(denoised, x, s[i])
         outs = [*outs, out][-4:]
-        dt = s[i + 1] - s[i]
         if i == 0 and len(s) > 2:
             # warm-up: Heun, averaging the output here and at the Euler-predicted next point
-            x_next = x + to_d(x, s[i], denoised) * dt
+            x_next = relabel(step(x, s[0], out, to[0]), to[0], s[1])
             out_prime = (out + raw(call(model, x_next, s[1]), x_next, s[1])) / 2
+            start = s[0] if warmup_from is None else warmup_from
+            x = step(relabel(x, s[0], start), start, out_prime, s[1])
         else:
             out_prime = sum(w * o for w, o in zip(_AB[len(outs)], reversed(outs)))
-        x0_prime = to_x0(out_prime, x, torch.tensor(s[i]), prediction=prediction, sigma_data=sigma_data)
-        x = x + to_d(x, s[i], x0_prime) * dt
+            x = step(x, s[i], out_prime, to[i])
+            if i < len(s) - 2:
+                x = relabel(x, to[i], s[i + 1])
         report(callback, i, x, s[i], s[i + 1], denoised)
     return x
 
@@ -140,26 +156,30 @@ def sample_plms(model: Denoiser, x: Tensor, sigmas: Tensor, *,
 @torch.no_grad()
 def sample_dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *,
                     generator: torch.Generator | None = None,
-                    callback: StepCallback | None = None) -> Tensor:
+                    callback: StepCallback | None = None, first_order_final: bool = False) -> Tensor:
     """DPM-Solver++(2M), the 2nd-order multistep data-prediction solver (Lu et al. 2022, Alg. 2).
 
-    First step and the step to sigma 0 are first order (diffusers' ``lower_order_final``).
+    The first step and a step to sigma 0 are first order; ``first_order_final`` makes the last
+    step first order also when it ends above 0 (diffusers' ``lower_order_final`` below 15 steps).
     """
-    return _dpmpp_2m(model, x, sigmas, eta=0.0, s_noise=1.0, generator=generator, callback=callback)
+    return _dpmpp_2m(model, x, sigmas, eta=0.0, s_noise=1.0, generator=generator, callback=callback,
+                     first_order_final=first_order_final)
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model: Denoiser, x: Tensor, sigmas: Tensor, *,
                         generator: torch.Generator | None = None,
                         callback: StepCallback | None = None, eta: float = 1.0,
-                        s_noise: float = 1.0) -> Tensor:
+                        s_noise: float = 1.0, first_order_final: bool = False) -> Tensor:
     """SDE-DPM-Solver++(2M), midpoint form (Lu et al. 2022, Appendix; diffusers'
     ``algorithm_type="sde-dpmsolver++"``). ``eta = 0`` recovers DPM-Solver++(2M)."""
-    return _dpmpp_2m(model, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, callback=callback)
+    return _dpmpp_2m(model, x, sigmas, eta=eta, s_noise=s_noise, generator=generator, callback=callback,
+                     first_order_final=first_order_final)
 
 
 def _dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float, s_noise: float,
-              generator: torch.Generator | None, callback: StepCallback | None) -> Tensor:
+              generator: torch.Generator | None, callback: StepCallback | None,
+              first_order_final: bool = False) -> Tensor:
     """The shared 2M loop in ``lambda = -log(sigma)``; ``eta > 0`` adds the SDE noise."""
     s = sigma_list(sigmas)
     old_denoised: Tensor | None = None
@@ -172,7 +192,7 @@ def _dpmpp_2m(model: Denoiser, x: Tensor, sigmas: Tensor, *, eta: float, s_noise
             h = math.log(s[i]) - math.log(s[i + 1])
             h_eta = h * (eta + 1)
             d = denoised
-            if old_denoised is not None:
+            if old_denoised is not None and not (first_order_final and i == len(s) - 2):
                 r = h_last / h
                 d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (s[i + 1] / s[i] * math.exp(-h * eta)) * x - math.expm1(-h_eta) * d

@@ -1,7 +1,9 @@
 """``t2i-engine``: the one command for every job.
 
     t2i-engine run CONFIG.toml [--set key.path=value ...] [--debug]
-    t2i-engine config CONFIG.toml [--set ...]      print the resolved config, defaults filled in
+    t2i-engine config CONFIG.toml [--set ...] [--explain]
+                                                    print the resolved config, defaults filled in
+                                                    (--explain: each key's help as a comment)
     t2i-engine plugins [--json]                     installed plugins and what each registers
     t2i-engine new-plugin NAME [--dir DIR]          scaffold a plugin distribution
     t2i-engine --version
@@ -37,7 +39,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     with_config(sub.add_parser("run", help="run the job a config describes"))
-    with_config(sub.add_parser("config", help="print the resolved config with every default"))
+    p = sub.add_parser("config", help="print the resolved config with every default")
+    with_config(p)
+    p.add_argument("--explain", action="store_true", help="add each key's help text as a comment")
     p = sub.add_parser("plugins", help="list installed plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show load tracebacks")
@@ -73,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"t2i-engine: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a filesystem fault no layer turned into a T2IError: one line still
+        if debug:
+            traceback.print_exc()
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"t2i-engine: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("t2i-engine: interrupted", file=sys.stderr)
         return 130
@@ -101,7 +111,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from t2i_engine.config.render import render_toml
 
     _, config = _load(args)
-    sys.stdout.write(render_toml(config))
+    sys.stdout.write(render_toml(config, explain=args.explain))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -41,7 +42,16 @@ def run_config(config: RunConfig, pm: EnginePluginManager, *, debug: bool = Fals
     device = resolve_device(config.engine.device)
     seed_everything(config.engine.seed)
     output_dir = config.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"engine.output_dir: '{output_dir}' is a file; a folder is expected here")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".t2i-write-test-{os.getpid()}"
+        probe.touch()  # fail now, not after an hour of work, when nothing can be written there
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"engine.output_dir: cannot write to '{output_dir}': "
+                          f"{exc.strerror or exc}") from exc
     task = pm.build(config.task)
     if not isinstance(task, Task):
         raise ConfigError(f"task.name: '{config.task.name}' (from plugin '{config.task.plugin}') "

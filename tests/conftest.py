@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import subprocess
 import sys
@@ -21,13 +23,26 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="session")
 def demo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """pip-install the demo plugin distribution into this venv for the session, then remove it."""
+    """Install the demo plugin distribution into a temporary folder (``pip install --target``)
+    and put that folder first on ``sys.path`` and ``PYTHONPATH`` for the session, so in-process
+    discovery and the console script both find its entry points. The shared environment is
+    never changed."""
     src = tmp_path_factory.mktemp("demo") / "t2i-plugin-demo"
     shutil.copytree(DEMO_PLUGIN, src)
-    done = _pip("install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet", str(src))
+    target = tmp_path_factory.mktemp("demo-site")
+    done = _pip("install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
+                "--target", str(target), str(src))
     if done.returncode != 0:
-        pytest.fail(f"could not pip-install the demo plugin:\n{done.stdout}\n{done.stderr}")
+        pytest.fail(f"could not pip-install the demo plugin into {target}:\n{done.stdout}\n{done.stderr}")
+    old_path, old_env = list(sys.path), os.environ.get("PYTHONPATH")
+    sys.path.insert(0, str(target))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(target), *([old_env] if old_env else [])])
+    importlib.invalidate_caches()
     try:
         yield "t2i-plugin-demo"
     finally:
-        _pip("uninstall", "--yes", "--quiet", "t2i-plugin-demo")
+        sys.path[:] = old_path
+        if old_env is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_env

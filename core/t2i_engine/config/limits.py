@@ -30,19 +30,19 @@ MAX_IMAGE_SIDE = 16384
 
 def _seed_in_range(_inst: Any, attribute: attrs.Attribute, value: int | None) -> None:
     if value is not None and not 0 <= value <= SEED_MAX:
-        raise ValueError(f"{attribute.name} must be between 0 and 2**63-1 ({SEED_MAX}): {value}")
+        raise ValueError(f"'{attribute.name}' must be between 0 and 2**63-1 ({SEED_MAX}): {value}")
 
 
 def _seeds_in_range(_inst: Any, attribute: attrs.Attribute, value: list[int] | None) -> None:
     for i, seed in enumerate(value or ()):
         if not 0 <= seed <= SEED_MAX:
-            raise ValueError(f"{attribute.name} must hold seeds between 0 and 2**63-1 ({SEED_MAX}): "
+            raise ValueError(f"'{attribute.name}' must hold seeds between 0 and 2**63-1 ({SEED_MAX}): "
                              f"item {i} is {seed}")
 
 
 def _side_in_range(_inst: Any, attribute: attrs.Attribute, value: int) -> None:
     if not 8 <= value <= MAX_IMAGE_SIDE:
-        raise ValueError(f"{attribute.name} must be between 8 and {MAX_IMAGE_SIDE} pixels: {value}")
+        raise ValueError(f"'{attribute.name}' must be between 8 and {MAX_IMAGE_SIDE} pixels: {value}")
 
 
 seed_value = _seed_in_range

@@ -51,12 +51,27 @@ def index_lines(text: str) -> dict[str, int]:
     return where
 
 
+def _dotted(parts: list[str]) -> str:
+    """``["conditioners", "0", "type"]`` -> ``conditioners[0].type`` (how errors name keys)."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() and out else f".{part}" if out else part
+    return out
+
+
+def _parent_key(key: str) -> str:
+    """``a.b[2]`` -> ``a.b``, ``a.b`` -> ``a``, ``a`` -> ``""``."""
+    if key.endswith("]") and "[" in key:
+        return key[:key.rindex("[")]
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
 def make_locator(source: Path | None, text: str | None, *,
                  overrides: Iterable[str] = ()) -> Locate:
     """A function giving `` (file:line)`` for a dotted key, falling back to its parents; a key
     that a ``--set`` gave (or lies inside one) is placed at that ``--set`` instead."""
     lines = index_lines(text) if text is not None else {}
-    set_at = {".".join(parse_override(item)[0]): item for item in overrides}
+    set_at = {_dotted(parse_override(item)[0]): item for item in overrides}
 
     def in_file(key: str) -> int | None:
         return lines.get(key, lines.get(f"{key}[0]"))
@@ -75,7 +90,7 @@ def make_locator(source: Path | None, text: str | None, *,
         while probe:
             if (line := in_file(probe)) is not None:
                 return f" ({source}:{line})"
-            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+            probe = _parent_key(probe)
         return f" ({source})"
 
     return locate

@@ -116,27 +116,38 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    """List plugins; exit 2 when one failed to load or two register the same name (the
+    problems are listed last, one line each, also on stderr)."""
     from t2i_engine.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    pm.registries()  # fills each plugin's `registers`
+    problems = pm.problems()  # runs the registration hooks, fills each plugin's `registers`
     infos = list(pm.plugins.values())
+
+    def clashes_of(name: str) -> list[str]:
+        return [f"{kind} '{n}' is also registered by " + ", ".join(f"'{p}'" for p in plugins if p != name)
+                for (kind, n), plugins in pm.clashes.items() if name in plugins]
+
     if args.json:
         print(json.dumps([{
             "name": i.name, "distribution": i.distribution, "version": i.version,
-            "registers": i.registers, "error": i.error,
+            "registers": i.registers, "error": i.error, "clashes": clashes_of(i.name),
         } for i in infos], indent=2))
-        return 0
-    for info in infos:
-        status = "ok" if info.loaded else "FAILED"
-        print(f"{info.name}  ({info.distribution or '?'} {info.version or ''})  [{status}]".replace(" )", ")"))
-        for kind, names in sorted(info.registers.items()):
-            print(f"    {kind}: {', '.join(sorted(names))}")
-        if info.error:
-            print(f"    error: {info.error}")
-            if args.debug and info.traceback:
-                print(info.traceback)
-    return 0
+    else:
+        for info in infos:
+            status = "ok" if info.loaded and not clashes_of(info.name) else "FAILED" if not info.loaded else "CLASH"
+            print(f"{info.name}  ({info.distribution or '?'} {info.version or ''})  [{status}]".replace(" )", ")"))
+            for kind, names in sorted(info.registers.items()):
+                print(f"    {kind}: {', '.join(sorted(names))}")
+            if info.error:
+                print(f"    error: {info.error}")
+                if args.debug and info.traceback:
+                    print(info.traceback)
+            for clash in clashes_of(info.name):
+                print(f"    clash: {clash}")
+    for line in problems:
+        print(f"t2i-engine: {line}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

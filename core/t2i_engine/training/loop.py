@@ -224,7 +224,9 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
             use them. Off by default: the model keeps its training weights.
 
     Returns:
-        ``{"step", "checkpoint", "interrupted", "nonfinite_skipped", "loss"}``.
+        ``{"step", "checkpoint", "interrupted", "nonfinite_skipped", "skipped_samples",
+        "first_skipped", "loss"}``: ``skipped_samples`` counts this rank's distinct corrupt samples,
+        ``first_skipped`` names the first five.
     """
     cfg = train_config
     check_trainable(model)
@@ -271,8 +273,9 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
             fabric.print(f"resuming a {ts.get('world_size')}-process run on {world}: "
                          "data order and noise will differ from an uninterrupted run")
 
-    if hasattr(dataset, "bad_samples"):
-        dataset.bad_samples.max_fraction = cfg.max_bad_sample_fraction
+    tally = getattr(dataset, "bad_samples", None)  # corrupt samples, counted once (data/bad_samples.py)
+    if tally is not None:
+        tally.max_fraction = cfg.max_bad_sample_fraction
     batches = batch_stream(dataset, batch_size=cfg.batch_size, rank=rank, world_size=world,
                            seed=seed, start_batch=state.batches, num_workers=cfg.num_workers,
                            collate_fn=collate_fn, pin_memory=fabric.device.type == "cuda")
@@ -318,6 +321,8 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
                 metrics = {**out, "lr": lr, "step_time": dt, "samples_per_sec": samples_per_step / dt,
                            "peak_memory_mb": peak_memory_mb(fabric.device),
                            "nonfinite_skipped": float(state.nonfinite_total)}
+                if tally is not None:
+                    metrics["skipped_samples"] = float(tally.bad)
                 if rank == 0 and hooks is not None:
                     hooks.on_train_step_end(step=state.step, metrics=metrics)
                 if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
@@ -344,10 +349,15 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
             if state.step != last_saved:
                 _save(fabric, raw, ema, optimizer, scheduler, generator, state,
                       checkpoint_dir=checkpoint_dir, cfg=cfg, hooks=hooks)
+        skipped = tally.summary() if tally is not None else {"skipped_samples": 0, "first_skipped": []}
+        if skipped["skipped_samples"]:
+            logger.log_text(state.step, "data/skipped_samples",
+                            f"{skipped['skipped_samples']} corrupt samples skipped (this rank); first: "
+                            + ", ".join(f"`{k}`" for k in skipped["first_skipped"]))
     finally:
         logger.close()
     if copy_ema and ema is not None:
         ema.copy_to(raw)
     return {"step": state.step, "checkpoint": checkpoint_dir,
             "interrupted": state.step < cfg.max_steps,
-            "nonfinite_skipped": state.nonfinite_total, "loss": metrics.get("loss", math.nan)}
+            "nonfinite_skipped": state.nonfinite_total, **skipped, "loss": metrics.get("loss", math.nan)}

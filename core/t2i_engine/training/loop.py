@@ -29,6 +29,7 @@ from torch import nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
 from t2i_engine.errors import ConfigError, TrainingError
+from t2i_engine.nn.checkpointing import enable_gradient_checkpointing
 from t2i_engine.training.batches import batch_stream
 from t2i_engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2i_engine.training.config import TrainConfig
@@ -62,10 +63,12 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
     """Hand the gradient-checkpointing, channels_last and compile switches to the model."""
     if cfg.gradient_checkpointing:
         fn = getattr(model, "enable_gradient_checkpointing", None)
-        if fn is None:
+        if fn is not None:
+            fn()
+        elif enable_gradient_checkpointing(model) == 0:  # the shared blocks it is built of
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} has no "
-                              "enable_gradient_checkpointing()")
-        fn()
+                              "enable_gradient_checkpointing() and no block that supports it "
+                              "(t2i_engine.nn.checkpointing)")
     if cfg.channels_last:
         fn = getattr(model, "to_channels_last", None)
         fn() if fn is not None else model.to(memory_format=torch.channels_last)

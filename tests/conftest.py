@@ -21,6 +21,16 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, check=False)
 
 
+@pytest.fixture(autouse=True)
+def _skip_gpu_without_cuda(request: pytest.FixtureRequest) -> None:
+    """``@pytest.mark.gpu`` tests are skipped unless CUDA is available."""
+    if request.node.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def demo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Install the demo plugin distribution into a temporary folder (``pip install --target``)

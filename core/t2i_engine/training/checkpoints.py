@@ -7,6 +7,11 @@ Layout under ``<checkpoint_dir>`` (any fsspec URL)::
     step-000000300/state.pt            optimizer, LR scheduler, RNG states, step, data position
     latest                             text: the name of the newest complete checkpoint
 
+Under ``strategy = "fsdp"`` a checkpoint folder holds ``fabric.ckpt`` instead of the
+safetensors files: the full (unsharded) model and optimizer state and the scheduler, written and
+read back by Fabric's own ``fabric.save`` / ``fabric.load`` (its full-state-dict path), beside
+``state.pt`` (:mod:`t2i_engine.training.fsdp`).
+
 A checkpoint's files are written into a hidden staging folder (``.step-000000300.partial-<id>``)
 that is renamed to ``step-...`` only once all of them exist, and ``latest`` is rewritten
 (atomically) after that, so a crash at any moment leaves the previous checkpoint complete and
@@ -22,6 +27,7 @@ import contextlib
 import os
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -39,7 +45,7 @@ from t2i_engine.checkpoint.io import (
 from t2i_engine.errors import CheckpointError, StorageError, storage_error
 
 __all__ = ["CheckpointPaths", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
-           "prune_checkpoints", "save_checkpoint"]
+           "prune_checkpoints", "publish", "save_checkpoint", "staging_paths"]
 
 _STEP_RE = re.compile(r"^step-(\d{9})$")
 _PARTIAL = ".partial-"
@@ -59,21 +65,40 @@ class CheckpointPaths:
         self.model = _join(self.dir, "model.safetensors")
         self.ema = _join(self.dir, "ema.safetensors")
         self.state = _join(self.dir, "state.pt")
+        self.fabric = _join(self.dir, "fabric.ckpt")  # FSDP runs: Fabric's full-state file
+
+
+def staging_paths(checkpoint_dir: str, step: int) -> CheckpointPaths:
+    """A fresh hidden folder to write the checkpoint of ``step`` into before :func:`publish`."""
+    name = CheckpointPaths(checkpoint_dir, step).name
+    return CheckpointPaths(checkpoint_dir, step, folder=f".{name}{_PARTIAL}{uuid.uuid4().hex[:12]}")
 
 
 def save_checkpoint(checkpoint_dir: str, step: int, *, model_state: dict[str, Tensor],
                     ema_state: dict[str, Tensor] | None, train_state: dict[str, Any],
                     keep_last: int) -> str:
     """Write one checkpoint, point ``latest`` at it, prune to ``keep_last``; return its folder."""
-    final = CheckpointPaths(checkpoint_dir, step)
-    staged = CheckpointPaths(checkpoint_dir, step, folder=f".{final.name}{_PARTIAL}{uuid.uuid4().hex[:12]}")
-    fs, _ = fsspec.core.url_to_fs(checkpoint_dir)
+    staged = staging_paths(checkpoint_dir, step)
     meta = {"step": str(step), "format": "t2i-engine-train-checkpoint-1"}
-    try:
+
+    def write() -> None:
         save_safetensors(model_state, staged.model, metadata=meta)
         if ema_state is not None:
             save_safetensors(ema_state, staged.ema, metadata=meta)
         save_torch(train_state, staged.state)
+
+    return publish(checkpoint_dir, step, staged, keep_last=keep_last, write=write)
+
+
+def publish(checkpoint_dir: str, step: int, staged: CheckpointPaths, *, keep_last: int,
+            write: Callable[[], None] = lambda: None) -> str:
+    """Run ``write`` (which fills ``staged``), rename the staging folder to ``step-...``, point
+    ``latest`` at it and prune; on a filesystem fault remove the staging folder and raise
+    StorageError. Returns the checkpoint's folder."""
+    final = CheckpointPaths(checkpoint_dir, step)
+    fs, _ = fsspec.core.url_to_fs(checkpoint_dir)
+    try:
+        write()
         _move_into_place(fs, _path(staged.dir), _path(final.dir))
     except (OSError, StorageError) as exc:
         with contextlib.suppress(Exception):

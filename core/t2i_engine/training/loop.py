@@ -34,6 +34,7 @@ from t2i_engine.training.batches import batch_stream
 from t2i_engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2i_engine.training.config import TrainConfig
 from t2i_engine.training.ema import EMA
+from t2i_engine.training.fsdp import check_fsdp, fsdp_strategy, load_fsdp, save_fsdp
 from t2i_engine.training.logging import MetricsLogger, peak_memory_mb
 from t2i_engine.training.lr import lr_factor
 from t2i_engine.training.optim import build_optimizer
@@ -54,9 +55,11 @@ class TrainState:
 
 
 def build_fabric(cfg: TrainConfig, *, accelerator: str | None = None) -> Fabric:
-    """A Fabric for ``cfg`` (``accelerator`` overrides ``cfg.accelerator``)."""
+    """A Fabric for ``cfg`` (``accelerator`` overrides ``cfg.accelerator``); FSDP with full-state
+    checkpoints (:mod:`t2i_engine.training.fsdp`)."""
+    strategy = fsdp_strategy() if cfg.strategy == "fsdp" else cfg.strategy
     return Fabric(accelerator=accelerator or cfg.accelerator, devices=cfg.devices,
-                  num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision)
+                  num_nodes=cfg.num_nodes, strategy=strategy, precision=cfg.precision)
 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
@@ -186,21 +189,24 @@ def _stop_on_signals(state: TrainState) -> Iterator[None]:
             signal.signal(sig, h)
 
 
-def _save(fabric: Fabric, raw: nn.Module, ema: EMA | None, optimizer: Any, scheduler: Any,
+def _save(fabric: Fabric, wrapped: nn.Module, raw: nn.Module, ema: EMA | None, optimizer: Any, scheduler: Any,
           generator: torch.Generator, state: TrainState, *, checkpoint_dir: str,
           cfg: TrainConfig, hooks: Any) -> str:
     rng = _rng_state(fabric, generator)  # collective: every rank calls it
-    path = ""
-    if fabric.global_rank == 0:
-        train_state = {"step": state.step, "batches": state.batches,
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng, "world_size": fabric.world_size,
-                       "nonfinite_total": state.nonfinite_total}
+    train_state = {"step": state.step, "batches": state.batches, "rng": rng, "world_size": fabric.world_size,
+                   "nonfinite_total": state.nonfinite_total}
+    if cfg.strategy == "fsdp":  # collective: Fabric gathers the full state onto rank 0
+        path = save_fsdp(fabric, wrapped, optimizer, scheduler, train_state, checkpoint_dir=checkpoint_dir,
+                         step=state.step, keep_last=cfg.keep_last)
+    elif fabric.global_rank == 0:
+        train_state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
         path = save_checkpoint(checkpoint_dir, state.step, model_state=raw.state_dict(),
                                ema_state=None if ema is None else ema.state_dict(),
                                train_state=train_state, keep_last=cfg.keep_last)
-        if hooks is not None:
-            hooks.on_checkpoint_saved(step=state.step, path=path)
+    else:
+        path = ""
+    if fabric.global_rank == 0 and hooks is not None:
+        hooks.on_checkpoint_saved(step=state.step, path=path)
     fabric.barrier()
     return path
 
@@ -233,16 +239,14 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
     """
     cfg = train_config
     check_trainable(model)
-    if cfg.strategy == "fsdp" and cfg.ema:
-        raise ConfigError("train.ema is not supported with strategy = 'fsdp' yet (the EMA needs "
-                          "unsharded weights); use strategy = 'ddp' or ema = false")
+    output_dir = Path(output_dir)
+    checkpoint_dir = checkpoint_dir or str(output_dir / "checkpoints")
+    check_fsdp(cfg, device_type=None if fabric is None else fabric.device.type, checkpoint_dir=checkpoint_dir)
     fabric = fabric or build_fabric(cfg)
     if not _is_using_cli():  # under `fabric run` the CLI has launched the processes already
         fabric.launch()  # a no-op when already launched
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    output_dir = Path(output_dir)
-    checkpoint_dir = checkpoint_dir or str(output_dir / "checkpoints")
     rank, world = fabric.global_rank, fabric.world_size
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
@@ -263,12 +267,15 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
 
     state = TrainState()
     if cfg.resume and (last := latest_checkpoint(checkpoint_dir)) is not None:
-        model_state, ema_state, ts = load_checkpoint(checkpoint_dir, last, with_ema=ema is not None)
-        load_state_dict_strict(raw, model_state, source=f"{checkpoint_dir} step {last}")
-        if ema is not None and ema_state is not None:
-            ema.load_state_dict(ema_state)
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
+        if cfg.strategy == "fsdp":
+            ts = load_fsdp(fabric, wrapped, optimizer, scheduler, checkpoint_dir=checkpoint_dir, step=last)
+        else:
+            model_state, ema_state, ts = load_checkpoint(checkpoint_dir, last, with_ema=ema is not None)
+            load_state_dict_strict(raw, model_state, source=f"{checkpoint_dir} step {last}")
+            if ema is not None and ema_state is not None:
+                ema.load_state_dict(ema_state)
+            optimizer.load_state_dict(ts["optimizer"])
+            scheduler.load_state_dict(ts["scheduler"])
         _restore_rng(fabric, ts["rng"], generator)
         state.step, state.batches = ts["step"], ts["batches"]
         state.nonfinite_total = ts.get("nonfinite_total", 0)
@@ -344,13 +351,13 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
                                        seed=seed)
                     logger.log_scalars(state.step, {"val/loss": val})
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    _save(fabric, raw, ema, optimizer, scheduler, generator, state,
+                    _save(fabric, wrapped, raw, ema, optimizer, scheduler, generator, state,
                           checkpoint_dir=checkpoint_dir, cfg=cfg, hooks=hooks)
                     last_saved = state.step
                 if state.stop_requested:  # agreed by every rank in train_step
                     break
             if state.step != last_saved:
-                _save(fabric, raw, ema, optimizer, scheduler, generator, state,
+                _save(fabric, wrapped, raw, ema, optimizer, scheduler, generator, state,
                       checkpoint_dir=checkpoint_dir, cfg=cfg, hooks=hooks)
         skipped = tally.summary() if tally is not None else {"skipped_samples": 0, "first_skipped": []}
         if skipped["skipped_samples"]:

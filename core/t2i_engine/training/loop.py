@@ -28,7 +28,7 @@ from lightning_fabric.fabric import _is_using_cli
 from torch import nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
-from t2i_engine.errors import ConfigError, TrainingError
+from t2i_engine.errors import ConfigError, StorageError, TrainingError
 from t2i_engine.nn.checkpointing import enable_gradient_checkpointing
 from t2i_engine.training.batches import batch_stream
 from t2i_engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -195,16 +195,21 @@ def _save(fabric: Fabric, wrapped: nn.Module, raw: nn.Module, ema: EMA | None, o
     rng = _rng_state(fabric, generator)  # collective: every rank calls it
     train_state = {"step": state.step, "batches": state.batches, "rng": rng, "world_size": fabric.world_size,
                    "nonfinite_total": state.nonfinite_total}
-    if cfg.strategy == "fsdp":  # collective: Fabric gathers the full state onto rank 0
-        path = save_fsdp(fabric, wrapped, optimizer, scheduler, train_state, checkpoint_dir=checkpoint_dir,
-                         step=state.step, keep_last=cfg.keep_last)
-    elif fabric.global_rank == 0:
-        train_state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        path = save_checkpoint(checkpoint_dir, state.step, model_state=raw.state_dict(),
-                               ema_state=None if ema is None else ema.state_dict(),
-                               train_state=train_state, keep_last=cfg.keep_last)
-    else:
-        path = ""
+    path, error = "", None
+    try:
+        if cfg.strategy == "fsdp":  # collective: Fabric gathers the full state onto rank 0
+            path = save_fsdp(fabric, wrapped, optimizer, scheduler, train_state, checkpoint_dir=checkpoint_dir,
+                             step=state.step, keep_last=cfg.keep_last)
+        elif fabric.global_rank == 0:
+            train_state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            path = save_checkpoint(checkpoint_dir, state.step, model_state=raw.state_dict(),
+                                   ema_state=None if ema is None else ema.state_dict(),
+                                   train_state=train_state, keep_last=cfg.keep_last)
+    except StorageError as exc:  # rank 0's disk fault: every rank stops with it, none waits
+        error = exc
+    failed = fabric.broadcast(str(error or "")) if fabric.world_size > 1 else str(error or "")
+    if failed:
+        raise error or StorageError(failed)
     if fabric.global_rank == 0 and hooks is not None:
         hooks.on_checkpoint_saved(step=state.step, path=path)
     fabric.barrier()

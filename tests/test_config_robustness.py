@@ -40,7 +40,7 @@ def test_non_utf8_bytes_name_line_column_and_offset(tmp_path: Path, pm: EnginePl
 
 def test_non_utf8_prompt_in_set(tmp_path: Path, pm: EnginePluginManager) -> None:
     bad = b"task.filename=caf\xe9.png".decode("utf-8", "surrogateescape")  # what argv makes of it
-    assert "not valid UTF-8" in error_of(tmp_path, pm, BASE, bad)
+    assert "not valid UTF-8 (byte offset 17)" in error_of(tmp_path, pm, BASE, bad)
 
 
 def test_deep_nesting_is_refused(tmp_path: Path, pm: EnginePluginManager) -> None:

@@ -101,7 +101,8 @@ def _check_utf8(where: str, raw: str) -> None:
     try:
         raw.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ConfigError(f"{where}: not valid UTF-8 at character {exc.start}; config values must "
+        offset = len(raw[:exc.start].encode("utf-8", "surrogateescape"))
+        raise ConfigError(f"{where}: not valid UTF-8 (byte offset {offset}); config values must "
                           "be UTF-8 text") from None
 
 

@@ -29,7 +29,7 @@ __all__ = ["ImageFolderDataset"]
 class ImageFolderConfig(TransformOptions):
     """Keys of ``[data]`` with ``type = "imagefolder"``."""
 
-    root: str = existing_path(help="folder path or fsspec URL (file://, memory://, s3:// ...)")
+    root: str = existing_path(kind="dir", help="folder path or fsspec URL (file://, memory://, s3:// ...)")
     caption_column: str = option(default="text", help="metadata.jsonl column holding the caption")
     paired_columns: list[str] = option(factory=list,
                                        help="metadata.jsonl columns naming paired images")

@@ -174,6 +174,22 @@ def _unet_skeleton_from_ours(sd: Mapping[str, Tensor]) -> UNetConfig:
     return UNetConfig(channels=(1,) * n, attention=attention, heads=(1,) * n, layers_per_block=layers)
 
 
+def _read_yaml(data: bytes, *, source: str) -> Mapping[str, Any]:
+    """A latent-diffusion / NeMo config: malformed or tagged YAML (``!!python/...``, refused by
+    ``safe_load``) and a document that is not a mapping are a CheckpointError naming ``source``."""
+    try:
+        cfg = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise CheckpointError(f"{source}: not a readable YAML config{where}: {problem}") from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{source}: expected a YAML mapping (model: params: ...), got {type(cfg).__name__}")
+    return cfg
+
+
 def _ldm_yaml_hints(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Hints from a latent-diffusion yaml (``model.params``) or a NeMo ``model_config.yaml``."""
     params = cfg.get("model", {}).get("params", cfg) if isinstance(cfg.get("model"), Mapping) else cfg
@@ -212,7 +228,7 @@ class SingleFile:
         weights = split_single_file(read_state_dict(path), source=path)
         side = Path(path).with_suffix(".yaml")
         if side.is_file():
-            weights.hints.update(_ldm_yaml_hints(yaml.safe_load(side.read_text()) or {}))
+            weights.hints.update(_ldm_yaml_hints(_read_yaml(side.read_bytes(), source=str(side))))
         return weights
 
     def save(self, model: StableDiffusion, path: str, *, dtype: torch.dtype | None = None) -> None:
@@ -249,7 +265,7 @@ class NemoArchive:
         with tarfile.open(path) as tar:
             raw = tar.extractfile(members["model_weights.ckpt"]).read()  # type: ignore[union-attr]
             cfg_name = members.get("model_config.yaml")
-            cfg = yaml.safe_load(tar.extractfile(cfg_name).read()) if cfg_name else {}  # type: ignore[union-attr]
+            cfg = _read_yaml(tar.extractfile(cfg_name).read(), source=f"{path}:{cfg_name}") if cfg_name else {}  # type: ignore[union-attr]
         import torch
 
         try:

@@ -123,11 +123,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     pm = get_plugin_manager()
     problems = pm.problems()  # runs the registration hooks, fills each plugin's `registers`
     infos = list(pm.plugins.values())
-
-    def clashes_of(name: str) -> list[str]:
-        return [f"{kind} '{n}' is also registered by " + ", ".join(f"'{p}'" for p in plugins if p != name)
-                for (kind, n), plugins in pm.clashes.items() if name in plugins]
-
+    clashes_of = pm.clashes_of
     if args.json:
         print(json.dumps([{
             "name": i.name, "distribution": i.distribution, "version": i.version,

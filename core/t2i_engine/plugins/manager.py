@@ -270,6 +270,12 @@ class EnginePluginManager:
                   + " and ".join(f"'{p}'" for p in plugins) for (kind, name), plugins in self.clashes.items()]
         return lines
 
+    def clashes_of(self, plugin: str) -> list[str]:
+        """``"task 'x' is also registered by 'other'"`` for each name ``plugin`` shares."""
+        self.registries()
+        return [f"{kind} '{name}' is also registered by " + ", ".join(f"'{p}'" for p in plugins if p != plugin)
+                for (kind, name), plugins in self.clashes.items() if plugin in plugins]
+
     def registry(self, kind: str) -> dict[str, Registration]:
         """The registry of one component kind (``"sampler"``, ``"model"``, ...)."""
         return self.registries()[kind]

@@ -178,3 +178,12 @@ def test_cli_unwritable_output_dir_exits_2(tmp_path: Path) -> None:
     done = run_cli("run", str(job), env={"T2I_DISABLE_PLUGIN_AUTOLOAD": "1"})
     assert done.returncode == 2 and "engine.output_dir: cannot write to" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_init_image_that_is_not_an_image(tmp_path: Path) -> None:
+    from t2i_engine.tasks.sample import _load_image
+
+    (tmp_path / "x.png").write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match=r"task.init_image: '.*x.png' is not a readable image "
+                                          r"\(UnidentifiedImageError\)"):
+        _load_image(str(tmp_path / "x.png"), width=8, height=8)

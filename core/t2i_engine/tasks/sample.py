@@ -46,8 +46,12 @@ def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
 
     from t2i_engine.utils.images import from_pil
 
-    with fsspec.open(url, "rb") as f:
-        img = Image.open(f).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    try:
+        with fsspec.open(url, "rb") as f:
+            img = Image.open(f).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ConfigError(f"task.init_image: '{url}' is not a readable image "
+                          f"({type(exc).__name__})") from exc
     return from_pil(img)[None]
 
 

@@ -69,6 +69,7 @@ def test_limit_trips_identically_with_0_and_2_workers(tmp_path: Path) -> None:
     assert "max_bad_sample_fraction 5.0%" in messages[0] and "002.png" in messages[0]
 
 
+@pytest.mark.slow
 def test_fit_summary_and_tensorboard_name_skipped_samples(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -187,3 +187,12 @@ def test_init_image_that_is_not_an_image(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"task.init_image: '.*x.png' is not a readable image "
                                           r"\(UnidentifiedImageError\)"):
         _load_image(str(tmp_path / "x.png"), width=8, height=8)
+
+
+def test_output_dir_with_a_nul_character(tmp_path: Path, pm: EnginePluginManager) -> None:
+    from t2i_engine.runner import run_config
+
+    job = tmp_path / "job.toml"
+    job.write_text('[engine]\noutput_dir = "a\\u0000b"\n' + BASE)
+    with pytest.raises(ConfigError, match="engine.output_dir: not a usable path: embedded null byte"):
+        run_config(load_config(job, pm), pm)

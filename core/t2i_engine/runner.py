@@ -57,7 +57,11 @@ def run_config(config: RunConfig, pm: EnginePluginManager, *, debug: bool = Fals
     """Execute ``config``'s task and return its summary; lifecycle hooks observe the run."""
     device = resolve_device(config.engine.device)
     seed_everything(config.engine.seed)
-    output_dir = writable_output_dir(config.output_dir)
+    try:
+        requested = config.output_dir
+    except ValueError as exc:  # e.g. a NUL character, which no filesystem accepts in a path
+        raise ConfigError(f"engine.output_dir: not a usable path: {exc}") from exc
+    output_dir = writable_output_dir(requested)
     task = pm.build(config.task)
     if not isinstance(task, Task):
         raise ConfigError(f"task.name: '{config.task.name}' (from plugin '{config.task.plugin}') "

@@ -108,7 +108,10 @@ class SampleGridTask:
 
         c = self.config
         prompts = [p for p in c.prompts for _ in range(c.images_per_prompt)]
-        require_image_memory("task.size", width=c.size, height=c.size, batch=len(prompts), device=ctx.device)
+        require_image_memory("task.size", width=c.size, height=c.size, batch=min(c.batch_size, len(prompts)),
+                             device=ctx.device)  # one sampler batch on the device ...
+        require_image_memory("task.size", width=c.size, height=c.size, batch=len(prompts),
+                             device=torch.device("cpu"))  # ... and the whole grid, gathered on the CPU
         model, sampler, precision = model_and_sampler(ctx, task="sample-grid")
         seeds = [ctx.seed + i for i in range(len(prompts))]
         steps = len(sampling_sigmas_for(sampler, model.schedule)) - 1

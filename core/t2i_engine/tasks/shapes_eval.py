@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from t2i_engine.config.fields import option
 from t2i_engine.config.limits import require_image_memory
@@ -51,8 +52,11 @@ class ShapesEvalTask:
         if not isinstance(data, ShapesDataset):
             raise ConfigError(f"shapes-eval: [data] type {ctx.config.data.name!r} is not the shapes dataset")
         truth = [ShapeLabels(*combo) for combo in data.combinations for _ in range(c.images_per_prompt)]
-        require_image_memory("task.images_per_prompt", width=data.config.size, height=data.config.size,
-                             batch=len(truth), device=ctx.device)
+        side = data.config.size
+        require_image_memory("task.batch_size", width=side, height=side, batch=min(c.batch_size, len(truth)),
+                             device=ctx.device)  # one sampler batch on the device ...
+        require_image_memory("task.images_per_prompt", width=side, height=side, batch=len(truth),
+                             device=torch.device("cpu"))  # ... and every image, gathered on the CPU
         model, sampler, precision = model_and_sampler(ctx, task="shapes-eval")
         prompts = [data.caption_of(t.colour, t.shape, t.background) for t in truth]
         seeds = [ctx.seed + i for i in range(len(prompts))]

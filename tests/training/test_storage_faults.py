@@ -159,3 +159,27 @@ def test_cli_read_only_output_dir_exits_2(tmp_path: Path) -> None:
         assert "engine.output_dir: cannot write to" in done.stderr and "Read-only file system" in done.stderr
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_failure_ends_the_run(tmp_path: Path) -> None:
+    """Rank 0 cannot write its checkpoint (a read-only mount): the two-process DDP run ends
+    (rank 0's StorageError is broadcast so every rank raises it) and names the cause."""
+    import json
+    import sys
+
+    out = tmp_path / "out"
+    if not _mount_tmpfs(out / "checkpoints", "size=64k,ro"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        script = Path(__file__).parent / "train_script.py"
+        train = {"max_steps": 2, "checkpoint_every": 1, "batch_size": 2, "devices": 2, "strategy": "ddp",
+                 "ema": False}
+        done = subprocess.run([sys.executable, str(script), str(out), json.dumps(train), "{}"],
+                              capture_output=True, text=True, timeout=300, check=False,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert done.returncode != 0
+        assert "checkpoint of step 1 not saved" in done.stdout + done.stderr
+        assert "Read-only file system" in done.stdout + done.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(out / "checkpoints")], check=False)

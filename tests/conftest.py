@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -20,31 +21,40 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, check=False)
 
 
+@pytest.fixture(autouse=True)
+def _skip_gpu_without_cuda(request: pytest.FixtureRequest) -> None:
+    """``@pytest.mark.gpu`` tests are skipped unless CUDA is available."""
+    if request.node.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU")
+
+
 @pytest.fixture(scope="session")
 def demo_plugin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """pip-install the demo plugin distribution for the session, into a folder of this test
-    process's own that is put on ``sys.path`` and on ``PYTHONPATH`` (for the CLI subprocesses).
-
-    Not into the venv: pytest-xdist runs one session per worker, and two workers installing and
-    uninstalling one distribution in a shared site-packages would race each other.
-    """
+    """Install the demo plugin distribution into a temporary folder (``pip install --target``)
+    and put that folder first on ``sys.path`` and ``PYTHONPATH`` for the session, so in-process
+    discovery and the console script both find its entry points. The shared environment is
+    never changed."""
     src = tmp_path_factory.mktemp("demo") / "t2i-plugin-demo"
     shutil.copytree(DEMO_PLUGIN, src)
     target = tmp_path_factory.mktemp("demo-site")
     done = _pip("install", "--no-deps", "--no-build-isolation", "--no-index", "--quiet",
                 "--target", str(target), str(src))
     if done.returncode != 0:
-        pytest.fail(f"could not pip-install the demo plugin:\n{done.stdout}\n{done.stderr}")
-    old_pythonpath = os.environ.get("PYTHONPATH")
+        pytest.fail(f"could not pip-install the demo plugin into {target}:\n{done.stdout}\n{done.stderr}")
+    old_path, old_env = list(sys.path), os.environ.get("PYTHONPATH")
     sys.path.insert(0, str(target))
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(target), old_pythonpath) if p)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(target), *([old_env] if old_env else [])])
+    importlib.invalidate_caches()
     try:
         yield "t2i-plugin-demo"
     finally:
-        sys.path.remove(str(target))
+        sys.path[:] = old_path
         for name in [m for m in sys.modules if m == "t2i_plugin_demo" or m.startswith("t2i_plugin_demo.")]:
             del sys.modules[name]
-        if old_pythonpath is None:
+        if old_env is None:
             os.environ.pop("PYTHONPATH", None)
         else:
-            os.environ["PYTHONPATH"] = old_pythonpath
+            os.environ["PYTHONPATH"] = old_env

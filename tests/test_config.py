@@ -96,7 +96,9 @@ def test_relative_path_resolves_against_config_folder(tmp_path: Path, pm: Engine
 
 def test_missing_plugin_names_distribution(tmp_path: Path, pm: EnginePluginManager) -> None:
     msg = error_of(tmp_path, pm, GOOD.replace('plugins = ["demo"]', 'plugins = ["nonexistent"]'))
-    assert "plugin 'nonexistent' is not installed" in msg and "pip install t2i-plugin-nonexistent" in msg
+    assert "plugin 'nonexistent' is not installed" in msg and "pip install" not in msg  # no guessed names
+    msg = error_of(tmp_path, pm, GOOD.replace('plugins = ["demo"]', 'plugins = ["controlnet"]'))
+    assert "plugin 'controlnet' is not installed; install it with `pip install t2i-plugin-controlnet`" in msg
 
 
 def test_unknown_component_suggests_and_lists(tmp_path: Path, pm: EnginePluginManager) -> None:
@@ -141,7 +143,7 @@ def test_cli_misspelled_table_exits_2(tmp_path: Path) -> None:
 
 def test_cli_missing_plugin_exits_2(tmp_path: Path) -> None:
     done = run_cli("run", str(write(tmp_path, '[engine]\nplugins = ["nonexistent"]\n[task]\nname = "preview-data"\n')))
-    assert done.returncode == 2 and "t2i-plugin-nonexistent" in done.stderr
+    assert done.returncode == 2 and "plugin 'nonexistent' is not installed" in done.stderr
 
 
 def test_cli_debug_shows_traceback(tmp_path: Path) -> None:

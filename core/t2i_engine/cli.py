@@ -2,7 +2,9 @@
 
     t2i-engine run CONFIG.toml [--set key.path=value ...] [--debug]
     t2i-engine run --from-png IMAGE.png [--set ...] re-run the job recorded in a sample PNG
-    t2i-engine config CONFIG.toml [--set ...]      print the resolved config, defaults filled in
+    t2i-engine config CONFIG.toml [--set ...] [--explain]
+                                                    print the resolved config, defaults filled in
+                                                    (--explain: each key's help as a comment)
     t2i-engine plugins [--json]                     installed plugins and what each registers
     t2i-engine new-plugin NAME [--dir DIR]          scaffold a plugin distribution
     t2i-engine --version                            engine, SDK, plugin, torch, CUDA, Triton versions
@@ -54,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     with_config(sub.add_parser("run", help="run the job a config describes"))
-    with_config(sub.add_parser("config", help="print the resolved config with every default"))
+    p = sub.add_parser("config", help="print the resolved config with every default")
+    with_config(p)
+    p.add_argument("--explain", action="store_true", help="add each key's help text as a comment")
     p = sub.add_parser("plugins", help="list installed plugins and what they register")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show load tracebacks")
@@ -90,6 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"t2i-engine: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # a filesystem fault no layer turned into a T2IError: one line still
+        if debug:
+            traceback.print_exc()
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"t2i-engine: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("t2i-engine: interrupted", file=sys.stderr)
         return 130
@@ -126,32 +136,39 @@ def _cmd_config(args: argparse.Namespace) -> int:
     from t2i_engine.config.render import render_toml
 
     _, config = _load(args)
-    sys.stdout.write(render_toml(config))
+    sys.stdout.write(render_toml(config, explain=args.explain))
     return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    """List plugins; exit 2 when one failed to load or two register the same name (the
+    problems are listed last, one line each, also on stderr)."""
     from t2i_engine.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
-    pm.registries()  # fills each plugin's `registers`
+    problems = pm.problems()  # runs the registration hooks, fills each plugin's `registers`
     infos = list(pm.plugins.values())
+    clashes_of = pm.clashes_of
     if args.json:
         print(json.dumps([{
             "name": i.name, "distribution": i.distribution, "version": i.version,
-            "registers": i.registers, "error": i.error,
+            "registers": i.registers, "error": i.error, "clashes": clashes_of(i.name),
         } for i in infos], indent=2))
-        return 0
-    for info in infos:
-        status = "ok" if info.loaded else "FAILED"
-        print(f"{info.name}  ({info.distribution or '?'} {info.version or ''})  [{status}]".replace(" )", ")"))
-        for kind, names in sorted(info.registers.items()):
-            print(f"    {kind}: {', '.join(sorted(names))}")
-        if info.error:
-            print(f"    error: {info.error}")
-            if args.debug and info.traceback:
-                print(info.traceback)
-    return 0
+    else:
+        for info in infos:
+            status = "ok" if info.loaded and not clashes_of(info.name) else "FAILED" if not info.loaded else "CLASH"
+            print(f"{info.name}  ({info.distribution or '?'} {info.version or ''})  [{status}]".replace(" )", ")"))
+            for kind, names in sorted(info.registers.items()):
+                print(f"    {kind}: {', '.join(sorted(names))}")
+            if info.error:
+                print(f"    error: {info.error}")
+                if args.debug and info.traceback:
+                    print(info.traceback)
+            for clash in clashes_of(info.name):
+                print(f"    clash: {clash}")
+    for line in problems:
+        print(f"t2i-engine: {line}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,18 @@ class CheckpointError(T2IError):
     exit_code = 2
 
 
+class StorageError(T2IError):
+    """A file or folder could not be written or read: no space, read-only, no permission, a
+    folder where a file belongs (CLI exit status 1; the message names the path and the cause)."""
+
+
+def storage_error(action: str, path: str, exc: OSError) -> StorageError:
+    """A :class:`StorageError` for ``exc`` raised while doing ``action`` (``"write"``) on
+    ``path``: ``cannot write '/out/x.png': No space left on device``."""
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    return StorageError(f"cannot {action} '{path}': {cause}")
+
+
 class DataError(T2IError):
     """A dataset is unusable (too many corrupt samples, an empty folder ...)."""
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def writable_output_dir(output_dir: Path) -> Path:
+    """Create ``engine.output_dir`` and check that a file can be written there: a ConfigError
+    now (a file in the way, read-only, no permission), not a failure after an hour of work."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"engine.output_dir: '{output_dir}' is a file; a folder is expected here")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".t2i-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"engine.output_dir: cannot write to '{output_dir}': {exc.strerror or exc}") from exc
+    return output_dir
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     import numpy as np
@@ -40,8 +57,11 @@ def run_config(config: RunConfig, pm: EnginePluginManager, *, debug: bool = Fals
     """Execute ``config``'s task and return its summary; lifecycle hooks observe the run."""
     device = resolve_device(config.engine.device)
     seed_everything(config.engine.seed)
-    output_dir = config.output_dir
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        requested = config.output_dir
+    except ValueError as exc:  # e.g. a NUL character, which no filesystem accepts in a path
+        raise ConfigError(f"engine.output_dir: not a usable path: {exc}") from exc
+    output_dir = writable_output_dir(requested)
     task = pm.build(config.task)
     if not isinstance(task, Task):
         raise ConfigError(f"task.name: '{config.task.name}' (from plugin '{config.task.plugin}') "

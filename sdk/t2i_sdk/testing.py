@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 
+from t2i_engine.errors import PluginError
 from t2i_engine.hookspecs import REGISTRATION_HOOKS
 from t2i_engine.plugins.manager import EnginePluginManager, Registration
 
@@ -57,6 +58,10 @@ def check_plugin(module: ModuleType | object, *, name: str = "under-test") -> di
     registries = pm.registries()
     info = pm.plugins[name]
     assert info.error is None, f"plugin '{name}' failed: {info.error}"
+    for (kind, component), plugins in pm.clashes.items():
+        if name in plugins:  # the manager withholds the name; a plugin's own test should fail on it
+            raise PluginError(f"{kind} '{component}' is registered by two plugins: "
+                              + " and ".join(f"'{p}'" for p in plugins))
     for kind in REGISTRATION_HOOKS.values():
         for reg in registries[kind].values():
             if reg.plugin == name:

@@ -62,10 +62,18 @@ def test_kill_during_checkpoint_write_keeps_previous_latest_and_loadable(tmp_pat
     assert latest_checkpoint(ckpt) == 1
     model, ema, state = load_checkpoint(ckpt, 1, with_ema=True)
     assert torch.equal(model["w"], torch.full((64, 64), 1.0)) and state["step"] == 1
-    assert list_checkpoints(ckpt) == [1, 2]  # the partial folder exists but is not "latest"
-    names = os.listdir(tmp_path / "ckpt" / "step-000000002")
+    staged = [n for n in os.listdir(tmp_path / "ckpt") if n.startswith(".step-000000002.partial-")]
+    if hang_at == 4:  # the complete folder was renamed into place; only "latest" was not moved yet
+        assert list_checkpoints(ckpt) == [1, 2] and not staged
+    else:  # killed while writing: no step-000000002 folder at all, only the hidden staging one
+        assert list_checkpoints(ckpt) == [1] and len(staged) == 1
     if hang_at == 1:  # only the temporary name of the model file exists
+        names = os.listdir(tmp_path / "ckpt" / staged[0])
         assert len(names) == 1 and names[0].startswith(".model.safetensors.tmp-")
+    save_checkpoint(ckpt, 2, model_state={"w": torch.full((64, 64), 2.0)}, ema_state=None,
+                    train_state={"step": 2}, keep_last=3)  # the resumed run saves step 2 again
+    assert latest_checkpoint(ckpt) == 2 and load_checkpoint(ckpt, 2, with_ema=False)[2] == {"step": 2}
+    assert not [n for n in os.listdir(tmp_path / "ckpt") if ".partial-" in n]  # debris pruned
 
 
 def test_atomic_write_and_safetensors_round_trip_on_memory_fs():

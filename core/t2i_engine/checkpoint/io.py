@@ -8,6 +8,7 @@ Weights are safetensors; anything pickled is read only with ``torch.load(weights
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import uuid
@@ -19,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 import torch
 from torch import Tensor, nn
 
-from t2i_engine.errors import CheckpointError
+from t2i_engine.errors import CheckpointError, storage_error
 
 __all__ = [
     "atomic_write_bytes",
@@ -43,13 +44,24 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
 
     The data goes to a hidden temporary name in the same folder first; only once it is complete
     (and fsynced, for local files) is it renamed to ``url``. A crash mid-write leaves the old
-    file (if any) untouched; the stray temporary file is ignored by every reader.
+    file (if any) untouched; the stray temporary file is ignored by every reader. A write that
+    fails (no space, read-only, no permission, a folder in the way) removes its temporary and
+    raises :class:`~t2i_engine.errors.StorageError` naming ``url`` and the cause.
     """
     fs, path = fsspec.core.url_to_fs(url)
     parent = path.rpartition("/")[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
     tmp = _tmp_name(path)
+    try:
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        _write_then_rename(fs, tmp, path, data)
+    except OSError as exc:
+        with contextlib.suppress(Exception):  # it may never have been created
+            fs.rm(tmp)
+        raise storage_error("write", url, exc) from exc
+
+
+def _write_then_rename(fs: Any, tmp: str, path: str, data: bytes) -> None:
     if isinstance(fs, LocalFileSystem):
         with open(tmp, "wb") as f:
             f.write(data)
@@ -70,6 +82,8 @@ def read_bytes(url: str) -> bytes:
             return f.read()
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint file not found: {url}") from e
+    except OSError as e:  # a folder where the file should be, no permission, an I/O error
+        raise storage_error("read", url, e) from e
 
 
 def save_safetensors(tensors: Mapping[str, Tensor], url: str, *,

@@ -51,36 +51,91 @@ def index_lines(text: str) -> dict[str, int]:
     return where
 
 
-def make_locator(source: Path | None, text: str | None) -> Locate:
-    """A function giving `` (file:line)`` for a dotted key, falling back to its parents."""
-    if source is None or text is None:
-        return lambda _key: ""
-    lines = index_lines(text)
+def _dotted(parts: list[str]) -> str:
+    """``["conditioners", "0", "type"]`` -> ``conditioners[0].type`` (how errors name keys)."""
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() and out else f".{part}" if out else part
+    return out
+
+
+def _parent_key(key: str) -> str:
+    """``a.b[2]`` -> ``a.b``, ``a.b`` -> ``a``, ``a`` -> ``""``."""
+    if key.endswith("]") and "[" in key:
+        return key[:key.rindex("[")]
+    return key.rsplit(".", 1)[0] if "." in key else ""
+
+
+def make_locator(source: Path | None, text: str | None, *,
+                 overrides: Iterable[str] = ()) -> Locate:
+    """A function giving `` (file:line)`` for a dotted key, falling back to its parents; a key
+    that a ``--set`` gave (or lies inside one) is placed at that ``--set`` instead."""
+    lines = index_lines(text) if text is not None else {}
+    set_at = {_dotted(parse_override(item)[0]): item for item in overrides}
+
+    def in_file(key: str) -> int | None:
+        return lines.get(key, lines.get(f"{key}[0]"))
 
     def locate(key: str) -> str:
+        for set_key, item in reversed(set_at.items()):  # the last --set of a key wins
+            if key == set_key or key.startswith((f"{set_key}.", f"{set_key}[")):
+                return f" (--set {item})"
+        if in_file(key) is None:  # a table only a --set created
+            made = [item for set_key, item in set_at.items() if set_key.startswith(f"{key}.")]
+            if made:
+                return f" (--set {made[-1]})"
+        if source is None or text is None:
+            return ""
         probe = key
         while probe:
-            if probe in lines:
-                return f" ({source}:{lines[probe]})"
-            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+            if (line := in_file(probe)) is not None:
+                return f" ({source}:{line})"
+            probe = _parent_key(probe)
         return f" ({source})"
 
     return locate
 
 
+def _check_utf8(where: str, raw: str) -> None:
+    """Command-line bytes that are not UTF-8 reach Python as lone surrogates: refuse them here."""
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        offset = len(raw[:exc.start].encode("utf-8", "surrogateescape"))
+        raise ConfigError(f"{where}: not valid UTF-8 (byte offset {offset}); config values must "
+                          "be UTF-8 text") from None
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    except RecursionError:
+        raise ConfigError(f"--set value {raw[:40]!r}...: arrays or inline tables nested too deeply "
+                          "for the TOML parser") from None
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """``key.path=value`` -> (["key", "path"], value); the value is read as TOML, else a string."""
+    _check_utf8(f"--set {item.encode('utf-8', 'replace').decode()!r}", item)
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key.path=value")
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"--set {item!r}: the key is empty")
-    try:
-        value = tomllib.loads(f"v = {raw.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw.strip()
-    return parts, value
+    return parts, _parse_value(raw.strip())
+
+
+def _child(node: Any, part: str, item: str, where: str) -> Any:
+    """``node[part]`` for a table or an array of tables (index), or a ConfigError."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"--set {item!r}: '{where}' is an array of {len(node)}; use an index "
+                              f"0..{len(node) - 1}")
+        return node[int(part)]
+    return node.setdefault(part, {})
 
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> None:
@@ -89,23 +144,41 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> None:
         parts, value = parse_override(item)
         node: Any = data
         for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[int(part)]
-                continue
-            nxt = node.setdefault(part, {})
-            if not isinstance(nxt, dict | list):
+            node = _child(node, part, item, ".".join(parts[:i]) or part)
+            if not isinstance(node, dict | list):
                 raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:i + 1])}' is not a table")
-            node = nxt
+        if isinstance(node, list):
+            raise ConfigError(f"--set {item!r}: '{'.'.join(parts[:-1])}' is an array of tables; "
+                              f"name an entry, e.g. {'.'.join(parts[:-1])}.0.{parts[-1]}=...")
         node[parts[-1]] = value
 
 
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}:{col}: not UTF-8 (byte 0x{data[exc.start]:02x} at offset "
+                          f"{exc.start}); TOML files must be UTF-8 text") from None
+
+
 def read_toml(path: Path) -> tuple[dict[str, Any], str]:
-    """Parse ``path``; a missing file or a syntax error is a ConfigError with file:line:col."""
-    if not path.is_file():
+    """Parse ``path``; a missing or unreadable file, bytes that are not UTF-8, nesting deeper
+    than the parser can recurse, or a syntax error is a ConfigError with file (and line:col)."""
+    if path.is_dir():
+        raise ConfigError(f"'{path}' is a folder; give the job's TOML file")
+    if not path.exists():
         raise ConfigError(f"config file not found: '{path}'")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = _decode(path, path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file '{path}': {exc.strerror or exc}") from None
     try:
         return tomllib.loads(text), text
+    except RecursionError:
+        raise ConfigError(f"{path}: arrays or inline tables nested too deeply for the TOML parser "
+                          "(Python's recursion limit); flatten the value") from None
     except tomllib.TOMLDecodeError as exc:
         line = getattr(exc, "lineno", None)
         col = getattr(exc, "colno", None)
@@ -147,9 +220,10 @@ def _component(pm: EnginePluginManager, table_name: str, table: Any, locate: Loc
 
 
 def resolve_config(data: dict[str, Any], pm: EnginePluginManager, *, source: Path | None = None,
-                   text: str | None = None) -> RunConfig:
-    """Validate parsed TOML ``data`` into a RunConfig, loading plugins as ``[engine]`` asks."""
-    locate = make_locator(source, text)
+                   text: str | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Validate parsed TOML ``data`` into a RunConfig, loading plugins as ``[engine]`` asks
+    (``overrides``: the ``--set`` items already applied, so errors point at them)."""
+    locate = make_locator(source, text, overrides=overrides)
     token = BASE_DIR.set(source.parent.resolve() if source is not None else None)
     try:
         for key in data:
@@ -196,5 +270,6 @@ def load_config(path: str | Path, pm: EnginePluginManager, *, overrides: Iterabl
     """Read, override and validate the config file at ``path``."""
     source = Path(path)
     data, text = read_toml(source)
+    overrides = list(overrides)
     apply_overrides(data, overrides)
-    return resolve_config(data, pm, source=source, text=text)
+    return resolve_config(data, pm, source=source, text=text, overrides=overrides)

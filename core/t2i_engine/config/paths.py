@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import fsspec
 
@@ -30,16 +31,23 @@ def resolve(url: str) -> str:
     return str(path)
 
 
-def check_exists(key: str, url: str, locate: Callable[[str], str]) -> str:
-    """Resolve ``url`` and raise ConfigError naming ``key`` when nothing exists there."""
+def check_exists(key: str, url: str, locate: Callable[[str], str], *,
+                 kind: Literal["any", "file", "dir"] = "any") -> str:
+    """Resolve ``url`` and raise ConfigError naming ``key`` when nothing exists there, or when
+    it is a folder where a file is expected (``kind="file"``) or the reverse (``kind="dir"``)."""
     resolved = resolve(url)
     try:
         fs, path = fsspec.core.url_to_fs(resolved)
         exists = fs.exists(path)
+        is_dir = exists and fs.isdir(path)
     except ImportError as exc:  # e.g. s3:// without s3fs
         raise ConfigError(f"{key}: cannot open '{url}': {exc}{locate(key)}") from exc
     except Exception:  # noqa: BLE001 - any backend failure means we cannot vouch for it
-        exists = False
+        exists = is_dir = False
     if not exists:
         raise ConfigError(f"{key}: path does not exist: '{url}'{locate(key)}")
+    if kind == "file" and is_dir:
+        raise ConfigError(f"{key}: '{url}' is a folder; a file is expected here{locate(key)}")
+    if kind == "dir" and not is_dir:
+        raise ConfigError(f"{key}: '{url}' is a file; a folder is expected here{locate(key)}")
     return resolved

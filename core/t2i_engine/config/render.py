@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import attrs
+
+from t2i_engine.config.fields import HELP_META
 from t2i_engine.config.schema import COMPONENT_TABLES, ComponentConfig, RunConfig
 from t2i_engine.config.structure import unstructure
 
@@ -23,16 +26,26 @@ def _value(v: Any) -> str:
     raise TypeError(f"cannot render {v!r} as TOML")
 
 
-def _table(header: str, values: dict[str, Any], *, array: bool = False) -> list[str]:
+def helps_of(obj: Any) -> dict[str, str]:
+    """``key -> help text`` of an attrs config instance (the ``help=`` of its fields)."""
+    if not attrs.has(type(obj)):
+        return {}
+    return {f.name: " ".join(str(f.metadata[HELP_META]).split()) for f in attrs.fields(type(obj))
+            if f.metadata.get(HELP_META)}
+
+
+def _table(header: str, values: dict[str, Any], *, array: bool = False,
+           helps: dict[str, str] | None = None) -> list[str]:
     lines = [f"[[{header}]]" if array else f"[{header}]"]
     nested = []
     for key, v in values.items():
+        note = f"  # {helps[key]}" if helps and helps.get(key) else ""
         if v is None:
-            lines.append(f"# {key} = (not set)")
+            lines.append(f"# {key} = (not set){note.replace('  #', ':', 1)}")
         elif isinstance(v, dict) and v and not array:
             nested.append((key, v))
         else:
-            lines.append(f"{key} = {_value(v)}")
+            lines.append(f"{key} = {_value(v)}{note}")
     for key, v in nested:
         lines += [""] + _table(f"{header}.{key}", v)
     return lines + [""]
@@ -45,19 +58,23 @@ def _component(c: ComponentConfig, selector: str) -> dict[str, Any]:
     return values
 
 
-def render_toml(config: RunConfig) -> str:
-    """TOML text for ``config`` with every default filled in (comments name the providers)."""
+def render_toml(config: RunConfig, *, explain: bool = False) -> str:
+    """TOML text for ``config`` with every default filled in (comments name the providers);
+    with ``explain``, each key is followed by its help text as a comment."""
+    def helps(obj: Any) -> dict[str, str] | None:
+        return helps_of(obj) if explain else None
+
     lines = [f"# resolved from {config.source}" if config.source else "# resolved config", ""]
-    lines += _table("engine", unstructure(config.engine))
+    lines += _table("engine", unstructure(config.engine), helps=helps(config.engine))
     for table, (_, selector) in COMPONENT_TABLES.items():
         comp = getattr(config, table)
         if comp is not None:
             lines.append(f"# provided by plugin '{comp.plugin}'")
-            lines += _table(table, _component(comp, selector))
+            lines += _table(table, _component(comp, selector), helps=helps(comp.options))
     for table in ("train", "guidance"):
         if getattr(config, table) is not None:
-            lines += _table(table, unstructure(getattr(config, table)))
+            lines += _table(table, unstructure(getattr(config, table)), helps=helps(getattr(config, table)))
     for c in config.conditioners:
         lines.append(f"# provided by plugin '{c.plugin}'")
-        lines += _table("conditioners", _component(c, "type"), array=True)
+        lines += _table("conditioners", _component(c, "type"), array=True, helps=helps(c.options))
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import attrs
 
 from t2i_engine.config.fields import option
+from t2i_engine.config.limits import seed_value
 
 Precision = Literal["32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true"]
 
@@ -34,7 +35,8 @@ class EngineConfig:
     """``[engine]``: what every job shares."""
 
     plugins: list[str] = option(factory=list, help="plugins the job needs; a missing one is an error")
-    seed: int = option(default=0, help="global seed; per-image seeds derive from it")
+    seed: int = option(default=0, validator=seed_value,
+                       help="global seed in [0, 2**63-1]; per-image seeds derive from it")
     device: str = option(default="auto", help="auto, cpu, cuda or cuda:N")
     precision: Precision = option(default="32-true", help="numeric precision for sampling and training")
     output_dir: str = option(default="outputs", help="where the job writes; relative to the config file")

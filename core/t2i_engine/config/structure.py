@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 import attrs
 
 from t2i_engine.config.fields import PATH_META
+from t2i_engine.config.limits import INT64_MAX, INT64_MIN
 from t2i_engine.errors import ConfigError
 
 Locate = Callable[[str], str]
@@ -42,6 +43,13 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "a boolean (true/false)"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
+
+
+def _shape_of(value: Any) -> str:
+    """How a TOML value was written, for messages: ``[[x]]`` arrays of tables, scalars."""
+    if isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        return "an array of tables ([[...]])"
+    return f"{value!r}"
 
 
 def _fail(path: str, tp: Any, value: Any, locate: Locate) -> ConfigError:
@@ -99,6 +107,9 @@ def convert(value: Any, tp: Any, path: str, locate: Locate = _no_location) -> An
         raise _fail(path, tp, value, locate)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64_MIN <= value <= INT64_MAX:  # tomllib reads any size; TOML allows 64 bits
+                raise ConfigError(f"{path}: {value} is out of range; integers must lie between "
+                                  f"-2**63 and 2**63-1{locate(path)}")
             return value
         raise _fail(path, tp, value, locate)
     if tp is float:
@@ -121,6 +132,9 @@ def structure(cls: type, table: Mapping[str, Any], path: str, locate: Locate = _
     Unknown keys, missing required keys, wrong types and validator failures all raise
     ConfigError with the dotted key (``path.key``).
     """
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{path}: expected a table ([{path}] with key = value lines), got "
+                          f"{_shape_of(table)}{locate(path)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in attrs.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -141,7 +155,8 @@ def structure(cls: type, table: Mapping[str, Any], path: str, locate: Locate = _
         if f.metadata.get(PATH_META) and isinstance(converted, str):
             from t2i_engine.config.paths import check_exists
 
-            converted = check_exists(dotted, converted, locate)
+            kind = f.metadata[PATH_META]
+            converted = check_exists(dotted, converted, locate, kind="any" if kind is True else kind)
         kwargs[f.alias if f.alias else key] = converted
     missing = [f.name for f in fields.values()
                if f.default is attrs.NOTHING and f.name not in table and f.init]

@@ -12,6 +12,7 @@ from attrs.validators import ge, in_
 from torch import Tensor
 
 from t2i_engine.config.fields import option
+from t2i_engine.config.limits import image_side, seed_value
 from t2i_engine.data.transforms import PairedTransform
 
 __all__ = ["IMAGE_EXTENSIONS", "TransformOptions", "decode_image", "sample_generator"]
@@ -32,18 +33,20 @@ def decode_image(data: bytes) -> Tensor:
 
 def sample_generator(seed: int, key: str) -> torch.Generator:
     """A generator that depends only on ``(seed, key)``: the same crop in every worker and run."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+    # modulo 2**64: large seeds wrap instead of overflowing manual_seed (small ones are unchanged)
+    return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
 
 
 @attrs.frozen(kw_only=True)
 class TransformOptions:
     """Transform keys shared by the image datasets (mixed into their Config)."""
 
-    resolution: int = option(default=256, validator=ge(8), help="square output size in pixels")
+    resolution: int = option(default=256, validator=image_side, help="square output size in pixels")
     crop: Literal["center", "random"] = option(default="center", validator=in_(("center", "random")),
                                                help="center or random crop")
     hflip: bool = option(default=False, help="random horizontal flip")
-    seed: int = option(default=0, help="seed of the random crops and flips (fixed per sample)")
+    seed: int = option(default=0, validator=seed_value,
+                       help="seed of the random crops and flips (fixed per sample)")
 
     def transform(self) -> PairedTransform:
         """The :class:`PairedTransform` these options describe."""

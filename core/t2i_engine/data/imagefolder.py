@@ -5,7 +5,7 @@ folder and a caption column), captions come from it; extra columns named in ``pa
 name further images of the sample (a ControlNet hint, an edited image) that are transformed
 with the same crop and flip. Without metadata, each image's caption is the ``.txt`` file of the
 same stem beside it. A sample that fails to decode is skipped (the next one is served in its
-place), counted, and logged.
+place), counted once (:class:`~t2i_engine.data.bad_samples.BadSamples`), and logged.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ __all__ = ["ImageFolderDataset"]
 class ImageFolderConfig(TransformOptions):
     """Keys of ``[data]`` with ``type = "imagefolder"``."""
 
-    root: str = existing_path(help="folder path or fsspec URL (file://, memory://, s3:// ...)")
+    root: str = existing_path(kind="dir", help="folder path or fsspec URL (file://, memory://, s3:// ...)")
     caption_column: str = option(default="text", help="metadata.jsonl column holding the caption")
     paired_columns: list[str] = option(factory=list,
                                        help="metadata.jsonl columns naming paired images")
@@ -49,6 +49,7 @@ class ImageFolderDataset(Dataset):
             raise DataError(f"{config.root}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
         self.transform = config.transform()
         self.bad_samples = BadSamples(min_seen=min(32, len(self.items)))
+        self._known_bad: set[int] = set()  # indices that failed in this process
 
     def _index(self) -> list[dict[str, Any]]:
         files = sorted(self.fs.find(self.root))
@@ -95,14 +96,17 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         for attempt in range(len(self.items)):
             i = (index + attempt) % len(self.items)
+            if i in self._known_bad:  # counted when it failed; do not decode (or count) it again
+                continue
             try:
                 sample = self._load(i)
             except DataError:
                 raise
             except Exception as e:  # undecodable, truncated, missing: skip to the next one
+                self._known_bad.add(i)
                 self.bad_samples.failed(self.items[i]["path"], e)
                 continue
-            self.bad_samples.ok()
-            return sample
+            self.bad_samples.ok(self.items[i]["path"])
+            return self.bad_samples.attach(sample)
         raise DataError(f"{self.config.root}: no sample could be decoded; first bad: "
                         f"{'; '.join(self.bad_samples.first_bad)}")

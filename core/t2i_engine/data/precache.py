@@ -96,7 +96,7 @@ def precache(dataset: Any, *, encode_images: Callable[[Tensor], Tensor],
 class PrecachedConfig:
     """Keys of ``[data]`` with ``type = "precached"``."""
 
-    url: str = existing_path(help="folder or fsspec URL written by the precache task")
+    url: str = existing_path(kind="dir", help="folder or fsspec URL written by the precache task")
 
 
 class PrecachedDataset(Dataset):

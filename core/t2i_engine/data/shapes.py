@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from t2i_engine.config.fields import option
+from t2i_engine.config.limits import image_side, seed_value
 
 __all__ = ["COLOURS", "SHAPES", "ShapesDataset", "render_shape"]
 
@@ -68,9 +69,9 @@ def _known(values: tuple[str, ...]) -> Any:
 class ShapesConfig:
     """Keys of ``[data]`` with ``type = "shapes"``."""
 
-    size: int = option(default=32, validator=ge(8), help="image side in pixels")
+    size: int = option(default=32, validator=image_side, help="image side in pixels")
     count: int = option(default=10000, validator=ge(1), help="samples in the split")
-    seed: int = option(default=0, help="seed of the whole dataset")
+    seed: int = option(default=0, validator=seed_value, help="seed of the whole dataset")
     colours: list[str] = option(factory=_default_colours, validator=_known(tuple(COLOURS)),
                                 help="colour names used for shapes and backgrounds")
     shapes: list[str] = option(factory=lambda: list(SHAPES), validator=_known(SHAPES),
@@ -127,7 +128,8 @@ class ShapesDataset(Dataset):
             raise IndexError(index)
         cfg = self.config
         split_id = ("all", "train", "heldout").index(cfg.split)
-        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + split_id) * 10_000_019 + index)
+        # modulo 2**64: large seeds wrap instead of overflowing manual_seed (small ones are unchanged)
+        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + split_id) * 10_000_019 + index) % 2**64)
         u = torch.rand(4, generator=g).tolist()
         c, s, b = self.combinations[int(u[0] * len(self.combinations)) % len(self.combinations)]
         radius = cfg.size * (cfg.min_radius + (cfg.max_radius - cfg.min_radius) * u[1])

@@ -38,14 +38,30 @@ def _palette(colours: Sequence[str]) -> Tensor:
     return torch.tensor([COLOURS[c] for c in colours]) * 2 - 1  # (K, 3) in [-1, 1]
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
+def _components(mask: Tensor) -> Tensor:
+    """4-connected component labels of a boolean ``(H, W)`` mask (0 outside it): each pixel
+    takes the largest pixel number in its component, by repeated neighbour maxima."""
+    labels = torch.where(mask, torch.arange(1, mask.numel() + 1).view(mask.shape), 0)
+    while True:
+        p = torch.nn.functional.pad(labels, (1, 1, 1, 1))
+        spread = torch.stack([labels, p[:-2, 1:-1], p[2:, 1:-1], p[1:-1, :-2], p[1:-1, 2:]]).amax(0)
+        spread = torch.where(mask, spread, 0)
+        if torch.equal(spread, labels):
+            return labels
+        labels = spread
 
-    labelled, n = ndimage.label(mask)
-    if n <= 1:
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of ``mask`` (ties: the one met first in raster order,
+    as ``scipy.ndimage.label`` numbers them)."""
+    m = torch.from_numpy(mask)
+    labels = _components(m)
+    ids, inverse, sizes = labels[m].unique(return_inverse=True, return_counts=True)
+    if len(ids) <= 1:
         return mask
-    sizes = np.bincount(labelled.ravel())[1:]
-    return labelled == (1 + int(sizes.argmax()))
+    first = torch.full((len(ids),), m.numel()).scatter_reduce(0, inverse, m.flatten().nonzero()[:, 0], "amin")
+    best = max(range(len(ids)), key=lambda i: (int(sizes[i]), -int(first[i])))
+    return (labels == ids[best]).numpy()
 
 
 def _shape_of(mask: np.ndarray, shapes: Sequence[str]) -> int:

@@ -122,7 +122,8 @@ class WebDatasetShards(IterableDataset):
                 except Exception as e:
                     self.bad_samples.failed(f"{url}#{raw.get('__key__')}", e)
                     continue
-                self.bad_samples.ok()
+                self.bad_samples.ok(sample["key"])
+                sample = self.bad_samples.attach(sample)
                 if not self.config.shuffle_buffer:
                     yield sample
                     continue

@@ -153,6 +153,12 @@ def timestep_grid(steps: int, *, num_train_timesteps: int, spacing: Spacing = "l
     raise ValueError(f"unknown timestep spacing {spacing!r}")
 
 
+def _draw_device(generator: torch.Generator | None) -> torch.device | None:
+    """Random numbers are drawn where the generator lives (PyTorch refuses a CUDA generator for
+    a CPU tensor); the result is moved to the requested device afterwards."""
+    return generator.device if generator is not None else None
+
+
 class DiscreteSchedule:
     """A DDPM schedule on ``T`` integer timesteps, exposed as sigmas.
 
@@ -243,8 +249,8 @@ class DiscreteSchedule:
     def sample_training_sigmas(self, batch: int, *, generator: torch.Generator | None = None,
                                device: torch.device | None = None) -> Tensor:
         """Sigmas of uniformly drawn integer timesteps ``(B,)`` (DDPM training)."""
-        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator)
-        return self.sigmas[t].to(device=device, dtype=torch.float32)
+        t = torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=_draw_device(generator))
+        return self.sigmas[t.cpu()].to(device=device, dtype=torch.float32)
 
 
 class EDMSchedule:
@@ -271,7 +277,7 @@ class EDMSchedule:
     def sample_training_sigmas(self, batch: int, *, generator: torch.Generator | None = None,
                                device: torch.device | None = None) -> Tensor:
         """``sigma = exp(P_mean + P_std * n)``, ``n ~ N(0, 1)`` (EDM Table 1)."""
-        n = torch.randn(batch, generator=generator)
+        n = torch.randn(batch, generator=generator, device=_draw_device(generator))
         return (self.p_mean + self.p_std * n).exp().to(device)
 
 
@@ -308,7 +314,7 @@ class VPCosineSchedule:
     def sample_training_sigmas(self, batch: int, *, generator: torch.Generator | None = None,
                                device: torch.device | None = None) -> Tensor:
         """Sigmas at ``t ~ U(0, 1)``."""
-        t = torch.rand(batch, generator=generator, dtype=torch.float64)
+        t = torch.rand(batch, generator=generator, dtype=torch.float64, device=_draw_device(generator))
         return self.t_to_sigma(t).to(device=device, dtype=torch.float32)
 
 

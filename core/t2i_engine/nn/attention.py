@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i_engine.nn import ops
+from t2i_engine.nn.checkpointing import checkpoint_call, wants_checkpoint
 from t2i_engine.nn.resblock import GroupNorm
 
 
@@ -104,6 +105,8 @@ class SpatialTransformer(nn.Module):
     runs the attention in float32 under half precision.
     """
 
+    gradient_checkpointing = False  # recompute in backward (nn/checkpointing.py)
+
     def __init__(self, channels: int, *, heads: int, context_dim: int | None, depth: int = 1,
                  groups: int = 32, linear_projection: bool = False, dropout: float = 0.0,
                  upcast: bool = False) -> None:
@@ -123,6 +126,8 @@ class SpatialTransformer(nn.Module):
         self.proj_out = proj()
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
+        if wants_checkpoint(self):
+            return checkpoint_call(self, self.forward, x, context, context_mask=context_mask)
         b, c, hgt, wid = x.shape
         h = self.norm(x)
         if not self.linear_projection:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from t2i_engine.nn import ops
+from t2i_engine.nn.checkpointing import checkpoint_call, wants_checkpoint
 
 
 class GroupNorm(nn.GroupNorm):
@@ -32,6 +33,8 @@ class ResBlock(nn.Module):
     (autoencoders) there is no time projection.
     """
 
+    gradient_checkpointing = False  # recompute in backward (nn/checkpointing.py)
+
     def __init__(self, in_channels: int, out_channels: int | None = None, *, temb_dim: int | None = None,
                  groups: int = 32, eps: float = 1e-5, dropout: float = 0.0) -> None:
         super().__init__()
@@ -45,6 +48,8 @@ class ResBlock(nn.Module):
         self.conv_shortcut = ops.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
+        if wants_checkpoint(self):
+            return checkpoint_call(self, self.forward, x, temb)
         h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None and temb is not None:
             h = ops.add_(h, self.time_emb_proj(F.silu(temb))[:, :, None, None])  # (B, out, 1, 1)

@@ -2,8 +2,11 @@
 
 Plugins are found through the ``t2i_engine.plugins`` entry-point group. A plugin that fails to
 import (or whose registration hook raises) is recorded with its error and skipped; the rest load
-and jobs that do not need it still run. The core's own components register through the same
-hooks from :mod:`t2i_engine.builtins`.
+and jobs that do not need it still run, while a job that lists it in ``engine.plugins`` stops
+with its error. Two plugins registering the same component name (or two distributions with the
+same plugin name) are a clash: the name is withheld from the registry and recorded, so only jobs
+that use it stop, naming both plugins; ``t2i-engine plugins`` reports it. The core's own
+components register through the same hooks from :mod:`t2i_engine.builtins`.
 
 Environment switches:
 
@@ -38,7 +41,8 @@ KNOWN_DISTRIBUTIONS: dict[str, str] = {
     "controlnet": "t2i-plugin-controlnet",
     "instructpix2pix": "t2i-plugin-instructpix2pix",
 }
-"""Plugin name -> the pip distribution that provides it, for first-party plugins."""
+"""Plugin name -> the pip distribution this project publishes (or plans to) for it. Install hints
+name only these: a guessed ``t2i-plugin-<name>`` could be anyone's package."""
 
 KNOWN_COMPONENTS: dict[tuple[str, str], str] = {
     ("model", "stable-diffusion"): "sd",
@@ -54,9 +58,18 @@ def _truthy(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def distribution_for(plugin: str) -> str:
-    """The pip distribution that provides ``plugin`` (first-party or by naming convention)."""
-    return KNOWN_DISTRIBUTIONS.get(plugin, f"t2i-plugin-{plugin}")
+def distribution_for(plugin: str) -> str | None:
+    """The pip distribution this project publishes for ``plugin``, or None for any other name."""
+    return KNOWN_DISTRIBUTIONS.get(plugin)
+
+
+def install_hint(plugin: str) -> str:
+    """``; install it with `pip install t2i-plugin-sd``` for first-party plugins, else a pointer
+    to the plugin's own documentation (no guessed package names)."""
+    dist = distribution_for(plugin)
+    if dist is not None:
+        return f"; install it with `pip install {dist}`"
+    return "; install the distribution that provides it (see its documentation)"
 
 
 def did_you_mean(name: str, candidates: Any) -> str:
@@ -103,6 +116,7 @@ class EnginePluginManager:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
+        self.clashes: dict[tuple[str, str], list[str]] = {}  # (kind, name) -> the plugins
         self._registries: dict[str, dict[str, Registration]] | None = None
         self._loaded = False
         if _truthy("T2I_TRACE_PLUGINS"):
@@ -133,11 +147,15 @@ class EnginePluginManager:
     def _load_entry_point(self, ep: EntryPoint) -> None:
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
-        if ep.name in self.plugins:
-            raise PluginError(
-                f"two plugins are named '{ep.name}': {self.plugins[ep.name].distribution} "
-                f"and {dist}; uninstall one of them"
-            )
+        if ep.name in self.plugins:  # two distributions, one plugin name: neither is used
+            first = self.plugins[ep.name]
+            first.error = (f"two installed distributions provide a plugin named '{ep.name}': "
+                           f"{first.distribution} and {dist}; uninstall one of them")
+            if self.pm.has_plugin(ep.name):
+                self.pm.unregister(name=ep.name)
+            print(f"t2i-engine: {first.error}", file=sys.stderr)
+            self._registries = None
+            return
         info = PluginInfo(name=ep.name, distribution=dist, version=version, module=ep.value)
         self.plugins[ep.name] = info
         try:
@@ -169,14 +187,16 @@ class EnginePluginManager:
         self._registries = None
 
     def require(self, names: list[str]) -> None:
-        """Check that every plugin in ``names`` is installed and loaded, or raise ConfigError."""
+        """Check that every plugin in ``names`` is installed, imported and registered its
+        components without error, or raise ConfigError / PluginError naming it and the error."""
+        self.registries()  # runs the registration hooks: a hook that raises marks its plugin
         for name in names:
             info = self.plugins.get(name)
             if info is None:
                 known = [p for p in self.plugins if p != CORE_PLUGIN_NAME]
                 raise ConfigError(
-                    f"engine.plugins: plugin '{name}' is not installed; install it with "
-                    f"`pip install {distribution_for(name)}`{did_you_mean(name, known)}"
+                    f"engine.plugins: plugin '{name}' is not installed{install_hint(name)}"
+                    f"{did_you_mean(name, known)}"
                 )
             if info.error is not None:
                 raise PluginError(
@@ -187,12 +207,19 @@ class EnginePluginManager:
     # --- registries ---------------------------------------------------------------------
 
     def registries(self) -> dict[str, dict[str, Registration]]:
-        """Every registry, ``kind -> name -> Registration``, built once from the hooks."""
+        """Every registry, ``kind -> name -> Registration``, built once from the hooks; without
+        the components of plugins that failed in any hook, and without clashing names."""
         if self._registries is None:
             self.load()
+            self.clashes = {}
+            for info in self.plugins.values():
+                info.registers = {}
             registries: dict[str, dict[str, Registration]] = {k: {} for k in hookspecs.REGISTRATION_HOOKS.values()}
             for hook_name, kind in hookspecs.REGISTRATION_HOOKS.items():
                 self._collect(hook_name, kind, registries[kind])
+            for registry in registries.values():  # a plugin that failed in a later hook: none of it
+                for name in [n for n, r in registry.items() if self.plugins[r.plugin].error is not None]:
+                    del registry[name]
             self._registries = registries
         return self._registries
 
@@ -215,18 +242,39 @@ class EnginePluginManager:
                 if mapping is None:
                     continue
                 if not isinstance(mapping, Mapping):
-                    raise PluginError(
-                        f"plugin '{plugin_name}': {hook_name} must return a mapping of "
-                        f"name -> factory, got {type(mapping).__name__}"
-                    )
+                    info.error = (f"{hook_name} must return a mapping of name -> factory, got "
+                                  f"{type(mapping).__name__}")
+                    print(f"t2i-engine: plugin '{plugin_name}': {info.error}", file=sys.stderr)
+                    break
                 for name, factory in mapping.items():
-                    if name in into:
-                        raise PluginError(
-                            f"{kind} '{name}' is registered by two plugins: "
-                            f"'{into[name].plugin}' and '{plugin_name}'"
-                        )
-                    into[name] = Registration(kind=kind, name=name, factory=factory, plugin=plugin_name)
-                    info.registers.setdefault(kind, []).append(name)
+                    self._add(into, Registration(kind=kind, name=name, factory=factory, plugin=plugin_name))
+
+    def _add(self, into: dict[str, Registration], reg: Registration) -> None:
+        """Register ``reg``, or record a clash: a name two plugins register is withheld."""
+        self.plugins[reg.plugin].registers.setdefault(reg.kind, []).append(reg.name)
+        key = (reg.kind, reg.name)
+        if key in self.clashes:
+            self.clashes[key].append(reg.plugin)
+        elif reg.name in into:
+            first = into.pop(reg.name).plugin
+            self.clashes[key] = [first, reg.plugin]
+        else:
+            into[reg.name] = reg
+
+    def problems(self) -> list[str]:
+        """One line per plugin that failed to load and per name clash (empty when all is well)."""
+        self.registries()
+        lines = [f"plugin '{i.name}' ({i.distribution}) failed to load: {i.error}"
+                 for i in self.plugins.values() if i.error is not None]
+        lines += [f"{kind} '{name}' is registered by two plugins: "
+                  + " and ".join(f"'{p}'" for p in plugins) for (kind, name), plugins in self.clashes.items()]
+        return lines
+
+    def clashes_of(self, plugin: str) -> list[str]:
+        """``"task 'x' is also registered by 'other'"`` for each name ``plugin`` shares."""
+        self.registries()
+        return [f"{kind} '{name}' is also registered by " + ", ".join(f"'{p}'" for p in plugins if p != plugin)
+                for (kind, name), plugins in self.clashes.items() if plugin in plugins]
 
     def registry(self, kind: str) -> dict[str, Registration]:
         """The registry of one component kind (``"sampler"``, ``"model"``, ...)."""
@@ -238,11 +286,15 @@ class EnginePluginManager:
         if name in registry:
             return registry[name]
         where = f"{key}: " if key else ""
+        if (kind, name) in self.clashes:
+            plugins = " and ".join(f"'{p}'" for p in self.clashes[kind, name])
+            raise PluginError(f"{where}{kind} '{name}' is registered by two plugins: {plugins}; "
+                              "uninstall one of them (`t2i-engine plugins` lists what each registers)")
         provider = KNOWN_COMPONENTS.get((kind, name))
         if provider is not None and provider not in self.plugins:
             raise ConfigError(
                 f"{where}{kind} '{name}' is provided by the plugin '{provider}', which is not "
-                f"installed; install it with `pip install {distribution_for(provider)}`"
+                f"installed{install_hint(provider)}"
             )
         if provider is not None and self.plugins[provider].error:
             raise ConfigError(
@@ -250,8 +302,10 @@ class EnginePluginManager:
                 f"{self.plugins[provider].error}"
             )
         available = ", ".join(sorted(registry)) or "none"
+        broken = [f"'{i.name}' ({i.error})" for i in self.plugins.values() if i.error is not None]
+        note = f"; plugins that failed to load, which may provide it: {', '.join(broken)}" if broken else ""
         raise ConfigError(
-            f"{where}unknown {kind} '{name}'{did_you_mean(name, registry)}; available: {available}"
+            f"{where}unknown {kind} '{name}'{did_you_mean(name, registry)}; available: {available}{note}"
         )
 
     def build(self, component: Any) -> Any:

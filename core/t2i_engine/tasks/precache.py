@@ -15,7 +15,7 @@ import torch
 from t2i_engine.config.fields import option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
-from t2i_engine.tasks.common import build_model, output_path
+from t2i_engine.tasks.common import build_model, inference_precision, output_path
 
 __all__ = ["PrecacheConfig", "PrecacheTask"]
 
@@ -46,11 +46,26 @@ class PrecacheTask:
         c = self.config
         if ctx.config.data is None:
             raise ConfigError("data: task 'precache' needs a [data] table (the images and captions to encode)")
-        model = build_model(ctx, task="precache")
+        model = build_model(ctx, task="precache").eval()
+        autocast, dtype = inference_precision(ctx, model)  # engine.precision, as every inference task
         dataset = ctx.plugins.build(ctx.config.data)
         gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed) if c.sample_posterior else None
         url = output_path(ctx, c.out)
-        index = precache(dataset, encode_images=lambda x: model.autoencoder.encode(x, generator=gen),
-                         encode_text=model.text_encoder.encode, out_url=url, shard_size=c.shard_size,
-                         batch_size=c.batch_size, device=ctx.device)
+
+        @torch.no_grad()
+        def encode_images(x: torch.Tensor) -> torch.Tensor:
+            with autocast:
+                return model.autoencoder.encode(x.to(dtype), generator=gen).float()  # shards stay float32
+
+        @torch.no_grad()
+        def encode_text(prompts: list[str]) -> Any:
+            from t2i_engine.interfaces import TextEmbedding
+
+            with autocast:
+                emb = model.text_encoder.encode(prompts)
+            return TextEmbedding(emb.tokens.float(), emb.mask,
+                                 None if emb.pooled is None else emb.pooled.float())
+
+        index = precache(dataset, encode_images=encode_images, encode_text=encode_text, out_url=url,
+                         shard_size=c.shard_size, batch_size=c.batch_size, device=ctx.device)
         return {"precached": url, "count": index["count"], "shards": len(index["shards"])}

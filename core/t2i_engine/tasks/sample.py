@@ -15,6 +15,7 @@ import attrs
 import torch
 
 from t2i_engine.config.fields import existing_path, option
+from t2i_engine.config.limits import image_side, require_image_memory, seeds_value
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
 from t2i_engine.tasks.common import build_model, inference_precision
@@ -28,12 +29,12 @@ class SampleConfig:
 
     prompts: list[str] = option(help="the prompts; images_per_prompt images each")
     negative_prompt: str = option(default="", help="what guidance steers away from ('' = unconditional)")
-    width: int = option(default=512, validator=attrs.validators.ge(8), help="image width in pixels")
-    height: int = option(default=512, validator=attrs.validators.ge(8), help="image height in pixels")
+    width: int = option(default=512, validator=image_side, help="image width in pixels")
+    height: int = option(default=512, validator=image_side, help="image height in pixels")
     images_per_prompt: int = option(default=1, validator=attrs.validators.ge(1), help="images per prompt")
     batch_size: int = option(default=1, validator=attrs.validators.ge(1), help="images per forward pass")
-    seeds: list[int] | None = option(default=None, help="one seed per image; default engine.seed + index")
-    init_image: str | None = existing_path(default=None, help="img2img: the source image")
+    seeds: list[int] | None = option(default=None, validator=seeds_value, help="one seed per image; default engine.seed + index")
+    init_image: str | None = existing_path(default=None, kind="file", help="img2img: the source image")
     strength: float = option(default=0.8, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)],
                              help="img2img: fraction of the sampler steps run (1 = ignore the image)")
 
@@ -45,8 +46,12 @@ def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
 
     from t2i_engine.utils.images import from_pil
 
-    with fsspec.open(url, "rb") as f:
-        img = Image.open(f).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    try:
+        with fsspec.open(url, "rb") as f:
+            img = Image.open(f).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
+    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
+        raise ConfigError(f"task.init_image: '{url}' is not a readable image "
+                          f"({type(exc).__name__})") from exc
     return from_pil(img)[None]
 
 
@@ -94,6 +99,8 @@ class SampleTask:
             raise ConfigError("guidance.image_guidance_scale: task 'sample' has no source-image conditioning "
                               "(an edit task of an InstructPix2Pix plugin uses it)")
         prompts, seeds = self._plan(ctx)
+        require_image_memory("task.width/height", width=c.width, height=c.height,
+                             batch=min(c.batch_size, len(prompts)), device=ctx.device)
         sampler = ctx.plugins.build(ctx.config.sampler)
         model: LatentDiffusionModel = build_model(ctx, task="sample")
         f = model.autoencoder.downsample_factor

@@ -8,8 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import torch
 
 from t2i_engine.config.fields import option
+from t2i_engine.config.limits import require_image_memory
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 from t2i_engine.tasks.grid import model_and_sampler, sample_batched
@@ -49,12 +51,17 @@ class ShapesEvalTask:
         data = ctx.plugins.build(ctx.config.data)
         if not isinstance(data, ShapesDataset):
             raise ConfigError(f"shapes-eval: [data] type {ctx.config.data.name!r} is not the shapes dataset")
-        model, sampler = model_and_sampler(ctx, task="shapes-eval")
         truth = [ShapeLabels(*combo) for combo in data.combinations for _ in range(c.images_per_prompt)]
+        side = data.config.size
+        require_image_memory("task.batch_size", width=side, height=side, batch=min(c.batch_size, len(truth)),
+                             device=ctx.device)  # one sampler batch on the device ...
+        require_image_memory("task.images_per_prompt", width=side, height=side, batch=len(truth),
+                             device=torch.device("cpu"))  # ... and every image, gathered on the CPU
+        model, sampler, precision = model_and_sampler(ctx, task="shapes-eval")
         prompts = [data.caption_of(t.colour, t.shape, t.background) for t in truth]
         seeds = [ctx.seed + i for i in range(len(prompts))]
         images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance,
-                                size=data.config.size, batch_size=c.batch_size, desc="eval")
+                                size=data.config.size, batch_size=c.batch_size, desc="eval", precision=precision)
         scores = accuracy(classify_batch(images, colours=data.colours, shapes=data.shapes), truth)
         targets = {"colour": c.colour_target, "background": c.colour_target, "shape": c.shape_target}
         print(format_table(scores, count=len(truth), targets=targets))

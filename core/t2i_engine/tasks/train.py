@@ -49,11 +49,16 @@ class TrainTask:
 
         if ctx.config.data is None:
             raise ConfigError("data: task 'train' needs a [data] table (type = a dataset, e.g. \"shapes\")")
+        train = ctx.config.train or TrainConfig()
+        if self.config.export and train.strategy == "fsdp":
+            raise ConfigError("task.export: not supported with train.strategy = 'fsdp' yet (the weights are "
+                              "sharded after training); export from a run with strategy = 'ddp', or load the "
+                              "checkpoint's fabric.ckpt")
         model = build_model(ctx, task="train")
         trainable = model.trainable(caption_dropout=self.config.caption_dropout,
                                     train_text_encoder=self.config.train_text_encoder)
         dataset = ctx.plugins.build(ctx.config.data)
-        summary = fit(trainable, dataset, ctx.config.train or TrainConfig(), output_dir=ctx.output_dir,
+        summary = fit(trainable, dataset, train, output_dir=ctx.output_dir,
                       seed=ctx.seed, hooks=ctx.plugins.hook, copy_ema=True)
         if self.config.export:
             url = output_path(ctx, self.config.export)

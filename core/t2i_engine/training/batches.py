@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate
+
+from t2i_engine.data.bad_samples import EVENTS_KEY
 
 __all__ = ["ResumableBatchSampler", "batch_stream"]
 
@@ -55,19 +57,61 @@ class ResumableBatchSampler(Sampler[list[int]]):
         return 2**62
 
 
+class _WithEvents(NamedTuple):
+    """A collated batch and the decode events its samples carried from a worker."""
+
+    batch: Any
+    events: list[Any]
+
+
+class _CollateKeepingEvents:
+    """Collate samples without :data:`EVENTS_KEY`, keeping the events beside the batch (runs in
+    the workers, so it must pickle: a class, not a closure)."""
+
+    def __init__(self, collate: Callable[[list[Any]], Any]) -> None:
+        self.collate = collate
+
+    def __call__(self, samples: list[Any]) -> _WithEvents:
+        events = []
+        for s in samples:
+            if isinstance(s, dict) and EVENTS_KEY in s:
+                events += s[EVENTS_KEY]
+        clean = [{k: v for k, v in s.items() if k != EVENTS_KEY} if isinstance(s, dict) else s for s in samples]
+        return _WithEvents(self.collate(clean), events)
+
+
+def _counted(batches: Iterator[_WithEvents], dataset: Any) -> Iterator[Any]:
+    """Hand each batch's worker events to the dataset's tally (in batch order), then yield it."""
+    tally = getattr(dataset, "bad_samples", None)
+    for item in batches:
+        if item.events and tally is not None:
+            tally.record_all(item.events)
+        yield item.batch
+
+
 def batch_stream(dataset: Dataset | IterableDataset, *, batch_size: int, rank: int,
                  world_size: int, seed: int, start_batch: int, num_workers: int = 0,
                  collate_fn: Callable[[list[Any]], Any] | None = None,
                  pin_memory: bool = False) -> Iterator[Any]:
-    """An endless iterator of collated micro-batches for this rank, starting at ``start_batch``."""
-    collate = collate_fn or default_collate
+    """An endless iterator of collated micro-batches for this rank, starting at ``start_batch``.
+
+    Corrupt samples that DataLoader workers skipped are counted in ``dataset.bad_samples`` of
+    this process as their batches arrive (see :mod:`t2i_engine.data.bad_samples`)."""
+    yield from _stream(dataset, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                       start_batch=start_batch, num_workers=num_workers,
+                       collate=_CollateKeepingEvents(collate_fn or default_collate), pin_memory=pin_memory)
+
+
+def _stream(dataset: Dataset | IterableDataset, *, batch_size: int, rank: int, world_size: int, seed: int,
+            start_batch: int, num_workers: int, collate: Callable[[list[Any]], Any],
+            pin_memory: bool) -> Iterator[Any]:
     if not isinstance(dataset, IterableDataset):
         sampler = ResumableBatchSampler(len(dataset), batch_size=batch_size, rank=rank,  # type: ignore[arg-type]
                                         world_size=world_size, seed=seed, start_batch=start_batch)
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                             collate_fn=collate, pin_memory=pin_memory,
                             persistent_workers=num_workers > 0)
-        yield from loader
+        yield from _counted(iter(loader), dataset)
         return
 
     def epochs() -> Iterator[Any]:
@@ -77,7 +121,7 @@ def batch_stream(dataset: Dataset | IterableDataset, *, batch_size: int, rank: i
             loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
                                 collate_fn=collate, pin_memory=pin_memory, drop_last=True)
             empty = True
-            for batch in loader:
+            for batch in _counted(iter(loader), dataset):  # skipped batches are counted too
                 empty = False
                 yield batch
             if empty:

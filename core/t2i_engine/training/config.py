@@ -8,6 +8,7 @@ import attrs
 from attrs.validators import ge, gt, in_, le
 
 from t2i_engine.config.fields import option
+from t2i_engine.config.limits import seed_value
 
 __all__ = ["TrainConfig"]
 
@@ -88,7 +89,7 @@ class TrainConfig:
     sample_every: int = option(default=0, validator=ge(0),
                                help="image grids from sample_prompts every N steps (0: never)")
     sample_prompts: list[str] = option(factory=list, help="fixed prompts for the image grids")
-    sample_seed: int = option(default=0, help="seed of the sampling generator for the grids")
+    sample_seed: int = option(default=0, validator=seed_value, help="seed of the sampling generator for the grids")
     val_every: int = option(default=0, validator=ge(0), help="validate every N steps (0: never)")
     val_batches: int = option(default=8, validator=ge(1), help="batches per validation")
     max_nonfinite_in_a_row: int = option(

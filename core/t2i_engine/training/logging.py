@@ -74,6 +74,12 @@ class MetricsLogger:
             grid = np.asarray(make_grid(images.detach()).convert("RGB"))  # (H, W, 3) uint8
             self._writer.add_image(tag, grid, step, dataformats="HWC")
 
+    def log_text(self, step: int, tag: str, text: str) -> None:
+        """Log ``text`` (markdown) at ``step`` to TensorBoard's text tab (the JSONL file keeps
+        numbers only)."""
+        if self.enabled:
+            self._writer.add_text(tag, text, step)
+
     def advance(self, n: int = 1) -> None:
         """Move the progress bar (its ETA comes from tqdm's rate estimate)."""
         if self.enabled and self._bar is not None:

@@ -28,11 +28,13 @@ from lightning_fabric.fabric import _is_using_cli
 from torch import nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
-from t2i_engine.errors import ConfigError, TrainingError
+from t2i_engine.errors import ConfigError, StorageError, TrainingError
+from t2i_engine.nn.checkpointing import enable_gradient_checkpointing
 from t2i_engine.training.batches import batch_stream
 from t2i_engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from t2i_engine.training.config import TrainConfig
 from t2i_engine.training.ema import EMA
+from t2i_engine.training.fsdp import check_fsdp, fsdp_strategy, load_fsdp, save_fsdp
 from t2i_engine.training.logging import MetricsLogger, peak_memory_mb
 from t2i_engine.training.lr import lr_factor
 from t2i_engine.training.optim import build_optimizer
@@ -53,19 +55,23 @@ class TrainState:
 
 
 def build_fabric(cfg: TrainConfig, *, accelerator: str | None = None) -> Fabric:
-    """A Fabric for ``cfg`` (``accelerator`` overrides ``cfg.accelerator``)."""
+    """A Fabric for ``cfg`` (``accelerator`` overrides ``cfg.accelerator``); FSDP with full-state
+    checkpoints (:mod:`t2i_engine.training.fsdp`)."""
+    strategy = fsdp_strategy() if cfg.strategy == "fsdp" else cfg.strategy
     return Fabric(accelerator=accelerator or cfg.accelerator, devices=cfg.devices,
-                  num_nodes=cfg.num_nodes, strategy=cfg.strategy, precision=cfg.precision)
+                  num_nodes=cfg.num_nodes, strategy=strategy, precision=cfg.precision)
 
 
 def _prepare_model(model: nn.Module, cfg: TrainConfig) -> None:
     """Hand the gradient-checkpointing, channels_last and compile switches to the model."""
     if cfg.gradient_checkpointing:
         fn = getattr(model, "enable_gradient_checkpointing", None)
-        if fn is None:
+        if fn is not None:
+            fn()
+        elif enable_gradient_checkpointing(model) == 0:  # the shared blocks it is built of
             raise ConfigError(f"train.gradient_checkpointing: {type(model).__name__} has no "
-                              "enable_gradient_checkpointing()")
-        fn()
+                              "enable_gradient_checkpointing() and no block that supports it "
+                              "(t2i_engine.nn.checkpointing)")
     if cfg.channels_last:
         fn = getattr(model, "to_channels_last", None)
         fn() if fn is not None else model.to(memory_format=torch.channels_last)
@@ -183,21 +189,29 @@ def _stop_on_signals(state: TrainState) -> Iterator[None]:
             signal.signal(sig, h)
 
 
-def _save(fabric: Fabric, raw: nn.Module, ema: EMA | None, optimizer: Any, scheduler: Any,
+def _save(fabric: Fabric, wrapped: nn.Module, raw: nn.Module, ema: EMA | None, optimizer: Any, scheduler: Any,
           generator: torch.Generator, state: TrainState, *, checkpoint_dir: str,
           cfg: TrainConfig, hooks: Any) -> str:
     rng = _rng_state(fabric, generator)  # collective: every rank calls it
-    path = ""
-    if fabric.global_rank == 0:
-        train_state = {"step": state.step, "batches": state.batches,
-                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "rng": rng, "world_size": fabric.world_size,
-                       "nonfinite_total": state.nonfinite_total}
-        path = save_checkpoint(checkpoint_dir, state.step, model_state=raw.state_dict(),
-                               ema_state=None if ema is None else ema.state_dict(),
-                               train_state=train_state, keep_last=cfg.keep_last)
-        if hooks is not None:
-            hooks.on_checkpoint_saved(step=state.step, path=path)
+    train_state = {"step": state.step, "batches": state.batches, "rng": rng, "world_size": fabric.world_size,
+                   "nonfinite_total": state.nonfinite_total}
+    path, error = "", None
+    try:
+        if cfg.strategy == "fsdp":  # collective: Fabric gathers the full state onto rank 0
+            path = save_fsdp(fabric, wrapped, optimizer, scheduler, train_state, checkpoint_dir=checkpoint_dir,
+                             step=state.step, keep_last=cfg.keep_last)
+        elif fabric.global_rank == 0:
+            train_state |= {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+            path = save_checkpoint(checkpoint_dir, state.step, model_state=raw.state_dict(),
+                                   ema_state=None if ema is None else ema.state_dict(),
+                                   train_state=train_state, keep_last=cfg.keep_last)
+    except StorageError as exc:  # rank 0's disk fault: every rank stops with it, none waits
+        error = exc
+    failed = fabric.broadcast(str(error or "")) if fabric.world_size > 1 else str(error or "")
+    if failed:
+        raise error or StorageError(failed)
+    if fabric.global_rank == 0 and hooks is not None:
+        hooks.on_checkpoint_saved(step=state.step, path=path)
     fabric.barrier()
     return path
 
@@ -224,20 +238,20 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
             use them. Off by default: the model keeps its training weights.
 
     Returns:
-        ``{"step", "checkpoint", "interrupted", "nonfinite_skipped", "loss"}``.
+        ``{"step", "checkpoint", "interrupted", "nonfinite_skipped", "skipped_samples",
+        "first_skipped", "loss"}``: ``skipped_samples`` counts this rank's distinct corrupt samples,
+        ``first_skipped`` names the first five.
     """
     cfg = train_config
     check_trainable(model)
-    if cfg.strategy == "fsdp" and cfg.ema:
-        raise ConfigError("train.ema is not supported with strategy = 'fsdp' yet (the EMA needs "
-                          "unsharded weights); use strategy = 'ddp' or ema = false")
+    output_dir = Path(output_dir)
+    checkpoint_dir = checkpoint_dir or str(output_dir / "checkpoints")
+    check_fsdp(cfg, device_type=None if fabric is None else fabric.device.type, checkpoint_dir=checkpoint_dir)
     fabric = fabric or build_fabric(cfg)
     if not _is_using_cli():  # under `fabric run` the CLI has launched the processes already
         fabric.launch()  # a no-op when already launched
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    output_dir = Path(output_dir)
-    checkpoint_dir = checkpoint_dir or str(output_dir / "checkpoints")
     rank, world = fabric.global_rank, fabric.world_size
     torch.manual_seed(seed + rank)
     random.seed(seed + rank)
@@ -258,12 +272,15 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
 
     state = TrainState()
     if cfg.resume and (last := latest_checkpoint(checkpoint_dir)) is not None:
-        model_state, ema_state, ts = load_checkpoint(checkpoint_dir, last, with_ema=ema is not None)
-        load_state_dict_strict(raw, model_state, source=f"{checkpoint_dir} step {last}")
-        if ema is not None and ema_state is not None:
-            ema.load_state_dict(ema_state)
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
+        if cfg.strategy == "fsdp":
+            ts = load_fsdp(fabric, wrapped, optimizer, scheduler, checkpoint_dir=checkpoint_dir, step=last)
+        else:
+            model_state, ema_state, ts = load_checkpoint(checkpoint_dir, last, with_ema=ema is not None)
+            load_state_dict_strict(raw, model_state, source=f"{checkpoint_dir} step {last}")
+            if ema is not None and ema_state is not None:
+                ema.load_state_dict(ema_state)
+            optimizer.load_state_dict(ts["optimizer"])
+            scheduler.load_state_dict(ts["scheduler"])
         _restore_rng(fabric, ts["rng"], generator)
         state.step, state.batches = ts["step"], ts["batches"]
         state.nonfinite_total = ts.get("nonfinite_total", 0)
@@ -271,8 +288,9 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
             fabric.print(f"resuming a {ts.get('world_size')}-process run on {world}: "
                          "data order and noise will differ from an uninterrupted run")
 
-    if hasattr(dataset, "bad_samples"):
-        dataset.bad_samples.max_fraction = cfg.max_bad_sample_fraction
+    tally = getattr(dataset, "bad_samples", None)  # corrupt samples, counted once (data/bad_samples.py)
+    if tally is not None:
+        tally.max_fraction = cfg.max_bad_sample_fraction
     batches = batch_stream(dataset, batch_size=cfg.batch_size, rank=rank, world_size=world,
                            seed=seed, start_batch=state.batches, num_workers=cfg.num_workers,
                            collate_fn=collate_fn, pin_memory=fabric.device.type == "cuda")
@@ -318,6 +336,8 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
                 metrics = {**out, "lr": lr, "step_time": dt, "samples_per_sec": samples_per_step / dt,
                            "peak_memory_mb": peak_memory_mb(fabric.device),
                            "nonfinite_skipped": float(state.nonfinite_total)}
+                if tally is not None:
+                    metrics["skipped_samples"] = float(tally.bad)
                 if rank == 0 and hooks is not None:
                     hooks.on_train_step_end(step=state.step, metrics=metrics)
                 if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
@@ -336,18 +356,23 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
                                        seed=seed)
                     logger.log_scalars(state.step, {"val/loss": val})
                 if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
-                    _save(fabric, raw, ema, optimizer, scheduler, generator, state,
+                    _save(fabric, wrapped, raw, ema, optimizer, scheduler, generator, state,
                           checkpoint_dir=checkpoint_dir, cfg=cfg, hooks=hooks)
                     last_saved = state.step
                 if state.stop_requested:  # agreed by every rank in train_step
                     break
             if state.step != last_saved:
-                _save(fabric, raw, ema, optimizer, scheduler, generator, state,
+                _save(fabric, wrapped, raw, ema, optimizer, scheduler, generator, state,
                       checkpoint_dir=checkpoint_dir, cfg=cfg, hooks=hooks)
+        skipped = tally.summary() if tally is not None else {"skipped_samples": 0, "first_skipped": []}
+        if skipped["skipped_samples"]:
+            logger.log_text(state.step, "data/skipped_samples",
+                            f"{skipped['skipped_samples']} corrupt samples skipped (this rank); first: "
+                            + ", ".join(f"`{k}`" for k in skipped["first_skipped"]))
     finally:
         logger.close()
     if copy_ema and ema is not None:
         ema.copy_to(raw)
     return {"step": state.step, "checkpoint": checkpoint_dir,
             "interrupted": state.step < cfg.max_steps,
-            "nonfinite_skipped": state.nonfinite_total, "loss": metrics.get("loss", math.nan)}
+            "nonfinite_skipped": state.nonfinite_total, **skipped, "loss": metrics.get("loss", math.nan)}

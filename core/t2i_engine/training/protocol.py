@@ -35,7 +35,9 @@ class TrainableModel(Protocol):
 
     * ``sample_images(prompts, *, generator) -> Tensor``: images ``(N, 3, H, W)`` in [-1, 1]
       for the TensorBoard grids; called with the EMA weights swapped in.
-    * ``enable_gradient_checkpointing() -> None``
+    * ``enable_gradient_checkpointing() -> None`` (default:
+      :func:`t2i_engine.nn.checkpointing.enable_gradient_checkpointing` on the module, which
+      flags the shared UNet blocks and the SD text tower it contains)
     * ``to_channels_last() -> None`` (default: ``module.to(memory_format=torch.channels_last)``)
     * ``compile_for_training() -> None`` (default: ``module.compile()``, i.e. its forward)
     """

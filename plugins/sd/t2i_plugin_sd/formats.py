@@ -201,17 +201,20 @@ def _unet_skeleton_from_ours(sd: Mapping[str, Tensor]) -> UNetConfig:
     return UNetConfig(channels=(1,) * n, attention=attention, heads=(1,) * n, layers_per_block=layers)
 
 
-def _ldm_yaml_hints(cfg: Mapping[str, Any], *, where: str = "latent-diffusion yaml") -> dict[str, Any]:
-    """Hints from a latent-diffusion yaml (:func:`t2i_plugin_sd.ldm_config.ldm_yaml_hints`)."""
-    return ldm_yaml_hints(cfg, where=where)
-
-
-def read_yaml(text: str | bytes, *, where: str) -> Any:
-    """``yaml.safe_load`` with every YAML failure as a CheckpointError naming ``where``."""
+def _read_yaml(data: bytes, *, source: str) -> Mapping[str, Any]:
+    """A latent-diffusion / NeMo config: malformed or tagged YAML (``!!python/...``, refused by
+    ``safe_load``) and a document that is not a mapping are a CheckpointError naming ``source``."""
     try:
-        return yaml.safe_load(text)
+        cfg = yaml.safe_load(data)
     except yaml.YAMLError as e:
-        raise CheckpointError(f"{where} is not a valid (safe) YAML file: {e}") from e
+        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise CheckpointError(f"{source}: not a readable YAML config{where}: {problem}") from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{source}: expected a YAML mapping (model: params: ...), got {type(cfg).__name__}")
+    return cfg
 
 
 class SingleFile:
@@ -243,7 +246,7 @@ class SingleFile:
             weights.hints.update(hints_from_metadata(record, where=path))
         side = Path(path).with_suffix(".yaml")
         if side.is_file():
-            weights.hints.update(ldm_yaml_hints(read_yaml(side.read_bytes(), where=str(side)) or {}, where=str(side)))
+            weights.hints.update(ldm_yaml_hints(_read_yaml(side.read_bytes(), source=str(side)), where=str(side)))
         return weights
 
     def save(self, model: StableDiffusion, path: str, *, dtype: torch.dtype | None = None) -> None:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from t2i_engine.interfaces import TextEmbedding
+from t2i_engine.nn.checkpointing import checkpoint_call, wants_checkpoint
 from t2i_engine.pipeline import check_prompts
 
 def _mlp_ratio(mlp_width: int, width: int) -> float:
@@ -51,6 +52,8 @@ class CLIPTextEncoder(nn.Module):
 
     ``model`` is an ``open_clip.transformer.TextTransformer``; its state-dict keys are open_clip's.
     """
+
+    gradient_checkpointing = False  # recompute each layer in backward (t2i_engine.nn.checkpointing)
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
@@ -89,7 +92,7 @@ class CLIPTextEncoder(nn.Module):
         mask = m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype)  # causal, additive
         blocks = m.transformer.resblocks
         for block in blocks[: len(blocks) - self.config.skip_last_layers]:
-            x = block(x, attn_mask=mask)
+            x = checkpoint_call(self, block, x, attn_mask=mask) if wants_checkpoint(self) else block(x, attn_mask=mask)
         return m.ln_final(x)
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:

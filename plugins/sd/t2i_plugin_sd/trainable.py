@@ -44,7 +44,8 @@ class SDTrainable(nn.Module):
 
     def keep_mask(self, n: int, *, generator: torch.Generator | None) -> Tensor:
         """``(n,)`` bool, False where a caption is dropped (probability ``caption_dropout``)."""
-        return torch.rand(n, generator=generator) >= self.caption_dropout
+        device = generator.device if generator is not None else None  # draw where the generator lives
+        return (torch.rand(n, generator=generator, device=device) >= self.caption_dropout).cpu()
 
     def drop_captions(self, captions: list[str], *, generator: torch.Generator | None) -> list[str]:
         """Replace each caption by ``""`` with probability ``caption_dropout``."""

@@ -21,7 +21,7 @@ import torch
 from t2i_engine.diffusion.guidance import GuidanceConfig
 from t2i_engine.diffusion.registry import SAMPLERS
 from t2i_engine.pipeline import generate
-from t2i_plugin_sd.formats import DiffusersFolder, SingleFile, load_checkpoint
+from t2i_plugin_sd.formats import SingleFile, load_checkpoint
 from t2i_plugin_sd.model import build_model
 from t2i_plugin_sd.presets import PRESETS
 from t2i_plugin_sd.tokenizer_files import write_clip_tokenizer

@@ -17,7 +17,6 @@ behind the same gate). Nothing else of either library is changed.
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -190,6 +190,18 @@ class Adapter(nn.Module):
             view = weight[target.rows[0]:target.rows[1]] if target.rows else weight
             view.add_(delta, alpha=sign)
 
+    @torch.no_grad()
+    def bake(self) -> None:
+        """Merge into the weights for good and leave the model: it then holds the adapted
+        weights as its own (what training on top of a LoRA starts from)."""
+        if not self.merged:
+            self.merge()
+        root = self._attached_root()
+        for target in self.targets.values():
+            _remove(root.get_submodule(target.module), self)
+        self._set_root(None)
+        self.merged = False
+
     # --- attach -----------------------------------------------------------------------------
 
     def detach(self) -> None:

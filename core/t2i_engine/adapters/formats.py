@@ -251,6 +251,10 @@ def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype
     ``ss_network_dim``/``ss_network_alpha`` say ``Dynamic`` where layers differ, as kohya's
     ``resize_lora`` does. The multiplier is a load-time choice and is not written."""
     tensors: dict[str, Tensor] = {}
+    unknown = [name for name in adapter.names() if name not in keymap.targets]
+    if unknown:
+        raise ValueError(f"the model's LoRA key map has no file spelling for {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''}; adapt only the modules its plugin names")
     for name, layer in adapter.items():
         spelled = keymap.targets[name].kohya
         tensors[f"{spelled}.lora_down.weight"] = layer.down.weight

@@ -260,7 +260,10 @@ def resolve_config(data: dict[str, Any], pm: EnginePluginManager, *, source: Pat
             from t2i_engine.diffusion.guidance import GuidanceConfig
 
             guidance = structure(GuidanceConfig, data["guidance"], "guidance", locate)
-        return RunConfig(engine=engine, train=train, guidance=guidance, conditioners=conds,
+        from t2i_engine.adapters.config import structure_adapters
+
+        adapters = structure_adapters(data.get("adapters", []), locate)
+        return RunConfig(engine=engine, train=train, guidance=guidance, conditioners=conds, adapters=adapters,
                          source=source.resolve() if source else None, **parts)
     finally:
         BASE_DIR.reset(token)

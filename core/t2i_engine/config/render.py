@@ -77,4 +77,6 @@ def render_toml(config: RunConfig, *, explain: bool = False) -> str:
     for c in config.conditioners:
         lines.append(f"# provided by plugin '{c.plugin}'")
         lines += _table("conditioners", _component(c, "type"), array=True, helps=helps(c.options))
+    for a in config.adapters:
+        lines += _table("adapters", unstructure(a), array=True, helps=helps(a))
     return "\n".join(lines)

@@ -14,6 +14,7 @@ table               selector key                 validated by
 ``[train]``         (none)                       ``t2i_engine.training.config.TrainConfig``
 ``[guidance]``      (none)                       ``t2i_engine.diffusion.guidance.GuidanceConfig``
 ``[[conditioners]]`` ``type``                    each registered conditioner's ``Config``
+``[[adapters]]``     (none)                       ``t2i_engine.adapters.config.AdapterEntry`` (LoRA)
 ==================  ===========================  =============================================
 """
 
@@ -65,6 +66,7 @@ class RunConfig:
     train: Any = None  # TrainConfig or None
     guidance: Any = None  # GuidanceConfig or None
     conditioners: list[ComponentConfig] = attrs.field(factory=list)
+    adapters: list[Any] = attrs.field(factory=list)  # [[adapters]]: t2i_engine.adapters.config.AdapterEntry
     source: Path | None = None  # the config file, when loaded from one
 
     @property
@@ -85,4 +87,4 @@ COMPONENT_TABLES: dict[str, tuple[str, str]] = {
 }
 """Top-level table -> (registry kind, selector key)."""
 
-TOP_LEVEL = ("engine", *COMPONENT_TABLES, "train", "guidance", "conditioners")
+TOP_LEVEL = ("engine", *COMPONENT_TABLES, "train", "guidance", "conditioners", "adapters")

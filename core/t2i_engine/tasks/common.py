@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from t2i_engine.adapters.config import apply_adapters
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext
 from t2i_engine.nn.cpu_inference import pack_conv_weights
@@ -17,8 +18,13 @@ __all__ = ["apply_schedule", "build_model", "inference_precision", "output_path"
 
 
 def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
-    """The ``[model]`` of the run, moved to the run's device; a ConfigError when the table is
-    missing or its type does not implement :class:`~t2i_engine.interfaces.LatentDiffusionModel`."""
+    """The ``[model]`` of the run, moved to the run's device, with the run's ``[schedule]`` and
+    ``[[adapters]]`` applied; a ConfigError when the table is missing or its type does not
+    implement :class:`~t2i_engine.interfaces.LatentDiffusionModel`.
+
+    Adapters stay separate layers for inference; ``train`` bakes them into the weights first, so
+    it fine-tunes (and exports) the adapted model.
+    """
     if ctx.config.model is None:
         raise ConfigError(f"model: task '{task}' needs a [model] table (e.g. type = \"stable-diffusion\")")
     model = ctx.plugins.build(ctx.config.model)
@@ -27,7 +33,11 @@ def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
                           f"does not implement LatentDiffusionModel, which task '{task}' drives "
                           "(see docs/contracts.md)")
     apply_schedule(ctx, model)
-    return model.to(ctx.device)
+    model = model.to(ctx.device)
+    for adapter, _ in apply_adapters(model, ctx.config.adapters):  # type: ignore[arg-type]
+        if task == "train":
+            adapter.bake()
+    return model
 
 
 def apply_schedule(ctx: RunContext, model: LatentDiffusionModel) -> None:

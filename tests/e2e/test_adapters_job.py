@@ -108,3 +108,19 @@ def test_train_starts_from_the_adapted_weights(tmp_path, lora_file):
         b = train_model.denoiser(x, t, Conditioning(text=cond))
     assert (a - b).abs().max() <= 1e-5  # the same function, now in the weights
     assert not train_model.denoiser.get_submodule(name).__dict__.get("_t2i_lora_slot")
+
+
+def test_png_records_the_adapters_as_a1111_does(tmp_path, lora_file):
+    """The ``parameters`` chunk carries ``<lora:name:multiplier>`` after the prompt and a ``Lora
+    hashes`` entry (SHA-256, first 10 hex digits, computed here independently)."""
+    import hashlib
+    import re
+
+    _sample(tmp_path, "tagged", _entry(lora_file, multiplier=0.5))
+    (png,) = (tmp_path / "tagged").glob("*.png")
+    text = Image.open(png).text["parameters"]
+    prompt, params = text.split("\n", 1)
+    assert prompt == "a red square <lora:style:0.5>"
+    digest = hashlib.sha256(lora_file.read_bytes()).hexdigest()[:10]
+    assert re.search(rf'Lora hashes: "style: {digest}"', params)
+    assert Image.open(png).text["prompt"] == "a red square"  # the engine's own chunk is the prompt as sampled

@@ -42,12 +42,23 @@ def _checkpoint(ctx: Any) -> str | None:
 
 
 def _model_name(ctx: Any, checkpoint: str | None) -> str:
-    if checkpoint is None:
-        return str(ctx.config.model.name)
-    name = Path(checkpoint.rstrip("/")).name
-    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".nemo"):
+    return str(ctx.config.model.name) if checkpoint is None else _stem(checkpoint)
+
+
+def _stem(path: str) -> str:
+    """A checkpoint or LoRA file's name without its weights suffix (what A1111 calls it)."""
+    name = Path(str(path).rstrip("/")).name
+    for suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".nemo", ".bin"):
         name = name.removesuffix(suffix)
     return name
+
+
+def _adapters_text(adapters: Sequence[Any]) -> tuple[str, str | None]:
+    """A1111's spelling of the LoRAs a run applied: ``<lora:name:multiplier>`` tags (which its
+    prompt carries) and the ``Lora hashes`` value (``"name: hash, ..."``)."""
+    tags = " ".join(f"<lora:{_stem(a.path)}:{a.multiplier:g}>" for a in adapters)
+    hashes = ", ".join(f"{_stem(a.path)}: {model_hash(a.path) or ''}" for a in adapters)
+    return tags, hashes or None
 
 
 def _sampler_params(sampler: Any, schedule: Any) -> dict[str, Any]:
@@ -126,8 +137,10 @@ def sample_png_metadata(ctx: Any, model: Any, *, prompt: str, seed: int, size: t
         params["Precision"] = ctx.config.engine.precision
     for i, conditioner in enumerate(ctx.config.conditioners):
         params[f"Conditioner {i}"] = _component_text(conditioner)
+    lora_tags, params["Lora hashes"] = _adapters_text(ctx.config.adapters)
     params["Version"] = f"t2i-engine {__version__}"
-    chunks = {PARAMETERS_CHUNK: format_infotext(prompt, params, negative_prompt=getattr(task, "negative_prompt", "")),
+    shown = f"{prompt} {lora_tags}" if lora_tags else prompt
+    chunks = {PARAMETERS_CHUNK: format_infotext(shown, params, negative_prompt=getattr(task, "negative_prompt", "")),
               JOB_CHUNK: _job_toml(ctx, batch_prompts, batch_seeds)}
     if checkpoint is not None:
         chunks |= {"checkpoint": checkpoint, "model_hash": digest or ""}

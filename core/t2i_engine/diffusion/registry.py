@@ -5,7 +5,7 @@ table) and ``factory(config)`` returns a bound object. A sampling task does::
 
     sampler = SAMPLERS["euler"](EulerConfig(steps=30))
     plan = sampler.plan(schedule)                   # sigmas (steps + 1,), start std, ...
-    x = sampler(model, noise * plan.start_std, plan.sigmas, generator=g, callback=cb)
+    x = sampler(model, noise * plan.start_std(float(plan.sigmas[0])), plan.sigmas, generator=g, callback=cb)
 
 (:func:`t2i_engine.pipeline.generate` does this, with the plan's timing and last-step scale.)
 

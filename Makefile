@@ -23,6 +23,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml sdk/pyproject.toml $(PLUGINS)
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet -e '.[test]' -e 'sdk[test]' $(foreach p,$(PLUGINS),-e '$(dir $(p))[test]')
+	$(PIP) install --quiet --no-deps k-diffusion==0.1.1.post1  # a test reference; its deps pin numpy < 2
 	touch $(STAMP)
 
 install: $(STAMP)

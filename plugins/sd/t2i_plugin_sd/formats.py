@@ -29,6 +29,7 @@ from t2i_engine.nn import UNetConfig
 from t2i_plugin_sd import keymaps
 from t2i_plugin_sd.ldm_config import (
     ARCH_METADATA_KEY, architecture_metadata, hints_from_metadata, inexpressible, ldm_yaml, ldm_yaml_hints,
+    read_yaml_config,
 )
 from t2i_plugin_sd.model import StableDiffusion, Weights, architecture_hints
 from t2i_plugin_sd.presets import Architecture
@@ -201,22 +202,6 @@ def _unet_skeleton_from_ours(sd: Mapping[str, Tensor]) -> UNetConfig:
     return UNetConfig(channels=(1,) * n, attention=attention, heads=(1,) * n, layers_per_block=layers)
 
 
-def _read_yaml(data: bytes, *, source: str) -> Mapping[str, Any]:
-    """A latent-diffusion / NeMo config: malformed or tagged YAML (``!!python/...``, refused by
-    ``safe_load``) and a document that is not a mapping are a CheckpointError naming ``source``."""
-    try:
-        cfg = yaml.safe_load(data)
-    except yaml.YAMLError as e:
-        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise CheckpointError(f"{source}: not a readable YAML config{where}: {problem}") from e
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, Mapping):
-        raise CheckpointError(f"{source}: expected a YAML mapping (model: params: ...), got {type(cfg).__name__}")
-    return cfg
-
-
 class SingleFile:
     """One ``.safetensors`` (or weights-only ``.ckpt``) file in the CompVis/A1111 layout.
 
@@ -246,7 +231,7 @@ class SingleFile:
             weights.hints.update(hints_from_metadata(record, where=path))
         side = Path(path).with_suffix(".yaml")
         if side.is_file():
-            weights.hints.update(ldm_yaml_hints(_read_yaml(side.read_bytes(), source=str(side)), where=str(side)))
+            weights.hints.update(ldm_yaml_hints(read_yaml_config(side.read_bytes(), source=str(side)), where=str(side)))
         return weights
 
     def save(self, model: StableDiffusion, path: str, *, dtype: torch.dtype | None = None) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+import yaml
 
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_sd.presets import Architecture, ScheduleConfig
@@ -52,6 +53,22 @@ def _params(section: Any) -> Mapping[str, Any]:
 
 
 # --- reading ---------------------------------------------------------------------------------
+
+
+def read_yaml_config(data: bytes, *, source: str) -> Mapping[str, Any]:
+    """A latent-diffusion / NeMo config: malformed or tagged YAML (``!!python/...``, refused by
+    ``safe_load``) and a document that is not a mapping are a CheckpointError naming ``source``."""
+    try:
+        cfg = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        where = f" at line {e.problem_mark.line + 1}" if getattr(e, "problem_mark", None) else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise CheckpointError(f"{source}: not a readable YAML config{where}: {problem}") from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping):
+        raise CheckpointError(f"{source}: expected a YAML mapping (model: params: ...), got {type(cfg).__name__}")
+    return cfg
 
 
 def _unet_hints(p: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -288,4 +305,4 @@ def hints_from_metadata(text: str, *, where: str) -> dict[str, Any]:
 
 
 __all__ = ["ARCH_METADATA_KEY", "architecture_metadata", "hints_from_metadata", "inexpressible", "ldm_yaml",
-           "ldm_yaml_hints"]
+           "ldm_yaml_hints", "read_yaml_config"]

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
+from t2i_plugin_sd.ldm_config import read_yaml_config
 from torch import Tensor
 
 from t2i_engine.errors import CheckpointError
@@ -81,15 +81,7 @@ def read_config(path: str) -> dict[str, Any]:
     raw = _member_bytes(path, CONFIG_MEMBER)
     if raw is None:
         return {}
-    try:
-        cfg = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: {CONFIG_MEMBER} is not plain YAML ({e}); "
-                              "only safe YAML (no Python tags) is read") from e
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, Mapping):
-        raise CheckpointError(f"{path}: {CONFIG_MEMBER} is not a mapping")
+    cfg = read_yaml_config(raw, source=f"{path}:{CONFIG_MEMBER}")
     if "unet_config" not in cfg and isinstance(cfg.get("model"), Mapping):
         cfg = cfg["model"]
     return dict(cfg)

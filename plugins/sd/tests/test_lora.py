@@ -53,7 +53,7 @@ def diffusers_from(folder):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the engine's ddim reads the same config
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -87,7 +87,7 @@ class ConditionerChain(nn.Module):
             out[name] = self.images[cache].to(device, dtype).expand(batch, -1, -1, -1)
         return out
 
-    def _apply(self, i: int, entry: Entry, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
+    def _condition_entry(self, entry: Entry, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
         fn = getattr(entry.conditioner, "condition", None)
         if not callable(fn) or entry.keys.scale == 0:
             return cond
@@ -112,7 +112,7 @@ class ConditionerChain(nn.Module):
                                                                batch=len(prompts), device=device, dtype=dtype)
             inputs = ConditionInputs(branch=branch, prompts=prompts, height=height, width=width,  # type: ignore[arg-type]
                                      device=device, dtype=dtype, images=images, batch=batch)
-            cond = self._apply(i, entry, cond, inputs)
+            cond = self._condition_entry(entry, cond, inputs)
         return cond
 
     def condition(self, cond: Conditioning, uncond: Conditioning, *, prompts: Sequence[str],

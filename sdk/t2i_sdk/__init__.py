@@ -14,6 +14,7 @@ A plugin is a module with hook implementations, declared in its distribution's m
 from t2i_engine.conditioning.inputs import load_image
 from t2i_engine.conditioning.shapes import unet_residual_shapes
 from t2i_engine.config.fields import existing_path, option
+from t2i_engine.diffusion.grids import SamplingPlan, default_plan
 from t2i_engine.diffusion.guidance import GuidanceConfig
 from t2i_engine.errors import CheckpointError, ConfigError, DataError, PluginError, T2IError
 from t2i_engine.hookspecs import ENTRY_POINT_GROUP, hookimpl
@@ -59,11 +60,13 @@ __all__ = [
     "Residuals",
     "RunContext",
     "Sampler",
+    "SamplingPlan",
     "StepCallback",
     "T2IError",
     "Task",
     "TextEmbedding",
     "TextEncoder",
+    "default_plan",
     "existing_path",
     "from_pil",
     "generate",

@@ -154,3 +154,38 @@ def test_training_gives_batch_fields_to_condition_and_trains_the_conditioner() -
     learned.weight.grad = None
     trainable.training_loss(batch, generator=torch.Generator().manual_seed(0)).backward()
     assert learned.weight.grad is not None and float(learned.weight.grad) == 0.0
+
+
+class TrainableMid(torch.nn.Module):
+    """A mid residual ``bias`` everywhere, a trainable parameter; remembers its instances."""
+
+    built: list[TrainableMid] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.tensor(0.5))
+        TrainableMid.built.append(self)
+
+    def setup(self, model: Any) -> None:
+        self.unet = [model.denoiser]  # a list: not registered as a submodule (the model owns it)
+
+    def residuals(self, x_t: torch.Tensor, t: torch.Tensor, cond: Any) -> Residuals:
+        _, mid = unet_residual_shapes(self.unet[0], *x_t.shape[-2:])
+        return Residuals(mid=self.bias.to(x_t.dtype).expand(x_t.shape[0], *mid))
+
+
+def test_the_train_task_trains_a_conditioners_parameters(tmp_path: Path) -> None:
+    pm = _pm()
+    module = types.ModuleType("trainable_conditioner")
+    module.register_conditioners = hookimpl(lambda: {"trainable-mid": TrainableMid})  # type: ignore[attr-defined]
+    pm.register(module, name="trainable")
+    job = tmp_path / "train.toml"
+    job.write_text(f'[engine]\nplugins = ["sd"]\ndevice = "cpu"\noutput_dir = "{tmp_path / "out"}"\n'
+                   '[task]\nname = "train"\n[model]\ntype = "stable-diffusion"\npreset = "tiny"\n'
+                   '[data]\ntype = "shapes"\nsize = 32\ncount = 8\n'
+                   '[train]\nmax_steps = 2\nbatch_size = 2\nlr = 0.05\nema = false\n'
+                   '[[conditioners]]\ntype = "trainable-mid"\n')
+    TrainableMid.built.clear()
+    run_config(load_config(job, pm), pm)
+    (conditioner,) = TrainableMid.built
+    assert conditioner.bias.item() != 0.5  # its parameter was in the optimizer

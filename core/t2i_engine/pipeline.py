@@ -25,17 +25,18 @@ import attrs
 import torch
 from torch import Tensor
 
+from t2i_engine.conditioning.chain import ConditionerChain
 from t2i_engine.diffusion.grids import SamplingPlan, default_plan, is_variance_preserving
 from t2i_engine.diffusion.guidance import GuidanceConfig, StaticClip, guided_denoiser
 from t2i_engine.diffusion.parameterization import DenoiserWrapper
 from t2i_engine.diffusion.samplers import img2img_start
-from t2i_engine.conditioning.chain import ConditionerChain
 from t2i_engine.interfaces import (
     Conditioning, LatentDiffusionModel, NoiseSchedule, Sampler, StepCallback, TextEncoder,
 )
 from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
 
-__all__ = ["check_prompts", "encode_prompts", "generate", "mark_branches", "sampling_plan_for", "sampling_sigmas_for", "seeded_noise",
+__all__ = ["check_prompts", "encode_prompts", "generate", "mark_branches", "sampling_plan_for", "sampling_sigmas_for",
+           "seeded_noise",
            "start_noise_scale"]
 
 

@@ -11,6 +11,7 @@ A plugin is a module with hook implementations, declared in its distribution's m
     myplugin = "t2i_plugin_myplugin.plugin"
 """
 
+from t2i_engine.conditioning.build import build_conditioners
 from t2i_engine.conditioning.inputs import load_image
 from t2i_engine.conditioning.shapes import unet_residual_shapes
 from t2i_engine.config.fields import existing_path, option
@@ -66,6 +67,7 @@ __all__ = [
     "Task",
     "TextEmbedding",
     "TextEncoder",
+    "build_conditioners",
     "default_plan",
     "existing_path",
     "from_pil",

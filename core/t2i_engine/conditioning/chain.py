@@ -110,8 +110,8 @@ class ConditionerChain(nn.Module):
         for i, entry in enumerate(self.entries):
             images = {} if batch is not None else self._images(i, entry, height=height, width=width,
                                                                batch=len(prompts), device=device, dtype=dtype)
-            inputs = ConditionInputs(branch=branch, prompts=prompts, height=height, width=width,  # type: ignore[arg-type]
-                                     device=device, dtype=dtype, images=images, batch=batch)
+            inputs = ConditionInputs(branch=branch, prompts=prompts,  # type: ignore[arg-type]
+                                     height=height, width=width, device=device, dtype=dtype, images=images, batch=batch)
             cond = self._condition_entry(entry, cond, inputs)
         return cond
 
@@ -155,6 +155,8 @@ class ConditionedNet:
         self.prediction = net.prediction
 
     def __getattr__(self, name: str) -> Any:  # e.g. sigma_data, parameters(): the network's own
+        if name in ("net", "chain"):  # not set yet (a copy being built): no recursion through self.net
+            raise AttributeError(name)
         return getattr(self.net, name)
 
     def _active(self) -> list[Entry]:
@@ -170,7 +172,8 @@ class ConditionedNet:
         conditional = cond.branch if cond.branch is not None else torch.ones(x_t.shape[0], dtype=torch.bool)
         conditional = conditional.to(x_t.device)
         # entries whose extras reach the net directly are gated by splitting the rows, exactly
-        direct = {flag: tuple(e for e in active if not e.has_residuals and e.applies_to(flag)) for flag in (True, False)}
+        direct = {flag: tuple(e for e in active if not e.has_residuals and e.applies_to(flag))
+                  for flag in (True, False)}
         present = [flag for flag in (True, False) if bool((conditional == flag).any())]
         if len(present) == 2 and direct[True] != direct[False]:
             out = torch.empty_like(x_t)

@@ -33,8 +33,9 @@ def conditioner_kwargs(ctx: RunContext, model: Any) -> dict[str, Any]:
     if chain is None:
         return {}
     if "conditioners" not in inspect.signature(model.trainable).parameters:
-        raise ConfigError(f"conditioners: model '{ctx.config.model.name}' cannot train with [[conditioners]] "  # type: ignore[union-attr]
-                          "(its trainable() takes no conditioners=); remove them or use a model that does")
+        name = ctx.config.model.name  # type: ignore[union-attr]
+        raise ConfigError(f"conditioners: model '{name}' cannot train with [[conditioners]] (its trainable() "
+                          "takes no conditioners=); remove them or use a model that does")
     return {"conditioners": chain}
 
 

@@ -246,8 +246,9 @@ class ConditionInputs:
 
     ``images`` holds the entry's ``inputs`` from the job (``[[conditioners]] inputs = { hint =
     "hint.png" }``), each loaded (path or fsspec URL) as ``(B, 3, height, width)`` in [-1, 1] on
-    ``device`` in ``dtype``; in training, the batch's own fields (``batch["hint"]`` ...) are in
-    ``batch`` instead.
+    ``device`` in ``dtype`` (a ``.safetensors`` file gives its one tensor as stored, a first
+    dimension of 1 expanded to B); in training, the batch's own fields (``batch["hint"]`` ...)
+    are in ``batch`` instead.
     """
 
     branch: Literal["cond", "uncond"]  # which conditioning this call builds

@@ -116,3 +116,21 @@ def test_the_composed_net_follows_the_window_step_by_step() -> None:
     assert seen == [in_window(i, 10, start=0.2, end=0.7) for i in range(10)]
     ch.clock.stop()
     assert bool(net(X, T, both).abs().sum() > 0)  # no run in progress (training): always open
+
+
+def test_inputs_named_in_the_job_reach_condition_as_images_and_tensors(tmp_path) -> None:  # noqa: ANN001
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    Image.new("RGB", (4, 2), (255, 0, 0)).save(tmp_path / "hint.png")
+    save_file({"only": torch.arange(6.0).view(1, 6)}, str(tmp_path / "vec.safetensors"))
+    extra = ExtraOffset()
+    conditioned(chain((extra, {"inputs": {"hint": str(tmp_path / "hint.png"),
+                                          "vec": str(tmp_path / "vec.safetensors")}})), b=3)
+    images = extra.seen[0].images
+    assert images["hint"].shape == (3, 3, 8, 8)  # resized to the generation's size, one per image
+    assert torch.equal(images["hint"][:, 0], torch.ones(3, 8, 8)) and torch.equal(images["hint"][:, 1], -torch.ones(3, 8, 8))
+    assert torch.equal(images["vec"], torch.arange(6.0).view(1, 6).expand(3, 6))
+    save_file({"a": torch.zeros(1), "b": torch.zeros(1)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(ConfigError, match=r"conditioners\[0\]\.inputs\.two: .* holds 2 tensors"):
+        conditioned(chain((ExtraOffset(), {"inputs": {"two": str(tmp_path / "two.safetensors")}})))

@@ -76,15 +76,17 @@ class ConditionerChain(nn.Module):
 
     def _images(self, i: int, entry: Entry, *, height: int, width: int, batch: int,
                 device: torch.device, dtype: torch.dtype) -> dict[str, Tensor]:
-        from t2i_engine.conditioning.inputs import load_image
+        from t2i_engine.conditioning.inputs import load_input
 
         out = {}
         for name, url in entry.keys.inputs.items():
             cache = (i, name, height, width)
             if cache not in self.images:
-                self.images[cache] = load_image(url, width=width, height=height,
+                self.images[cache] = load_input(url, width=width, height=height,
                                                 key=f"conditioners[{i}].inputs.{name}")
-            out[name] = self.images[cache].to(device, dtype).expand(batch, -1, -1, -1)
+            value = self.images[cache]
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+            out[name] = value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
         return out
 
     def _condition_entry(self, entry: Entry, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:

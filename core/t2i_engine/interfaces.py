@@ -340,7 +340,11 @@ class LatentDiffusionModel(Protocol):
         whose trainable weights are this model's own parameters, so training updates ``self``).
 
         Captions are replaced by ``""`` with probability ``caption_dropout``; batches may carry
-        precached ``latents`` and ``text_tokens`` instead of ``image`` and ``caption``.
+        precached ``latents`` and ``text_tokens`` instead of ``image`` and ``caption``. A model
+        that can train with ``[[conditioners]]`` also takes ``conditioners=`` (a
+        :class:`~t2i_engine.conditioning.ConditionerChain` or None): it conditions each batch with
+        ``chain.condition_batch``, calls its network through ``chain.compose(net)`` and adds
+        ``chain.trainable_parameters()`` to its own.
         """
         ...
 

@@ -171,24 +171,23 @@ class ConditionedNet:
         active = self._active()
         if not active and not any(e.added for e in self.chain.entries):
             return self.net(x_t, t, cond)
-        conditional = cond.branch if cond.branch is not None else torch.ones(x_t.shape[0], dtype=torch.bool)
-        conditional = conditional.to(x_t.device)
+        flags = cond.branch.cpu() if cond.branch is not None else torch.ones(x_t.shape[0], dtype=torch.bool)
+        present = {flag for flag in (True, False) if bool((flags == flag).any())}  # branches in this batch
         # entries whose extras reach the net directly are gated by splitting the rows, exactly
-        direct = {flag: tuple(e for e in active if not e.has_residuals and e.applies_to(flag))
-                  for flag in (True, False)}
-        present = [flag for flag in (True, False) if bool((conditional == flag).any())]
-        if len(present) == 2 and direct[True] != direct[False]:
+        direct = {flag: tuple(id(e) for e in active if not e.has_residuals and e.applies_to(flag)) for flag in present}
+        if len(set(direct.values())) > 1:
             out = torch.empty_like(x_t)
+            t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
             for flag in present:
-                rows = (conditional == flag).nonzero().squeeze(1)
-                if t.ndim == 0:
-                    t = t.expand(x_t.shape[0])
-                out[rows] = self._run(x_t[rows], t[rows], cond.rows(rows), active, conditional[rows]).to(out.dtype)
+                rows = (flags == flag).nonzero().squeeze(1).to(x_t.device)
+                part = self._run(x_t[rows], t[rows], cond.rows(rows), active, flags[flags == flag], {flag})
+                out[rows] = part.to(out.dtype)
             return out
-        return self._run(x_t, t, cond, active, conditional)
+        return self._run(x_t, t, cond, active, flags, present)
 
-    def _run(self, x_t: Tensor, t: Tensor, cond: Conditioning, active: list[Entry], conditional: Tensor) -> Tensor:
-        here = [e for e in active if any(e.applies_to(bool(f)) for f in conditional.unique().tolist())]
+    def _run(self, x_t: Tensor, t: Tensor, cond: Conditioning, active: list[Entry], flags: Tensor,
+             present: set[bool]) -> Tensor:
+        here = [e for e in active if any(e.applies_to(f) for f in present)]
         keep = set().union(*(e.added for e in here)) if here else set()
         dropped = set().union(*(e.added for e in self.chain.entries)) - keep
         if dropped:
@@ -202,11 +201,13 @@ class ConditionedNet:
             res = entry.conditioner.residuals(x_t, t, cond)
             if not isinstance(res, Residuals):
                 raise TypeError(f"{entry.label}: residuals() must return a Residuals, got {type(res).__name__}")
-            rows = torch.tensor([entry.applies_to(bool(f)) for f in conditional.tolist()], device=x_t.device)
+            # rows of a branch it does not apply to get zeros (where, not a product: exact even for inf/nan)
+            rows = None if all(entry.applies_to(f) for f in present) else \
+                (flags if entry.keys.branch == "cond" else ~flags).to(x_t.device)
 
-            def scaled(r: Tensor, s: float = entry.keys.scale, rows: Tensor = rows) -> Tensor:
+            def scaled(r: Tensor, s: float = entry.keys.scale, rows: Tensor | None = rows) -> Tensor:
                 r = r * s if s != 1 else r
-                if bool(rows.all()):
+                if rows is None:
                     return r
                 return torch.where(rows.view(-1, *([1] * (r.ndim - 1))), r, torch.zeros_like(r))
 

@@ -23,17 +23,10 @@ import attrs
 from t2i_engine.errors import PluginError
 from t2i_engine.hookspecs import REGISTRATION_HOOKS
 from t2i_engine.plugins.manager import EnginePluginManager, Registration
+from t2i_sdk.conditioner_kit import check_conditioner
 
 __all__ = ["check_conditioner", "check_plugin", "check_registration", "check_training_lowers_loss",
            "plugin_manager_with"]
-
-
-def __getattr__(name: str) -> Any:  # the kit imports torch and the core's chain: load it when asked
-    if name == "check_conditioner":
-        from t2i_sdk.conditioner_kit import check_conditioner
-
-        return check_conditioner
-    raise AttributeError(name)
 
 
 def plugin_manager_with(module: ModuleType | object, *, name: str = "under-test") -> EnginePluginManager:

@@ -94,7 +94,8 @@ def check_conditioner(module: ModuleType | object, conditioner: str, *, options:
     It must: load from a ``[[conditioners]]`` table with ``options`` (its own keys) and round-trip
     through ``t2i-engine config``; build and ``setup(model)``; implement ``condition`` or
     ``residuals``; change the network output at ``scale`` (> 0) on guidance's conditional rows, and
-    not at all at scale 0 (exactly); give each row of a batch of 2 (and of the CFG batch of 4) what
+    not at all at scale 0 (exactly the output of the model before ``setup``: a conditioner that
+    patches the network is caught); give each row of a batch of 2 (and of the CFG batch of 4) what
     that row gives alone; act at a step inside its ``start``/``end`` window and not (exactly) at a
     step outside. ``images`` are its named inputs ``(1, 3, H, W)`` in [-1, 1] (written to PNG
     files and given as the entry's ``inputs``); ``model`` defaults to the SDK's tiny model.
@@ -110,6 +111,8 @@ def check_conditioner(module: ModuleType | object, conditioner: str, *, options:
         entry = {"type": conditioner, **(options or {}), **({"inputs": inputs} if inputs else {})}
         component = _resolve(pm, entry, label)
 
+        x = _noise(model)
+        plain = _evaluate(model, None, x=x, step=None)  # before setup(model): it must not change the model
         try:  # built once, as a run builds it; each chain below only changes the core keys
             obj = pm.build(component)
             _check_methods(obj, label=label)
@@ -121,8 +124,6 @@ def check_conditioner(module: ModuleType | object, conditioner: str, *, options:
         def chain(**keys: Any) -> ConditionerChain:
             return ConditionerChain([Entry(obj, keys=attrs.evolve(component.keys, **keys), label=label)])
 
-        x = _noise(model)
-        plain = _evaluate(model, None, x=x, step=None)
         steered = _evaluate(model, chain(scale=scale), x=x, step=None)
         if steered.shape != plain.shape or not bool(steered.isfinite().all()):
             raise _fail(label, f"the output has shape {tuple(steered.shape)} or non-finite values "

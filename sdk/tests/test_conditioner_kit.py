@@ -89,3 +89,15 @@ def test_a_config_that_does_not_round_trip_is_rejected() -> None:
 def test_a_config_that_does_not_load_is_reported() -> None:
     with pytest.raises(AssertionError, match=r"its config does not load: conditioners\[0\]\.valu: unknown key"):
         check_conditioner(_module(shift=MidShift), "shift", options={"valu": 2.0})
+
+
+def test_a_conditioner_acting_behind_the_cores_back_is_rejected() -> None:
+    class Hooked(MidShift):
+        """Changes the UNet itself in setup (a forward hook): scale and window cannot reach it."""
+
+        def setup(self, model: Any) -> None:
+            super().setup(model)
+            model.denoiser.conv_out.register_forward_hook(lambda m, i, o: o + 1.0)
+
+    with pytest.raises(AssertionError, match="at scale 0 the denoiser output is not exactly the unconditioned one"):
+        check_conditioner(_module(hooked=Hooked), "hooked")

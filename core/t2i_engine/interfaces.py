@@ -248,7 +248,7 @@ class ConditionInputs:
     "hint.png" }``), each loaded (path or fsspec URL) as ``(B, 3, height, width)`` in [-1, 1] on
     ``device`` in ``dtype`` (a ``.safetensors`` file gives its one tensor as stored, a first
     dimension of 1 expanded to B); in training, the batch's own fields (``batch["hint"]`` ...)
-    are in ``batch`` instead.
+    are in ``batch`` as well.
     """
 
     branch: Literal["cond", "uncond"]  # which conditioning this call builds

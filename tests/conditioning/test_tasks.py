@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import attrs
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -85,7 +86,7 @@ guidance_scale = 3.0
 
 def _grid(tmp_path: Path, pm: EnginePluginManager, conditioners: str = "", *sets: str) -> torch.Tensor:
     summary = run_config(load_config(_grid_job(tmp_path, conditioners), pm, overrides=sets), pm)
-    return torch.tensor(__import__("numpy").array(Image.open(summary["image"]))).float()
+    return torch.tensor(np.array(Image.open(summary["image"]))).float()
 
 
 def test_sample_grid_applies_a_conditioner_and_scale_zero_is_exactly_without_it(tmp_path: Path) -> None:
@@ -154,6 +155,22 @@ def test_training_gives_batch_fields_to_condition_and_trains_the_conditioner() -
     learned.weight.grad = None
     trainable.training_loss(batch, generator=torch.Generator().manual_seed(0)).backward()
     assert learned.weight.grad is not None and float(learned.weight.grad) == 0.0
+
+
+def test_training_also_gives_the_jobs_inputs(tmp_path: Path) -> None:
+    from t2i_engine.interfaces import Conditioning, TextEmbedding
+
+    from .toys import ExtraOffset
+
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "hint.png")
+    extra = ExtraOffset()
+    ch = chain((extra, {"inputs": {"hint": str(tmp_path / "hint.png")}}))
+    cond = Conditioning(text=TextEmbedding(torch.zeros(2, 3, 4)))
+    out = ch.condition_batch(cond, {"caption": ["a", "b"], "hint": torch.zeros(2)}, prompts=["a", "b"],
+                             height=16, width=16)
+    (seen,) = extra.seen
+    assert seen.batch is not None and torch.equal(seen.images["hint"], torch.ones(2, 3, 16, 16))
+    assert seen.branch == "cond" and "offset" in out.extras
 
 
 class TrainableMid(torch.nn.Module):

@@ -110,8 +110,7 @@ class ConditionerChain(nn.Module):
     def _condition_one(self, cond: Conditioning, *, branch: str, prompts: list[str], height: int, width: int,
                        device: torch.device, dtype: torch.dtype, batch: Mapping[str, Any] | None) -> Conditioning:
         for i, entry in enumerate(self.entries):
-            images = {} if batch is not None else self._images(i, entry, height=height, width=width,
-                                                               batch=len(prompts), device=device, dtype=dtype)
+            images = self._images(i, entry, height=height, width=width, batch=len(prompts), device=device, dtype=dtype)
             inputs = ConditionInputs(branch=branch, prompts=prompts,  # type: ignore[arg-type]
                                      height=height, width=width, device=device, dtype=dtype, images=images, batch=batch)
             cond = self._condition_entry(entry, cond, inputs)
@@ -135,7 +134,8 @@ class ConditionerChain(nn.Module):
     def condition_batch(self, cond: Conditioning, batch: Mapping[str, Any], *, prompts: Sequence[str],
                         height: int, width: int) -> Conditioning:
         """Training: ``cond`` with every conditioner's extras for a collated ``batch`` (its extra
-        fields, e.g. ``hint``, reach ``condition()`` as ``inputs.batch``)."""
+        fields, e.g. ``hint``, reach ``condition()`` as ``inputs.batch``; the entry's ``inputs``
+        from the job, when it names any, as ``inputs.images``)."""
         for entry in self.entries:
             entry.added = set()
         ref = cond.text.tokens if cond.text is not None else next(iter(cond.extras.values()))

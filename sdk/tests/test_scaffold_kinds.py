@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,7 @@ def test_each_kind_passes_its_own_tests(tmp_path: Path, kind: str) -> None:
     assert root.name == f"t2i-plugin-my-{kind}"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], cwd=root,
                           capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": f"{root}{__import__('os').pathsep}"
-                               + __import__("os").environ.get("PYTHONPATH", "")})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert " passed" in done.stdout
 

@@ -6,7 +6,9 @@
                                                     print the resolved config, defaults filled in
                                                     (--explain: each key's help as a comment)
     t2i-engine plugins [--json]                     installed plugins and what each registers
-    t2i-engine new-plugin NAME [--dir DIR]          scaffold a plugin distribution
+    t2i-engine new-plugin NAME [--kind KIND] [--dir DIR]
+                                                    scaffold a plugin distribution (KIND: conditioner,
+                                                    sampler, model or task)
     t2i-engine --version                            engine, SDK, plugin, torch, CUDA, Triton versions
 
 Exit status: 0 on success, 2 for a configuration or plugin error (one readable message on
@@ -63,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--debug", action="store_true", help="show load tracebacks")
     p = sub.add_parser("new-plugin", help="write a new plugin distribution to start from")
-    p.add_argument("name", help="plugin name (the distribution is t2i-plugin-NAME)")
+    p.add_argument("name", help="plugin name (the distribution is t2i-plugin-NAME; t2i-plugin-NAME is accepted)")
+    p.add_argument("--kind", default="task", choices=("conditioner", "sampler", "model", "task"),
+                   help="what the example plugin registers (default: task)")
     p.add_argument("--dir", default=".", help="folder to create it in")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -86,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "new-plugin":
             from t2i_engine.scaffold import write_plugin
 
-            path = write_plugin(args.name, Path(args.dir))
+            path = write_plugin(args.name, Path(args.dir), kind=args.kind)
             print(f"wrote {path}; install it with `pip install -e {path}`")
             return 0
     except T2IError as exc:

@@ -88,6 +88,13 @@ def register_schedules() -> Registry:
 def register_conditioners() -> Registry:
     """Register conditioners (the ``type`` key of each ``[[conditioners]]`` table).
 
+    Returns:
+        ``name -> factory``; ``factory(config)`` (its ``Config`` validates the entry's own keys;
+        the core keys ``scale``, ``start``, ``end``, ``branch``, ``inputs`` are the core's) returns a
+        :class:`~t2i_engine.interfaces.Conditioner`: built once per run by the ``sample``,
+        ``sample-grid`` and ``train`` tasks, then ``setup(model)``, ``condition(cond, inputs)`` per
+        generation and ``residuals(x_t, t, cond)`` per network call (docs/writing-a-conditioner.md).
+
     Combining: merged across plugins; a duplicate name is an error.
     """
 

@@ -57,11 +57,13 @@ class Conditioning:
     ``text`` carries the prompt embedding; ``extras`` carries any further tensors keyed by
     name, batch-first (``"hint"`` for ControlNet, ``"concat"`` for channel-concatenated images
     in InstructPix2Pix, ``"class_labels"`` ...). Guidance wrappers build the unconditional batch
-    with :meth:`cat` so one forward serves both branches.
+    with :meth:`cat` so one forward serves both branches; ``branch`` marks which rows are the
+    conditional ones (generation sets it; conditioners restricted to one guidance branch read it).
     """
 
     text: TextEmbedding | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    branch: Tensor | None = None  # (B,) bool, True on guidance's conditional rows (None: all conditional)
 
     @property
     def batch_size(self) -> int | None:
@@ -77,7 +79,8 @@ class Conditioning:
         text = None if self.text is None else self.text.to(*args, **kwargs)
         extras = {k: v.to(*args, **kwargs) if v.is_floating_point() else v.to(kwargs.get("device", v.device))
                   for k, v in self.extras.items()}
-        return Conditioning(text=text, extras=extras)
+        branch = None if self.branch is None else self.branch.to(kwargs.get("device", self.branch.device))
+        return Conditioning(text=text, extras=extras, branch=branch)
 
     def repeat(self, n: int) -> Conditioning:
         """Repeat every tensor ``n`` times along the batch (``repeat_interleave``)."""
@@ -87,7 +90,8 @@ class Conditioning:
         text = None
         if self.text is not None:
             text = TextEmbedding(rep(self.text.tokens), rep(self.text.mask), rep(self.text.pooled))  # type: ignore[arg-type]
-        return Conditioning(text=text, extras={k: rep(v) for k, v in self.extras.items()})  # type: ignore[misc]
+        return Conditioning(text=text, extras={k: rep(v) for k, v in self.extras.items()},  # type: ignore[misc]
+                            branch=rep(self.branch))
 
     def with_extras(self, **extras: Tensor) -> Conditioning:
         """A copy with ``extras`` added or replaced."""
@@ -113,7 +117,20 @@ class Conditioning:
             pooled = None if first.text.pooled is None else torch.cat([t.pooled for t in texts])  # type: ignore[union-attr,misc]
             text = TextEmbedding(torch.cat(tokens), mask, pooled)
         extras = {k: torch.cat([c.extras[k] for c in items]) for k in first.extras}
-        return Conditioning(text=text, extras=extras)
+        branches = [c.branch for c in items]
+        branch = None if any(b is None for b in branches) else torch.cat(branches)  # type: ignore[arg-type]
+        return Conditioning(text=text, extras=extras, branch=branch)
+
+    def rows(self, index: Tensor) -> Conditioning:
+        """The conditioning of the batch rows ``index`` (a ``(k,)`` long tensor)."""
+        def pick(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[index.to(t.device)]
+
+        text = None
+        if self.text is not None:
+            text = TextEmbedding(pick(self.text.tokens), pick(self.text.mask), pick(self.text.pooled))  # type: ignore[arg-type]
+        return Conditioning(text=text, extras={k: pick(v) for k, v in self.extras.items()},  # type: ignore[misc]
+                            branch=pick(self.branch))
 
 
 @runtime_checkable
@@ -219,22 +236,84 @@ class Sampler(Protocol):
         ...
 
 
-@runtime_checkable
-class Conditioner(Protocol):
-    """Turns one input (a prompt, a hint image, a source image ...) into conditioning.
+Branch = Literal["cond", "uncond", "both"]
+"""Which classifier-free-guidance branch a conditioner applies to (``[[conditioners]] branch``)."""
 
-    :meth:`condition` adds its tensors to a :class:`Conditioning`; :meth:`wrap` may wrap the
-    raw network (ControlNet residuals, InstructPix2Pix concat). The default is the identity.
+
+@dataclass
+class ConditionInputs:
+    """What :meth:`Conditioner.condition` receives for one generation (or one training batch).
+
+    ``images`` holds the entry's ``inputs`` from the job (``[[conditioners]] inputs = { hint =
+    "hint.png" }``), each loaded (path or fsspec URL) as ``(B, 3, height, width)`` in [-1, 1] on
+    ``device`` in ``dtype`` (a ``.safetensors`` file gives its one tensor as stored, a first
+    dimension of 1 expanded to B); in training, the batch's own fields (``batch["hint"]`` ...)
+    are in ``batch`` as well.
     """
 
-    name: str
+    branch: Literal["cond", "uncond"]  # which conditioning this call builds
+    prompts: list[str]  # the prompts of this branch (negative prompts on "uncond")
+    height: int  # image height in pixels
+    width: int  # image width in pixels
+    device: torch.device
+    dtype: torch.dtype  # the dtype of the latents the net sees
+    images: dict[str, Tensor] = field(default_factory=dict)
+    batch: Mapping[str, Any] | None = None  # training only: the collated batch (hint, source image ...)
 
-    def condition(self, cond: Conditioning, inputs: Mapping[str, Any]) -> Conditioning:
-        """Return ``cond`` with this conditioner's contribution for ``inputs`` added."""
+    @property
+    def batch_size(self) -> int:
+        """Images in this generation (or training batch)."""
+        return len(self.prompts)
+
+
+@dataclass
+class Residuals:
+    """What :meth:`Conditioner.residuals` returns: tensors added inside the denoiser network.
+
+    ``down`` is one tensor per skip connection of the UNet (in the order the encoder makes them)
+    and ``mid`` the middle block's output; either may be None. The core scales them by the entry's
+    ``scale``, zeroes the rows of a guidance branch the entry does not apply to, sums them over all
+    conditioners (multi-ControlNet) and passes them to the net as ``down_residuals=`` and
+    ``mid_residual=`` (the core UNet, :class:`t2i_engine.nn.unet.UNet`, takes them).
+    """
+
+    down: list[Tensor] | None = None
+    mid: Tensor | None = None
+
+
+class Conditioner(Protocol):
+    """A ``[[conditioners]]`` entry: ControlNet, T2I-style adapters, InstructPix2Pix's source
+    image, or anything that steers the denoiser beside the prompt. See docs/contracts.md.
+
+    Lifecycle (all methods are optional, but a conditioner implements ``condition`` or
+    ``residuals`` or both; one with neither is refused when the job starts):
+
+    1. ``factory(config)`` builds it once per run (its ``Config`` from the entry's own keys);
+    2. ``setup(model)`` is called once with the run's model bundle (schedule, autoencoder, text
+       encoder, denoiser) before anything else;
+    3. ``condition(cond, inputs)`` is called once per generation (and per training batch) for
+       each branch (``inputs.branch``: ``"cond"`` then ``"uncond"``) and returns ``cond`` with new
+       ``extras`` keys added (e.g. the encoded hint); it may not change keys already there;
+    4. ``residuals(x_t, t, cond)`` is called at every network evaluation where the entry is
+       active (the ``cond`` holds what step 3 added, batched over both guidance branches).
+
+    The core owns ``scale``, ``start``/``end`` (the window of sampling steps) and ``branch``
+    (keys of every ``[[conditioners]]`` entry): outside the window, at ``scale = 0`` and on
+    rows of the other branch, the entry contributes nothing, exactly. Trainable parameters:
+    a conditioner that is an ``nn.Module`` with parameters that require grad is trained with
+    the model by the ``train`` task (their ``requires_grad`` decides).
+    """
+
+    def setup(self, model: LatentDiffusionModel) -> None:
+        """Called once per run with the model bundle (optional)."""
         ...
 
-    def wrap(self, net: DenoiserNet) -> DenoiserNet:
-        """Wrap the network; return it unchanged when there is nothing to wrap."""
+    def condition(self, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
+        """``cond`` with this conditioner's extras added (optional; ``cond.with_extras(...)``)."""
+        ...
+
+    def residuals(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Residuals:
+        """Residuals for the network's input ``x_t`` at time ``t`` (optional)."""
         ...
 
 
@@ -261,7 +340,11 @@ class LatentDiffusionModel(Protocol):
         whose trainable weights are this model's own parameters, so training updates ``self``).
 
         Captions are replaced by ``""`` with probability ``caption_dropout``; batches may carry
-        precached ``latents`` and ``text_tokens`` instead of ``image`` and ``caption``.
+        precached ``latents`` and ``text_tokens`` instead of ``image`` and ``caption``. A model
+        that can train with ``[[conditioners]]`` also takes ``conditioners=`` (a
+        :class:`~t2i_engine.conditioning.ConditionerChain` or None): it conditions each batch with
+        ``chain.condition_batch``, calls its network through ``chain.compose(net)`` and adds
+        ``chain.trainable_parameters()`` to its own.
         """
         ...
 
@@ -295,6 +378,8 @@ class Task(Protocol):
 __all__ = [
     "PREDICTIONS",
     "Autoencoder",
+    "Branch",
+    "ConditionInputs",
     "Conditioner",
     "Conditioning",
     "Denoiser",
@@ -302,6 +387,7 @@ __all__ = [
     "LatentDiffusionModel",
     "NoiseSchedule",
     "Prediction",
+    "Residuals",
     "RunContext",
     "Sampler",
     "StepCallback",

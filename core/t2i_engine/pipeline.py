@@ -25,6 +25,7 @@ import attrs
 import torch
 from torch import Tensor
 
+from t2i_engine.conditioning.chain import ConditionerChain
 from t2i_engine.diffusion.grids import SamplingPlan, default_plan, is_variance_preserving
 from t2i_engine.diffusion.guidance import GuidanceConfig, StaticClip, guided_denoiser
 from t2i_engine.diffusion.parameterization import DenoiserWrapper
@@ -34,7 +35,8 @@ from t2i_engine.interfaces import (
 )
 from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
 
-__all__ = ["check_prompts", "encode_prompts", "generate", "sampling_plan_for", "sampling_sigmas_for", "seeded_noise",
+__all__ = ["check_prompts", "encode_prompts", "generate", "mark_branches", "sampling_plan_for", "sampling_sigmas_for",
+           "seeded_noise",
            "start_noise_scale"]
 
 
@@ -57,6 +59,16 @@ def encode_prompts(text_encoder: TextEncoder, prompts: Sequence[str],
     if len(negative) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative)} negative prompts")
     return Conditioning(text=text_encoder.encode(prompts)), Conditioning(text=text_encoder.encode(negative))
+
+
+def mark_branches(cond: Conditioning, uncond: Conditioning) -> tuple[Conditioning, Conditioning]:
+    """``(cond, uncond)`` with ``branch`` set (True on every conditional row, False on the
+    unconditional ones), so the conditioner chain knows the rows of guidance's batch."""
+    def mark(c: Conditioning, flag: bool) -> Conditioning:
+        n = c.batch_size or 0
+        return Conditioning(text=c.text, extras=c.extras, branch=torch.full((n,), flag, dtype=torch.bool))
+
+    return mark(cond, True), mark(uncond, False)
 
 
 def start_noise_scale(schedule: NoiseSchedule, sigma: Tensor) -> Tensor:
@@ -107,7 +119,7 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
              sigmas: Tensor | None = None, guidance: GuidanceConfig | None = None,
              negative_prompts: Sequence[str] | None = None, init_images: Tensor | None = None,
              strength: float = 0.8, generator: torch.Generator | None = None,
-             callback: StepCallback | None = None) -> Tensor:
+             callback: StepCallback | None = None, conditioners: ConditionerChain | None = None) -> Tensor:
     """Images ``(B, 3, H, W)`` in [-1, 1] for ``prompts``.
 
     Args:
@@ -123,6 +135,10 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
         strength: img2img, fraction of the steps run, in (0, 1].
         generator: randomness of stochastic samplers and of the img2img posterior sample.
         callback: called after each sampler step (see :data:`~t2i_engine.interfaces.StepCallback`).
+        conditioners: the run's ``[[conditioners]]``
+            (:func:`~t2i_engine.conditioning.build_conditioners`): each one's ``condition()`` runs
+            once for both guidance branches, and the network is called through the chain
+            (:class:`~t2i_engine.conditioning.ConditionedNet`) with the step window counted.
     """
     prompts = check_prompts(prompts)
     if noise.shape[0] != len(prompts):
@@ -132,9 +148,18 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
         retain_freed_memory()  # else glibc page-faults every freed activation / weight cast back in
     noise = noise.to(device)
     cond, uncond = encode_prompts(model.text_encoder, prompts, negative_prompts)
+    cond, uncond = mark_branches(cond, uncond)
+    net: Any = model.denoiser
+    if conditioners is not None:
+        f = model.autoencoder.downsample_factor
+        negative = list(negative_prompts) if negative_prompts is not None else [""] * len(prompts)
+        cond, uncond = conditioners.condition(cond, uncond, prompts=prompts, negative_prompts=negative,
+                                              height=noise.shape[-2] * f, width=noise.shape[-1] * f,
+                                              device=device, dtype=noise.dtype)
+        net = conditioners.compose(model.denoiser)
     plan = sampling_plan_for(sampler, model.schedule, sigmas=sigmas)
     sigmas = plan.sigmas  # float64 on the CPU whatever the model's precision: samplers read floats
-    denoiser = guided_denoiser(DenoiserWrapper(model.denoiser, plan.schedule, round_t=plan.round_t),
+    denoiser = guided_denoiser(DenoiserWrapper(net, plan.schedule, round_t=plan.round_t),
                                guidance or GuidanceConfig(), cond=cond, uncond=uncond)
     if plan.clip_x0 is not None:  # the scheduler config's clip_sample
         denoiser = StaticClip(denoiser, max_value=plan.clip_x0)
@@ -146,7 +171,13 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
     options = dict(plan.options)
     if "targets" in options:  # one per step but the last, of the steps run
         options["targets"] = options["targets"][len(options["targets"]) - (len(sigmas) - 2):]
-    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+    if conditioners is not None:  # the composed net reads the step from this clock (start/end windows)
+        callback = conditioners.clocked(callback, total=len(sigmas) - 1)
+    try:
+        latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+    finally:
+        if conditioners is not None:
+            conditioners.clock.stop()
     latents = latents * plan.final_scale(float(sigmas[-1]))
     if device.type == "cpu":
         release_free_memory()  # the loop's free blocks: the decoder's larger activations refill pages

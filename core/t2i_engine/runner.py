@@ -66,6 +66,9 @@ def run_config(config: RunConfig, pm: EnginePluginManager, *, debug: bool = Fals
     if not isinstance(task, Task):
         raise ConfigError(f"task.name: '{config.task.name}' (from plugin '{config.task.plugin}') "
                           "did not build a Task (an object with run(ctx))")
+    from t2i_engine.conditioning.build import refuse_conditioners
+
+    refuse_conditioners(config, task)  # a task that cannot apply [[conditioners]] says so, never ignores them
     ctx = RunContext(config=config, plugins=pm, output_dir=output_dir, device=device,
                      seed=config.engine.seed, debug=debug)
     pm.hook.on_run_start(task_name=config.task.name, config=config)

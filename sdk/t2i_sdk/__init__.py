@@ -1,7 +1,9 @@
-"""t2i-sdk: what a plugin author imports.
+"""t2i-sdk: what a plugin author imports (and all they need to import).
 
-Everything here is stable API: the contracts, the ``hookimpl`` marker, config field helpers,
-the engine's error types, and :mod:`t2i_sdk.testing` (a conformance kit for plugins).
+Everything named in ``__all__`` is stable API (docs/plugins.md lists it): the contracts, the
+``hookimpl`` marker, config field helpers, the engine's error types, generation (``generate``,
+``seeded_noise``, ``GuidanceConfig``), image helpers (``load_image``, ``to_pil``, ``from_pil``,
+``save_png``), the conditioning helpers, and :mod:`t2i_sdk.testing` (a conformance kit).
 
 A plugin is a module with hook implementations, declared in its distribution's metadata::
 
@@ -9,11 +11,18 @@ A plugin is a module with hook implementations, declared in its distribution's m
     myplugin = "t2i_plugin_myplugin.plugin"
 """
 
+from t2i_engine.conditioning.build import build_conditioners
+from t2i_engine.conditioning.inputs import load_image
+from t2i_engine.conditioning.shapes import unet_residual_shapes
 from t2i_engine.config.fields import existing_path, option
+from t2i_engine.diffusion.grids import SamplingPlan, default_plan
+from t2i_engine.diffusion.guidance import GuidanceConfig
 from t2i_engine.errors import CheckpointError, ConfigError, DataError, PluginError, T2IError
 from t2i_engine.hookspecs import ENTRY_POINT_GROUP, hookimpl
 from t2i_engine.interfaces import (
     Autoencoder,
+    Branch,
+    ConditionInputs,
     Conditioner,
     Conditioning,
     Denoiser,
@@ -21,6 +30,7 @@ from t2i_engine.interfaces import (
     LatentDiffusionModel,
     NoiseSchedule,
     Prediction,
+    Residuals,
     RunContext,
     Sampler,
     StepCallback,
@@ -28,29 +38,45 @@ from t2i_engine.interfaces import (
     TextEmbedding,
     TextEncoder,
 )
+from t2i_engine.pipeline import generate, seeded_noise
+from t2i_engine.utils.images import from_pil, save_png, to_pil
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Autoencoder",
+    "Branch",
     "CheckpointError",
+    "ConditionInputs",
     "Conditioner",
     "Conditioning",
     "ConfigError",
     "DataError",
     "Denoiser",
     "DenoiserNet",
+    "GuidanceConfig",
     "LatentDiffusionModel",
     "NoiseSchedule",
     "PluginError",
     "Prediction",
+    "Residuals",
     "RunContext",
     "Sampler",
+    "SamplingPlan",
     "StepCallback",
     "T2IError",
     "Task",
     "TextEmbedding",
     "TextEncoder",
+    "build_conditioners",
+    "default_plan",
     "existing_path",
+    "from_pil",
+    "generate",
     "hookimpl",
+    "load_image",
     "option",
+    "save_png",
+    "seeded_noise",
+    "to_pil",
+    "unet_residual_shapes",
 ]

@@ -9,7 +9,8 @@
 The checks: the module registers cleanly beside the core (no name clashes), every registration
 hook returns ``str -> callable``, every declared ``Config`` is a frozen attrs class with
 annotated fields whose defaults (when all fields have defaults) build, and factories that need
-no arguments build.
+no arguments build. :func:`check_conditioner` (from :mod:`t2i_sdk.conditioner_kit`) checks a
+conditioner's behaviour through the core's chain on a tiny model.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import attrs
 from t2i_engine.errors import PluginError
 from t2i_engine.hookspecs import REGISTRATION_HOOKS
 from t2i_engine.plugins.manager import EnginePluginManager, Registration
+from t2i_sdk.conditioner_kit import check_conditioner
+
+__all__ = ["check_conditioner", "check_plugin", "check_registration", "check_training_lowers_loss",
+           "plugin_manager_with"]
 
 
 def plugin_manager_with(module: ModuleType | object, *, name: str = "under-test") -> EnginePluginManager:

@@ -244,12 +244,9 @@ def resolve_config(data: dict[str, Any], pm: EnginePluginManager, *, source: Pat
             if table_name in data:
                 parts[table_name] = _component(pm, table_name, data[table_name], locate,
                                                kind=kind, selector=selector)
-        conditioners = data.get("conditioners", [])
-        if not isinstance(conditioners, list):
-            raise ConfigError(f"conditioners: expected an array of tables ([[conditioners]])"
-                              f"{locate('conditioners')}")
-        conds = [_component(pm, f"conditioners[{i}]", c, locate, kind="conditioner", selector="type")
-                 for i, c in enumerate(conditioners)]
+        from t2i_engine.conditioning.config import resolve_conditioners
+
+        conds = resolve_conditioners(pm, data.get("conditioners", []), locate)  # core keys + each one's Config
         train = None
         if "train" in data:
             from t2i_engine.training.config import TrainConfig

@@ -74,9 +74,13 @@ def render_toml(config: RunConfig, *, explain: bool = False) -> str:
     for table in ("train", "guidance"):
         if getattr(config, table) is not None:
             lines += _table(table, unstructure(getattr(config, table)), helps=helps(getattr(config, table)))
-    for c in config.conditioners:
+    for c in config.conditioners:  # the core's keys (scale, start, end, branch, inputs), then its own
         lines.append(f"# provided by plugin '{c.plugin}'")
-        lines += _table("conditioners", _component(c, "type"), array=True, helps=helps(c.options))
+        keys = getattr(c, "keys", None)
+        core = {} if keys is None else unstructure(keys)
+        values = {"type": c.name, **core, **{k: v for k, v in _component(c, "type").items() if k != "type"}}
+        lines += _table("conditioners", values, array=True,
+                        helps={**helps_of(keys), **helps_of(c.options)} if explain else None)
     for a in config.adapters:
         lines += _table("adapters", unstructure(a), array=True, helps=helps(a))
     return "\n".join(lines)

@@ -165,14 +165,31 @@ def structure(cls: type, table: Mapping[str, Any], path: str, locate: Locate = _
         raise ConfigError(f"{dotted}: required key is missing{locate(path)}")
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        # attrs validators: "'steps' must be >= 1: 0" -> name the dotted key
-        bad = next((k for k in kwargs if f"'{k}'" in str(exc)), None)
+    except Exception as exc:  # noqa: BLE001 - a plugin's validator may raise anything: name the key
+        # attrs validators: "'steps' must be >= 1: 0" -> name the dotted key; else find whose validator says so
+        bad = next((k for k in kwargs if f"'{k}'" in str(exc)), None) or _failing_field(fields, kwargs, exc)
         dotted = (f"{path}.{bad}" if path else bad) if bad else path
         message = str(exc)
         if bad and message.startswith(f"'{bad}' "):
             message = message[len(bad) + 3:]
         raise ConfigError(f"{dotted}: {message}{locate(dotted or '')}") from exc
+
+
+def _failing_field(fields: Mapping[str, Any], kwargs: Mapping[str, Any], exc: BaseException) -> str | None:
+    """The key whose own converter and validator raise ``exc`` again (same type and message), so a
+    plugin's validator that does not name its field is still placed at its key and line."""
+    for f in fields.values():
+        name = f.alias if f.alias else f.name
+        if name not in kwargs or (f.validator is None and f.converter is None):
+            continue
+        try:
+            value = f.converter(kwargs[name]) if callable(f.converter) else kwargs[name]
+            if f.validator is not None:
+                f.validator(None, f, value)
+        except Exception as again:  # noqa: BLE001 - compared with the original below
+            if type(again) is type(exc) and str(again) == str(exc):
+                return f.name
+    return None
 
 
 def unstructure(obj: Any) -> Any:

@@ -12,6 +12,8 @@ import attrs
 import torch
 from torch import Tensor
 
+from t2i_engine.conditioning.build import build_conditioners
+from t2i_engine.conditioning.chain import ConditionerChain
 from t2i_engine.config.fields import option
 from t2i_engine.config.limits import image_side, require_image_memory
 from t2i_engine.diffusion.guidance import GuidanceConfig
@@ -28,11 +30,13 @@ _ge1 = attrs.validators.ge(1)
 def sample_batched(model: LatentDiffusionModel, prompts: Sequence[str], seeds: Sequence[int], *, sampler: Any,
                    guidance: GuidanceConfig | None, size: int, batch_size: int, progress: bool = True,
                    desc: str = "sampling", on_step: StepCallback | None = None,
-                   precision: tuple[Any, torch.dtype] | None = None) -> Tensor:
+                   precision: tuple[Any, torch.dtype] | None = None,
+                   conditioners: ConditionerChain | None = None) -> Tensor:
     """Images ``(N, 3, size, size)`` in [-1, 1], one per ``(prompt, seed)``, by the core's
     :func:`~t2i_engine.pipeline.generate`; a tqdm bar over all sampler steps when ``progress``,
     and ``on_step`` called after every sampler step. ``precision`` is the ``(context, noise
-    dtype)`` pair of :func:`~t2i_engine.tasks.common.inference_precision` (default: float32)."""
+    dtype)`` pair of :func:`~t2i_engine.tasks.common.inference_precision` (default: float32);
+    ``conditioners`` the run's chain (:func:`~t2i_engine.conditioning.build_conditioners`)."""
     from tqdm.auto import tqdm
 
     autocast, dtype = precision or (contextlib.nullcontext(), torch.float32)
@@ -58,7 +62,7 @@ def sample_batched(model: LatentDiffusionModel, prompts: Sequence[str], seeds: S
 
             with autocast:
                 images = generate(model, chunk, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
-                                  generator=gen, callback=step)
+                                  generator=gen, callback=step, conditioners=conditioners)
             out.append(images.float().cpu())  # (b, 3, size, size) in [-1, 1]
     finally:
         bar.close()
@@ -100,6 +104,7 @@ class SampleGridTask:
     """Sample ``images_per_prompt`` images per prompt and write them as one PNG grid."""
 
     Config = SampleGridConfig
+    applies_conditioners = True  # [[conditioners]] are built once and applied to every tile
 
     def __init__(self, config: SampleGridConfig) -> None:
         self.config = config
@@ -116,8 +121,10 @@ class SampleGridTask:
         model, sampler, precision = model_and_sampler(ctx, task="sample-grid")
         seeds = [ctx.seed + i for i in range(len(prompts))]
         steps = len(sampling_sigmas_for(sampler, model.schedule)) - 1
+        conditioners = build_conditioners(ctx, model, dtype=precision[1])
         images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance, size=c.size,
-                                batch_size=c.batch_size, on_step=hook_reporter(ctx, steps), precision=precision)
+                                batch_size=c.batch_size, on_step=hook_reporter(ctx, steps), precision=precision,
+                                conditioners=conditioners)
         path = str(Path(ctx.output_dir) / c.filename)
         save_png(make_grid(images, nrow=c.images_per_prompt, captions=prompts if c.captions else None), path,
                  metadata={"prompts": "\n".join(c.prompts), "seed": str(ctx.seed), "sampler": ctx.config.sampler.name,

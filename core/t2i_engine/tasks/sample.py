@@ -14,6 +14,8 @@ from typing import Any
 import attrs
 import torch
 
+from t2i_engine.conditioning.build import build_conditioners
+from t2i_engine.conditioning.inputs import load_image
 from t2i_engine.config.fields import existing_path, option
 from t2i_engine.config.limits import image_side, require_image_memory, seeds_value
 from t2i_engine.errors import ConfigError
@@ -40,19 +42,8 @@ class SampleConfig:
 
 
 def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
-    """``(1, 3, height, width)`` in [-1, 1] from an image file or fsspec URL."""
-    import fsspec
-    from PIL import Image
-
-    from t2i_engine.utils.images import from_pil
-
-    try:
-        with fsspec.open(url, "rb") as f:
-            img = Image.open(f).convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
-    except (OSError, ValueError) as exc:  # PIL's UnidentifiedImageError is an OSError
-        raise ConfigError(f"task.init_image: '{url}' is not a readable image "
-                          f"({type(exc).__name__})") from exc
-    return from_pil(img)[None]
+    """The img2img source ``(1, 3, height, width)`` in [-1, 1]; errors name ``task.init_image``."""
+    return load_image(url, width=width, height=height, key="task.init_image")
 
 
 def _step_reporter(ctx: RunContext, bar: Any, total: int) -> StepCallback:
@@ -68,6 +59,7 @@ class SampleTask:
     """Write one PNG per (prompt, image) into ``engine.output_dir``."""
 
     Config = SampleConfig
+    applies_conditioners = True  # [[conditioners]] are built once and applied to every image
 
     def __init__(self, config: SampleConfig) -> None:
         self.config = config
@@ -108,6 +100,7 @@ class SampleTask:
             raise ConfigError(f"task.width/height: must be multiples of {f} (the autoencoder's factor), "
                               f"got {c.width}x{c.height}")
         autocast, dtype = inference_precision(ctx, model)
+        conditioners = build_conditioners(ctx, model, dtype=dtype)
         init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height).to(dtype)
         sigmas = sampling_sigmas_for(sampler, model.schedule)  # float64: never in the model's precision
         out_dir = Path(ctx.output_dir)
@@ -134,7 +127,7 @@ class SampleTask:
                                   negative_prompts=[c.negative_prompt] * len(chunk),
                                   init_images=None if init is None else init.expand(len(chunk), -1, -1, -1),
                                   strength=c.strength, generator=gen,
-                                  callback=_step_reporter(ctx, bar, total=total))
+                                  callback=_step_reporter(ctx, bar, total=total), conditioners=conditioners)
             for prompt, seed, pil in zip(chunk, chunk_seeds, to_pil(images)):
                 path = out_dir / f"{len(written):05d}-{seed}.png"
                 recipe = sample_png_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size,

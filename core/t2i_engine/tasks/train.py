@@ -19,7 +19,24 @@ from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 from t2i_engine.tasks.common import build_model, output_path
 
-__all__ = ["TrainTask", "TrainTaskConfig"]
+__all__ = ["TrainTask", "TrainTaskConfig", "conditioner_kwargs"]
+
+
+def conditioner_kwargs(ctx: RunContext, model: Any) -> dict[str, Any]:
+    """``{"conditioners": chain}`` for ``model.trainable`` when the job has ``[[conditioners]]``
+    (a ConfigError when the model's ``trainable`` does not take them), else ``{}``."""
+    import inspect
+
+    from t2i_engine.conditioning.build import build_conditioners
+
+    chain = build_conditioners(ctx, model)
+    if chain is None:
+        return {}
+    if "conditioners" not in inspect.signature(model.trainable).parameters:
+        name = ctx.config.model.name  # type: ignore[union-attr]
+        raise ConfigError(f"conditioners: model '{name}' cannot train with [[conditioners]] (its trainable() "
+                          "takes no conditioners=); remove them or use a model that does")
+    return {"conditioners": chain}
 
 
 @attrs.frozen
@@ -39,6 +56,7 @@ class TrainTask:
     """Train, checkpoint, and optionally export the (EMA) weights."""
 
     Config = TrainTaskConfig
+    applies_conditioners = True  # trained with the model: their parameters join the optimizer
 
     def __init__(self, config: TrainTaskConfig) -> None:
         self.config = config
@@ -56,7 +74,8 @@ class TrainTask:
                               "checkpoint's fabric.ckpt")
         model = build_model(ctx, task="train")
         trainable = model.trainable(caption_dropout=self.config.caption_dropout,
-                                    train_text_encoder=self.config.train_text_encoder)
+                                    train_text_encoder=self.config.train_text_encoder,
+                                    **conditioner_kwargs(ctx, model))
         dataset = ctx.plugins.build(ctx.config.data)
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir,
                       seed=ctx.seed, hooks=ctx.plugins.hook, copy_ema=True)

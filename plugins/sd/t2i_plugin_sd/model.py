@@ -97,11 +97,14 @@ class StableDiffusion(nn.Module):
         """What sample PNGs record as their ``model``."""
         return f"stable-diffusion ({self.prediction}, context {self.arch.unet.context_dim})"
 
-    def trainable(self, *, caption_dropout: float = 0.1, train_text_encoder: bool = False) -> nn.Module:
-        """This model wrapped for the Fabric loop (:class:`t2i_plugin_sd.trainable.SDTrainable`)."""
+    def trainable(self, *, caption_dropout: float = 0.1, train_text_encoder: bool = False,
+                  conditioners: Any = None) -> nn.Module:
+        """This model wrapped for the Fabric loop (:class:`t2i_plugin_sd.trainable.SDTrainable`),
+        with the run's ``[[conditioners]]`` chain around the UNet when given."""
         from t2i_plugin_sd.trainable import SDTrainable
 
-        return SDTrainable(self, caption_dropout=caption_dropout, train_text_encoder=train_text_encoder)
+        return SDTrainable(self, caption_dropout=caption_dropout, train_text_encoder=train_text_encoder,
+                           conditioners=conditioners)
 
     def lora_key_map(self) -> Any:
         """How LoRA files spell this model's adapter targets (:mod:`t2i_plugin_sd.lora_keys`)."""

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from t2i_engine.conditioning.chain import ConditionerChain
 from t2i_engine.diffusion.parameterization import training_batch
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import Conditioning, TextEmbedding
@@ -22,12 +23,18 @@ class SDTrainable(nn.Module):
     precached ``"latents"`` (already scaled) and ``"text_tokens"`` ``(B, L, D)``. Captions are
     replaced by ``""`` with probability ``caption_dropout`` - the same empty prompt inference
     uses as its unconditional input - so classifier-free guidance works after training.
+
+    ``conditioners`` (the run's ``[[conditioners]]``, a
+    :class:`~t2i_engine.conditioning.ConditionerChain`) condition every batch (its extra fields,
+    e.g. ``hint``, reach their ``condition()``), the UNet is called through the chain, and their
+    trainable parameters train with the UNet.
     """
 
     def __init__(self, model: StableDiffusion, *, caption_dropout: float = 0.1, train_text_encoder: bool = False,
-                 sample_posterior: bool = True) -> None:
+                 sample_posterior: bool = True, conditioners: ConditionerChain | None = None) -> None:
         super().__init__()
         self.model = model
+        self.conditioners = conditioners  # a submodule: moved, checkpointed and trained with the model
         self.caption_dropout = caption_dropout
         self.train_text_encoder = train_text_encoder
         self.sample_posterior = sample_posterior
@@ -37,10 +44,12 @@ class SDTrainable(nn.Module):
         model.text_encoder.requires_grad_(train_text_encoder)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """UNet parameters, plus the text encoder's when it is trained."""
+        """UNet parameters, the text encoder's when it is trained, and the conditioners' trainable ones."""
         yield from self.model.unet.parameters()
         if self.train_text_encoder:
             yield from self.model.text_encoder.parameters()
+        if self.conditioners is not None:
+            yield from self.conditioners.trainable_parameters()
 
     def keep_mask(self, n: int, *, generator: torch.Generator | None) -> Tensor:
         """``(n,)`` bool, False where a caption is dropped (probability ``caption_dropout``)."""
@@ -117,6 +126,12 @@ class SDTrainable(nn.Module):
         x0 = self._latents(batch, generator)
         self.latent_shape = tuple(x0.shape[1:])
         cond = Conditioning(text=self._text(batch, generator))
+        net: Any = self.model.unet
+        if self.conditioners is not None:
+            f = self.model.vae.downsample_factor
+            cond = self.conditioners.condition_batch(cond, batch, prompts=list(batch.get("caption", [""] * len(x0))),
+                                                     height=x0.shape[-2] * f, width=x0.shape[-1] * f)
+            net = self.conditioners.compose(self.model.unet)
         tb = training_batch(x0, self.model.schedule, prediction=self.model.prediction, generator=generator)
-        out = self.model.unet(tb.net_input, tb.t, cond)
+        out = net(tb.net_input, tb.t, cond)
         return tb.loss(out)

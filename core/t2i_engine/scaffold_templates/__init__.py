@@ -1,0 +1,1 @@
+"""Templates ``t2i-engine new-plugin`` fills in (``string.Template``: ``$name``, ``$module``)."""

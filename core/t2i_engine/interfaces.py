@@ -295,7 +295,11 @@ class Conditioner(Protocol):
        each branch (``inputs.branch``: ``"cond"`` then ``"uncond"``) and returns ``cond`` with new
        ``extras`` keys added (e.g. the encoded hint); it may not change keys already there;
     4. ``residuals(x_t, t, cond)`` is called at every network evaluation where the entry is
-       active (the ``cond`` holds what step 3 added, batched over both guidance branches).
+       active (the ``cond`` holds what step 3 added, batched over both guidance branches);
+    5. ``precache(batch)`` (only in the ``precache`` task) is called once per collated data batch
+       (``image``, ``caption`` and the dataset's further fields, on the run's device) and returns
+       fields to store in the shards beside them (what the frozen model computes once, e.g. a
+       source image's latent); a training run on those shards finds them in ``inputs.batch``.
 
     The core owns ``scale``, ``start``/``end`` (the window of sampling steps) and ``branch``
     (keys of every ``[[conditioners]]`` entry): outside the window, at ``scale = 0`` and on
@@ -314,6 +318,10 @@ class Conditioner(Protocol):
 
     def residuals(self, x_t: Tensor, t: Tensor, cond: Conditioning) -> Residuals:
         """Residuals for the network's input ``x_t`` at time ``t`` (optional)."""
+        ...
+
+    def precache(self, batch: Mapping[str, Any]) -> Mapping[str, Tensor]:
+        """Fields the ``precache`` task stores for a data batch (optional)."""
         ...
 
 

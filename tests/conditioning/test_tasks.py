@@ -111,9 +111,9 @@ def test_a_conditioner_whose_constructor_raises_stops_the_job_naming_it(tmp_path
 def test_a_task_that_cannot_apply_conditioners_refuses_them(tmp_path: Path) -> None:
     pm = _pm()
     job = tmp_path / "job.toml"
-    job.write_text(f'[engine]\noutput_dir = "{tmp_path}"\n[task]\nname = "precache"\n'
+    job.write_text(f'[engine]\noutput_dir = "{tmp_path}"\n[task]\nname = "preview-data"\n'
                    '[[conditioners]]\ntype = "mid-offset"\n')
-    with pytest.raises(ConfigError, match=r"task 'precache' does not apply \[\[conditioners\]\].*job.toml:5"):
+    with pytest.raises(ConfigError, match=r"task 'preview-data' does not apply \[\[conditioners\]\].*job.toml:5"):
         run_config(load_config(job, pm), pm)
 
 

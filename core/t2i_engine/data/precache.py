@@ -3,8 +3,9 @@
 :func:`precache` writes ``shard-00000.safetensors ...`` (tensors ``latents``, ``text_tokens``
 and, when the encoder has them, ``text_mask`` and ``text_pooled``; captions in the metadata)
 plus an ``index.json`` written last, all atomically; :class:`PrecachedDataset` (the
-``"precached"`` dataset type) reads them back. Models recognise precached batches by their
-``"latents"`` key.
+``"precached"`` dataset type) reads them back. A dataset's further tensor fields (a hint, a
+source image) and what a conditioner's ``precache()`` computes from them are stored beside them
+and come back under their own names. Models recognise precached batches by their ``"latents"`` key.
 """
 
 from __future__ import annotations
@@ -23,14 +24,34 @@ from t2i_engine.config.fields import existing_path
 from t2i_engine.errors import DataError
 from t2i_engine.interfaces import TextEmbedding
 
-__all__ = ["PrecachedDataset", "precache"]
+__all__ = ["RESERVED", "PrecachedDataset", "extra_fields", "precache"]
 
 FORMAT = "t2i-engine-precached-1"
 
 
+RESERVED = ("latents", "text_tokens", "text_mask", "text_pooled", "caption", "index")
+"""Names a shard or a precached sample gives its own meaning to (not available to extra fields)."""
+
+
+def extra_fields(sample: dict[str, Any]) -> list[str]:
+    """A sample's tensor fields besides ``image`` and ``caption`` (a hint, a source image ...)."""
+    return [k for k, v in sample.items() if k not in ("image", "caption") and isinstance(v, Tensor)]
+
+
+def _checked(fields: dict[str, Tensor]) -> dict[str, Tensor]:
+    clash = sorted(set(fields) & set(RESERVED))
+    if clash:
+        raise DataError(f"precache: the field name {clash[0]!r} is reserved in precached shards "
+                        f"({', '.join(RESERVED)}); rename it in the dataset or conditioner")
+    return fields
+
+
 def _collate_keep_strings(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"image": default_collate([s["image"] for s in samples]),
-            "caption": [str(s.get("caption", "")) for s in samples]}
+    out = {"image": default_collate([s["image"] for s in samples]),
+           "caption": [str(s.get("caption", "")) for s in samples]}
+    for k in extra_fields(samples[0]):
+        out[k] = default_collate([s[k] for s in samples])
+    return out
 
 
 def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, Any]]:
@@ -41,11 +62,14 @@ def _batches(dataset: Any, batch_size: int) -> Iterator[dict[str, Any]]:
 def precache(dataset: Any, *, encode_images: Callable[[Tensor], Tensor],
              encode_text: Callable[[Sequence[str]], TextEmbedding], out_url: str,
              shard_size: int = 1024, batch_size: int = 16,
-             device: torch.device | str = "cpu") -> dict[str, Any]:
+             device: torch.device | str = "cpu",
+             encode_extras: Callable[[dict[str, Any]], dict[str, Tensor]] | None = None) -> dict[str, Any]:
     """Encode every sample of ``dataset`` once and write latent/embedding shards to ``out_url``.
 
     Args:
-        dataset: yields ``{"image": (3, H, W) in [-1, 1], "caption": str}`` samples.
+        dataset: yields ``{"image": (3, H, W) in [-1, 1], "caption": str}`` samples; further
+            tensor fields (a ControlNet hint, an edit's source image ...) are stored as they are
+            and come back under their own names.
         encode_images: images ``(B, 3, H, W)`` -> scaled latents ``(B, C, h, w)`` (e.g.
             ``autoencoder.encode``; pass a closure with a generator to sample the posterior).
         encode_text: prompts -> :class:`~t2i_engine.interfaces.TextEmbedding`.
@@ -53,6 +77,8 @@ def precache(dataset: Any, *, encode_images: Callable[[Tensor], Tensor],
         shard_size: samples per shard.
         batch_size: samples per encoder call.
         device: where the images are sent before encoding.
+        encode_extras: the collated batch (on ``device``) -> further fields to store (a
+            conditioner's :meth:`precache`, e.g. a source image through the frozen autoencoder).
 
     Returns:
         the index written to ``<out_url>/index.json``.
@@ -72,10 +98,13 @@ def precache(dataset: Any, *, encode_images: Callable[[Tensor], Tensor],
         del captions[:n]
 
     for batch in _batches(dataset, batch_size):
-        latents = encode_images(batch["image"].to(device))  # (B, C, h, w)
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        latents = encode_images(batch["image"])  # (B, C, h, w)
         emb = encode_text(list(batch["caption"]))
+        extras = _checked({k: batch[k] for k in batch if k not in ("image", "caption")})
+        extras |= _checked(dict(encode_extras(batch))) if encode_extras is not None else {}
         parts = {"latents": latents, "text_tokens": emb.tokens, "text_mask": emb.mask,
-                 "text_pooled": emb.pooled}
+                 "text_pooled": emb.pooled, **extras}
         for k, v in parts.items():
             if v is not None:
                 v = v.detach().cpu()

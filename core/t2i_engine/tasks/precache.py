@@ -2,6 +2,9 @@
 
 Writes latent and text-embedding shards (:func:`t2i_engine.data.precache.precache`) that a
 ``train`` run reads back with ``[data] type = "precached"``, skipping both encoders every step.
+The dataset's further fields (hints, source images) are stored too, and each ``[[conditioners]]``
+entry with a ``precache(batch)`` method adds what it computes once from them (with the model's
+frozen parts), so a conditioned training run can read them back.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class PrecacheTask:
     """Encode every sample of ``[data]`` once and write the shards."""
 
     Config = PrecacheConfig
+    applies_conditioners = True  # their precache() fields are stored in the shards
 
     def __init__(self, config: PrecacheConfig) -> None:
         self.config = config
@@ -66,6 +70,35 @@ class PrecacheTask:
             return TextEmbedding(emb.tokens.float(), emb.mask,
                                  None if emb.pooled is None else emb.pooled.float())
 
+        encode_extras = _conditioner_fields(ctx, model, autocast)
         index = precache(dataset, encode_images=encode_images, encode_text=encode_text, out_url=url,
-                         shard_size=c.shard_size, batch_size=c.batch_size, device=ctx.device)
+                         shard_size=c.shard_size, batch_size=c.batch_size, device=ctx.device,
+                         encode_extras=encode_extras)
         return {"precached": url, "count": index["count"], "shards": len(index["shards"])}
+
+
+def _conditioner_fields(ctx: RunContext, model: Any, autocast: Any) -> Any:
+    """``batch -> fields``: every ``[[conditioners]]`` entry's ``precache(batch)`` output, in
+    declared order (None when no entry has one). A field a second entry also computes is an error."""
+    from t2i_engine.conditioning.build import build_conditioners
+
+    chain = build_conditioners(ctx, model)
+    steps = [(e.label, e.conditioner.precache) for e in (chain.entries if chain is not None else ())
+             if callable(getattr(e.conditioner, "precache", None))]
+    if not steps:
+        return None
+
+    @torch.no_grad()
+    def encode(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        fields: dict[str, torch.Tensor] = {}
+        for label, fn in steps:
+            with autocast:
+                out = dict(fn(batch))
+            clash = sorted(set(out) & (set(fields) | set(batch)))
+            if clash:
+                raise ConfigError(f"{label}: precache() returned the field {clash[0]!r}, which the dataset or an "
+                                  "earlier conditioner already gives")
+            fields |= {k: v.float() if v.is_floating_point() else v for k, v in out.items()}
+        return fields
+
+    return encode

@@ -43,3 +43,34 @@ def t5_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     tiny_t5().save_pretrained(root / "text_encoder")
     write_spiece(root / "tokenizer")
     return root / "text_encoder", root / "tokenizer"
+
+
+def tiny_if_unet(*, stage: int, encoder_dim: int = 32):
+    """diffusers' tiny IF UNets (the configs of diffusers' tests/pipelines/deepfloyd_if)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(stage)
+    common = dict(layers_per_block=1, block_out_channels=[32, 64],
+                  down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                  up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                  out_channels=6, cross_attention_dim=32, encoder_hid_dim=encoder_dim, attention_head_dim=8,
+                  addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+                  resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8)
+    if stage == 1:
+        unet = UNet2DConditionModel(sample_size=16, in_channels=3, **common)
+    else:
+        unet = UNet2DConditionModel(sample_size=32, in_channels=6, class_embed_type="timestep",
+                                    mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+                                    resnet_skip_time_act=True, resnet_out_scale_factor=1.414, **common)
+    with torch.no_grad():  # diffusers zero-initialises some outputs; random weights test more
+        for p in unet.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    return unet.eval()
+
+
+@pytest.fixture(scope="session")
+def make_if_unet():
+    """:func:`tiny_if_unet` (tests import helpers through fixtures: pytest runs in importlib mode)."""
+    return tiny_if_unet

@@ -74,3 +74,30 @@ def tiny_if_unet(*, stage: int, encoder_dim: int = 32):
 def make_if_unet():
     """:func:`tiny_if_unet` (tests import helpers through fixtures: pytest runs in importlib mode)."""
     return tiny_if_unet
+
+
+def if_scheduler():
+    """IF's DDPMScheduler (learned_range variance, thresholding 0.95 with max 1.5)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                         beta_end=0.02, thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5,
+                         prediction_type="epsilon", variance_type="learned_range")
+
+
+@pytest.fixture(scope="session")
+def if_folders(tmp_path_factory: pytest.TempPathFactory, t5_folders) -> dict[int, Path]:
+    """Stage I and stage II folders written by diffusers' ``save_pretrained`` (tiny random weights)."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    root = tmp_path_factory.mktemp("if")
+    common = dict(tokenizer=T5Tokenizer.from_pretrained(str(t5_folders[1])),
+                  text_encoder=T5EncoderModel.from_pretrained(str(t5_folders[0])),
+                  safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    IFPipeline(unet=tiny_if_unet(stage=1), scheduler=if_scheduler(), **common).save_pretrained(root / "stage1")
+    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                            beta_end=0.02)
+    IFSuperResolutionPipeline(unet=tiny_if_unet(stage=2), scheduler=if_scheduler(), image_noising_scheduler=noising,
+                              **common).save_pretrained(root / "stage2")
+    return {1: root / "stage1", 2: root / "stage2"}

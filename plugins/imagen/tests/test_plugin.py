@@ -80,3 +80,10 @@ def test_identity_autoencoder():
     assert torch.equal(ae.decode(ae.encode(x)), x)
     with pytest.raises(ValueError, match="B, 3, H, W"):
         ae.encode(torch.zeros(2, 4, 8, 8))
+
+
+def test_conforms_to_the_sdk_kit():
+    import t2i_plugin_imagen.plugin as plugin
+    from t2i_sdk.testing import check_plugin
+
+    assert check_plugin(plugin, name="imagen") == {"model": ["imagen"]}

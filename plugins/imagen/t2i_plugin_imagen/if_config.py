@@ -43,8 +43,8 @@ def _one(value: Any, key: str, source: str) -> Any:
 def if_unet_config(config: dict[str, Any], *, source: str = "unet/config.json") -> IFUNetConfig:
     """The IFUNet architecture a diffusers IF UNet config describes; a key whose value IFUNet
     does not implement is a CheckpointError naming it."""
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
-    if cfg.get("_class_name", config.get("_class_name", "UNet2DConditionModel")) != "UNet2DConditionModel":
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}  # _class_name, _diffusers_version ...
+    if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise CheckpointError(f"{source}: _class_name {config['_class_name']!r} is not an IF UNet2DConditionModel")
     for key, allowed in _FIXED.items():
         value = cfg.get(key, allowed[0])

@@ -77,10 +77,16 @@ class IFStage(nn.Module):
             generator: the randomness, drawn in IF's order (stage II: the augmentation noise
                 first, then each step's noise).
         """
+        if noise.ndim != 4 or noise.shape[1] != 3:
+            raise ValueError(f"noise must be (B, 3, H, W), got {tuple(noise.shape)}")
         cond, uncond = encode_prompts(self.text_encoder, prompts, negative_prompts)
+        if len(prompts) != noise.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts but {noise.shape[0]} noise tensors")
         if self.stage == 2:
             if lowres is None:
                 raise ValueError("IF stage II needs lowres= (the stage I images)")
+            if lowres.ndim != 4 or lowres.shape[:2] != noise.shape[:2]:
+                raise ValueError(f"lowres must be (B, 3, h, w) with B = {noise.shape[0]}, got {tuple(lowres.shape)}")
             if not 0 <= noise_level < self.noising.num_train_timesteps:  # type: ignore[union-attr]
                 raise ValueError(f"noise_level must be in [0, {self.noising.num_train_timesteps}), "  # type: ignore[union-attr]
                                  f"got {noise_level}")

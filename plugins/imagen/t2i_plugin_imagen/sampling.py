@@ -14,7 +14,7 @@ the DDPM step's log-variance ``frac log beta_t + (1 - frac) log beta_tilde_t``,
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -132,5 +132,5 @@ def stage_two_conditioning(cond: Conditioning, lowres: Tensor, noise_level: int)
     return cond.with_extras(lowres=lowres, noise_level=levels)
 
 
-__all__: Sequence[str] = ["IFEpsNet", "guided_if_denoiser", "learned_std", "noise_lowres", "sample_ddpm_learned_range",
+__all__ = ["IFEpsNet", "guided_if_denoiser", "learned_std", "noise_lowres", "sample_ddpm_learned_range",
                           "sample_stage", "stage_two_conditioning"]

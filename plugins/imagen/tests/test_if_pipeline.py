@@ -42,3 +42,20 @@ def test_stage2_matches_ifsuperresolutionpipeline(if_folders):
     noise = torch.randn(2, 3, 16, 16, generator=g)
     got = stage.generate(PROMPTS, noise, steps=4, guidance_scale=4.0, lowres=lowres, noise_level=250, generator=g)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)
+
+
+def test_generate_rejects_bad_input(if_folders):
+    stage1, stage2 = load_if_stage(if_folders[1]), load_if_stage(if_folders[2])
+    noise = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="2 prompts but 1 noise"):
+        stage1.generate(PROMPTS, noise[:1], steps=1)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        stage1.generate(PROMPTS, torch.randn(2, 4, 8, 8), steps=1)
+    with pytest.raises(ValueError, match="stage II"):
+        stage1.generate(PROMPTS, noise, steps=1, lowres=noise)
+    with pytest.raises(ValueError, match="needs lowres"):
+        stage2.generate(PROMPTS, noise, steps=1)
+    with pytest.raises(ValueError, match="lowres must be"):
+        stage2.generate(PROMPTS, noise, steps=1, lowres=noise[:1])
+    with pytest.raises(ValueError, match="noise_level"):
+        stage2.generate(PROMPTS, noise, steps=1, lowres=noise, noise_level=1000)

@@ -162,6 +162,13 @@ class GuidanceConfig:
     image_guidance_scale: float | None = float_field(None, attrs.validators.ge(0.0), optional=True)  # IP2P
     dynamic_threshold: float | None = float_field(  # Imagen percentile p, e.g. 0.995
         None, attrs.validators.gt(0.0), attrs.validators.le(1.0), optional=True)
+    dynamic_threshold_max: float | None = float_field(  # cap on the threshold s (DeepFloyd IF: 1.5)
+        None, attrs.validators.ge(1.0), optional=True)
+
+    @dynamic_threshold_max.validator
+    def _needs_threshold(self, attr: attrs.Attribute, value: float | None) -> None:
+        if value is not None and self.dynamic_threshold is None:
+            raise ValueError("'dynamic_threshold_max' needs 'dynamic_threshold' (the percentile) to be set")
     clip_denoised: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
@@ -179,7 +186,7 @@ def guided_denoiser(inner: CondDenoiser, config: GuidanceConfig, *, cond: Condit
         model = CFGDenoiser(inner, cond, uncond, scale=config.guidance_scale,
                             rescale=config.guidance_rescale)
     if config.dynamic_threshold is not None:
-        model = DynamicThreshold(model, percentile=config.dynamic_threshold)
+        model = DynamicThreshold(model, percentile=config.dynamic_threshold, ceiling=config.dynamic_threshold_max)
     elif config.clip_denoised:
         model = StaticClip(model)
     return model

@@ -10,7 +10,7 @@ import torch
 from t2i_engine.errors import ConfigError
 
 
-def _sample(tmp_path, folder, name: str, model_extra: str = "") -> torch.Tensor:
+def _sample(tmp_path, folder, name: str, model_extra: str = "", tail: str = "") -> torch.Tensor:
     from PIL import Image
 
     import t2i_plugin_imagen.plugin as plugin
@@ -35,6 +35,7 @@ checkpoint = "{folder}"
 [sampler]
 name = "ddim"
 steps = 3
+{tail}
 """)
     pm = EnginePluginManager().load(autoload=False)
     pm.register(plugin, name="imagen", distribution="t2i-plugin-imagen")
@@ -48,6 +49,14 @@ def test_sample_task_drives_stage1_and_keys_have_effect(tmp_path, if_folders):
     assert (base - _sample(tmp_path, if_folders[1], "same", "token_length = 77")).abs().max() == 0
     assert (base - _sample(tmp_path, if_folders[1], "short", "token_length = 8")).abs().max() > 0
     assert (base - _sample(tmp_path, if_folders[1], "zero", "zero_padding = true")).abs().max() > 0
+
+
+def test_if_thresholding_through_the_guidance_table(tmp_path, if_folders):
+    """IF's thresholding (p 0.95, s in [1, 1.5]) from the job file: the cap changes the image."""
+    free = _sample(tmp_path, if_folders[1], "free", tail="[guidance]\nguidance_scale = 7.0\ndynamic_threshold = 0.95")
+    capped = _sample(tmp_path, if_folders[1], "capped",
+                     tail="[guidance]\nguidance_scale = 7.0\ndynamic_threshold = 0.95\ndynamic_threshold_max = 1.5")
+    assert (free - capped).abs().max() > 0
 
 
 def test_bad_keys(tmp_path, if_folders):

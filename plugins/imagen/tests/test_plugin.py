@@ -96,3 +96,47 @@ def test_conforms_to_the_sdk_kit():
     from t2i_sdk.testing import check_plugin
 
     assert check_plugin(plugin, name="imagen") == {"model": ["imagen"]}
+
+
+def test_precache_writes_t5_embeddings_and_masks(tmp_path, if_folders):
+    """The core's precache task over the shapes data: images unchanged (identity autoencoder),
+    T5 tokens and masks equal to a fresh encode of the captions."""
+    import t2i_plugin_imagen.plugin as plugin
+    from t2i_engine.config.loader import load_config
+    from t2i_engine.data.precache import PrecachedConfig, PrecachedDataset
+    from t2i_engine.plugins.manager import EnginePluginManager
+    from t2i_engine.runner import run_config
+    from t2i_plugin_imagen.model import load_if_stage
+
+    toml = tmp_path / "precache.toml"
+    toml.write_text(f"""
+[engine]
+plugins = ["imagen"]
+output_dir = "out"
+[task]
+name = "precache"
+batch_size = 3
+[model]
+type = "imagen"
+checkpoint = "{if_folders[1]}"
+token_length = 12
+zero_padding = true
+[data]
+type = "shapes"
+size = 16
+count = 4
+""")
+    pm = EnginePluginManager().load(autoload=False)
+    pm.register(plugin, name="imagen", distribution="t2i-plugin-imagen")
+    summary = run_config(load_config(toml, pm), pm)
+    assert summary["count"] == 4
+    data = PrecachedDataset(PrecachedConfig(url=summary["precached"]))
+    enc = load_if_stage(if_folders[1], max_length=12).text_encoder
+    enc.zero_padding = True
+    for i in range(4):
+        sample = data[i]
+        assert sample["latents"].shape == (3, 16, 16)
+        with torch.no_grad():
+            want = enc.encode([sample["caption"]])
+        torch.testing.assert_close(sample["text_tokens"], want.tokens[0], atol=1e-5, rtol=1e-5)
+        assert torch.equal(sample["text_mask"].bool(), want.mask[0])

@@ -90,7 +90,7 @@ class IFStage(nn.Module):
             if not 0 <= noise_level < self.noising.num_train_timesteps:  # type: ignore[union-attr]
                 raise ValueError(f"noise_level must be in [0, {self.noising.num_train_timesteps}), "  # type: ignore[union-attr]
                                  f"got {noise_level}")
-            aug = torch.randn(noise.shape, generator=generator, dtype=noise.dtype)
+            aug = torch.randn(noise.shape, generator=generator, dtype=noise.dtype, device=noise.device)
             lowres = noise_lowres(lowres.to(noise), tuple(noise.shape[-2:]), noise_level=noise_level,
                                   schedule=self.noising.schedule(), noise=aug)  # type: ignore[union-attr]
             cond, uncond = (stage_two_conditioning(c, lowres, noise_level) for c in (cond, uncond))

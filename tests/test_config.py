@@ -106,7 +106,12 @@ def test_unknown_component_suggests_and_lists(tmp_path: Path, pm: EnginePluginMa
     assert "unknown task 'demo-helo' (did you mean 'demo-hello'?)" in msg
 
 
-def test_first_party_component_names_its_distribution(tmp_path: Path, pm: EnginePluginManager) -> None:
+def test_first_party_component_names_its_distribution(tmp_path: Path, demo_plugin: str) -> None:
+    # only the demo plugin, by hand: t2i-plugin-imagen itself may be installed in this environment
+    import t2i_plugin_demo.plugin
+
+    pm = EnginePluginManager().load(autoload=False)
+    pm.register(t2i_plugin_demo.plugin, name="demo")
     msg = error_of(tmp_path, pm, GOOD.replace('type = "demo-model"\nwidth = 16', 'type = "imagen"'))
     assert "pip install t2i-plugin-imagen" in msg
 

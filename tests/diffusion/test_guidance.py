@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 import torch
 
@@ -81,6 +82,27 @@ def test_dynamic_threshold_matches_imagen():
     torch.testing.assert_close(out, ref._threshold_sample(X * 2))
     assert float(out.abs().max()) <= 1.0
     torch.testing.assert_close(StaticClip(model)(X, SIGMA), (X * 2).clamp(-1, 1))
+
+
+def test_dynamic_threshold_max_is_the_ceiling_of_s():
+    """``dynamic_threshold_max`` caps s at the value diffusers calls ``sample_max_value``."""
+    ref = diffusers.DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+
+    def model(x, sigma):
+        return x * 4  # s well above 1.5
+
+    def inner(x, sigma, c):
+        return model(x, sigma)
+
+    config = GuidanceConfig(guidance_scale=1.0, dynamic_threshold=0.9, dynamic_threshold_max=1.5)
+    capped = guided_denoiser(inner, config, cond=cond(1.0), uncond=cond(0.0))
+    free = guided_denoiser(inner, attrs.evolve(config, dynamic_threshold_max=None), cond=cond(1.0), uncond=cond(0.0))
+    torch.testing.assert_close(capped(X, SIGMA), ref._threshold_sample(X * 4))
+    assert not torch.allclose(capped(X, SIGMA), free(X, SIGMA))
+    with pytest.raises(ValueError):
+        GuidanceConfig(dynamic_threshold=0.9, dynamic_threshold_max=0.5)
+    with pytest.raises(ValueError, match="needs 'dynamic_threshold'"):
+        GuidanceConfig(dynamic_threshold_max=1.5)
 
 
 def test_guidance_config_validation():

@@ -101,18 +101,21 @@ class DualCFGDenoiser:
 class DynamicThreshold:
     """Imagen's dynamic thresholding of the x0 estimate (Saharia et al. 2022, section 2.3).
 
-    Per sample, ``s`` is the ``percentile`` quantile of ``|x0|``, floored at ``max_value``; x0 is
-    clipped to ``[-s, s]`` and divided by ``s`` (then multiplied by ``max_value``).
+    Per sample, ``s`` is the ``percentile`` quantile of ``|x0|``, floored at ``max_value`` (and
+    capped at ``ceiling`` when given: DeepFloyd IF's ``sample_max_value`` 1.5, diffusers'
+    ``_threshold_sample``); x0 is clipped to ``[-s, s]`` and divided by ``s`` (then multiplied by
+    ``max_value``).
     """
 
-    def __init__(self, model: Denoiser, *, percentile: float = 0.995, max_value: float = 1.0) -> None:
-        self.model, self.percentile, self.max_value = model, percentile, max_value
+    def __init__(self, model: Denoiser, *, percentile: float = 0.995, max_value: float = 1.0,
+                 ceiling: float | None = None) -> None:
+        self.model, self.percentile, self.max_value, self.ceiling = model, percentile, max_value, ceiling
         self.prediction, self.sigma_data = _output_kind(model).values()
 
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         x0 = self.model(x, sigma)
         flat = x0.reshape(x0.shape[0], -1).abs().float()
-        s = torch.quantile(flat, self.percentile, dim=1).clamp(min=self.max_value).to(x0.dtype)
+        s = torch.quantile(flat, self.percentile, dim=1).clamp(min=self.max_value, max=self.ceiling).to(x0.dtype)
         s = s.reshape(-1, *([1] * (x0.ndim - 1)))  # (B, 1, ..., 1)
         return x0.clamp(-s, s) / s * self.max_value
 
@@ -159,6 +162,13 @@ class GuidanceConfig:
     image_guidance_scale: float | None = float_field(None, attrs.validators.ge(0.0), optional=True)  # IP2P
     dynamic_threshold: float | None = float_field(  # Imagen percentile p, e.g. 0.995
         None, attrs.validators.gt(0.0), attrs.validators.le(1.0), optional=True)
+    dynamic_threshold_max: float | None = float_field(  # cap on the threshold s (DeepFloyd IF: 1.5)
+        None, attrs.validators.ge(1.0), optional=True)
+
+    @dynamic_threshold_max.validator
+    def _needs_threshold(self, attr: attrs.Attribute, value: float | None) -> None:
+        if value is not None and self.dynamic_threshold is None:
+            raise ValueError("'dynamic_threshold_max' needs 'dynamic_threshold' (the percentile) to be set")
     clip_denoised: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
 
@@ -176,7 +186,7 @@ def guided_denoiser(inner: CondDenoiser, config: GuidanceConfig, *, cond: Condit
         model = CFGDenoiser(inner, cond, uncond, scale=config.guidance_scale,
                             rescale=config.guidance_rescale)
     if config.dynamic_threshold is not None:
-        model = DynamicThreshold(model, percentile=config.dynamic_threshold)
+        model = DynamicThreshold(model, percentile=config.dynamic_threshold, ceiling=config.dynamic_threshold_max)
     elif config.clip_denoised:
         model = StaticClip(model)
     return model

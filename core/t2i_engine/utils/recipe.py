@@ -86,6 +86,7 @@ def _guidance_params(guidance: Any) -> dict[str, Any]:
     return {"CFG scale": guidance.guidance_scale,
             "CFG Rescale": guidance.guidance_rescale or None,
             "Dynamic threshold": guidance.dynamic_threshold,
+            "Dynamic threshold max": guidance.dynamic_threshold_max,
             "Clip denoised": True if guidance.clip_denoised else None}
 
 

@@ -1,0 +1,68 @@
+"""DeepFloyd IF folders as diffusers saves them: ``unet/``, ``scheduler/``, ``text_encoder/``,
+``tokenizer/`` (``IFPipeline`` stage I; ``IFSuperResolutionPipeline`` stage II adds
+``image_noising_scheduler/``). Read from disk only, every config key read or refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from t2i_engine.checkpoint.io import load_safetensors, load_state_dict_strict, safe_torch_load
+from t2i_engine.errors import CheckpointError
+from t2i_plugin_imagen.if_config import if_unet_config
+from t2i_plugin_imagen.if_unet import IFUNet
+
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                 "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin")
+_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors.index.json")
+
+
+def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
+    """A JSON object from ``path`` ({} when absent and not ``required``)."""
+    if not path.is_file():
+        if required:
+            raise CheckpointError(f"{path} is missing")
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return value
+
+
+def _read(path: Path) -> dict[str, Tensor]:
+    if path.suffix == ".safetensors":
+        return load_safetensors(str(path))
+    obj = safe_torch_load(str(path))
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} does not hold a flat state dict of tensors")
+    return obj
+
+
+def read_unet_weights(folder: Path) -> dict[str, Tensor]:
+    """The UNet state dict of a diffusers ``unet/`` folder (single file, fp16 variant or sharded)."""
+    for name in _INDEXES:
+        if (folder / name).is_file():
+            shards = sorted(set(read_json(folder / name).get("weight_map", {}).values()))
+            if not shards:
+                raise CheckpointError(f"{folder / name} has an empty weight_map")
+            return {k: v for shard in shards for k, v in _read(folder / shard).items()}
+    for name in _WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _read(folder / name)
+    raise CheckpointError(f"{folder}: no UNet weights (looked for {', '.join(_WEIGHT_FILES + _INDEXES)})")
+
+
+def load_if_unet(folder: str | Path) -> IFUNet:
+    """An :class:`IFUNet` from a diffusers ``unet/`` folder: architecture from ``config.json``
+    (unsupported keys refused by name), weights loaded strictly."""
+    folder = Path(folder)
+    config = if_unet_config(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    net = IFUNet(config)
+    load_state_dict_strict(net, read_unet_weights(folder), source=f"{folder} (IF UNet)")
+    return net.eval()

@@ -1,0 +1,103 @@
+"""Tiny reference components (transformers T5, a sentencepiece model trained in memory,
+diffusers IF UNets) with random weights: nothing is downloaded."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+SENTENCES = ["a red circle on a blue background", "a green square on a white background",
+             "a yellow triangle on a black background", "two small purple stars"] * 10
+
+
+def write_spiece(folder: Path) -> Path:
+    """Train a tiny T5-convention sentencepiece model (pad 0, eos 1, unk 2) into ``folder``."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(SENTENCES), model_writer=buf, model_type="unigram",
+                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, minloglevel=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    return folder
+
+
+def tiny_t5(d_model: int = 32):
+    """A random 2-layer T5 v1.1-style encoder (gated-gelu)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=160, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    return T5EncoderModel(config).eval()
+
+
+@pytest.fixture(scope="session")
+def t5_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(text_encoder_dir, tokenizer_dir)`` saved by transformers / trained by sentencepiece."""
+    root = tmp_path_factory.mktemp("t5")
+    tiny_t5().save_pretrained(root / "text_encoder")
+    write_spiece(root / "tokenizer")
+    return root / "text_encoder", root / "tokenizer"
+
+
+def tiny_if_unet(*, stage: int, encoder_dim: int = 32):
+    """diffusers' tiny IF UNets (the configs of diffusers' tests/pipelines/deepfloyd_if)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(stage)
+    common = dict(layers_per_block=1, block_out_channels=[32, 64],
+                  down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+                  mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+                  up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+                  out_channels=6, cross_attention_dim=32, encoder_hid_dim=encoder_dim, attention_head_dim=8,
+                  addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
+                  resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8)
+    if stage == 1:
+        unet = UNet2DConditionModel(sample_size=16, in_channels=3, **common)
+    else:
+        unet = UNet2DConditionModel(sample_size=32, in_channels=6, class_embed_type="timestep",
+                                    mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+                                    resnet_skip_time_act=True, resnet_out_scale_factor=1.414, **common)
+    with torch.no_grad():  # diffusers zero-initialises some outputs; random weights test more
+        for p in unet.parameters():
+            if (p == 0).all():
+                p.normal_(0, 0.05)
+    return unet.eval()
+
+
+@pytest.fixture(scope="session")
+def make_if_unet():
+    """:func:`tiny_if_unet` (tests import helpers through fixtures: pytest runs in importlib mode)."""
+    return tiny_if_unet
+
+
+def if_scheduler():
+    """IF's DDPMScheduler (learned_range variance, thresholding 0.95 with max 1.5)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                         beta_end=0.02, thresholding=True, dynamic_thresholding_ratio=0.95, sample_max_value=1.5,
+                         prediction_type="epsilon", variance_type="learned_range")
+
+
+@pytest.fixture(scope="session")
+def if_folders(tmp_path_factory: pytest.TempPathFactory, t5_folders) -> dict[int, Path]:
+    """Stage I and stage II folders written by diffusers' ``save_pretrained`` (tiny random weights)."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    root = tmp_path_factory.mktemp("if")
+    common = dict(tokenizer=T5Tokenizer.from_pretrained(str(t5_folders[1])),
+                  text_encoder=T5EncoderModel.from_pretrained(str(t5_folders[0])),
+                  safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    IFPipeline(unet=tiny_if_unet(stage=1), scheduler=if_scheduler(), **common).save_pretrained(root / "stage1")
+    noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
+                            beta_end=0.02)
+    IFSuperResolutionPipeline(unet=tiny_if_unet(stage=2), scheduler=if_scheduler(), image_noising_scheduler=noising,
+                              **common).save_pretrained(root / "stage2")
+    return {1: root / "stage1", 2: root / "stage2"}

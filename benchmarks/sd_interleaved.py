@@ -1,0 +1,208 @@
+"""Stable Diffusion 1.5 components on the CPU, the engine against diffusers, alternated call by call.
+
+Whole-process rounds (``benchmarks/sd_pipeline.py``) cannot tell 0.62x from 0.93x on machines
+whose speed drifts 2x from day to day and 30% between processes. Here both sides live in one
+process with identical weights (the real ``sd-1`` architecture, random weights, loaded from one
+diffusers folder), the same inputs and thread count, and every measurement is a *pair*: the two
+sides run back to back, in alternating order, so drift hits both halves of a pair alike. Each
+component reports the median of the per-pair ratios ours/diffusers with a 95% bootstrap interval.
+
+Components, each in float32 and under bf16 autocast (the engine prepared as its sample task
+prepares it: oneDNN packing, autocast weights cast once):
+
+* ``text``: CLIP text encoding of a batch of 2 prompts (cond and uncond);
+* ``unet``: one UNet evaluation on the guidance batch (2 x 4 x h x w latents);
+* ``decode``: the VAE decoder on 1 x 4 x h x w latents;
+* ``train``: UNet forward + backward at batch 2 (float32 and bf16 autocast). The optimizer step is
+  left out of the pairing: two SD-1.5 UNets with their gradients and AdamW states (27 GB) do not
+  fit a 24 GiB machine in one process (``benchmarks/sd_pipeline.py`` times the whole step, one
+  side per process).
+
+    python benchmarks/sd_interleaved.py [--pairs 10] [--size 256] [--threads N] [--only unet,train]
+    python benchmarks/sd_interleaved.py --quick        # 128 px, 10 pairs, fp32 + bf16: a few minutes
+    python benchmarks/sd_interleaved.py --preset tiny --size 32 --pairs 3   # a seconds-long smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd_pipeline import _cpu_model, _resident  # noqa: E402
+
+Call = Callable[[], Any]
+
+
+def _autocast(precision: str) -> Any:
+    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+
+def paired_ratios(ours: Call, theirs: Call, *, pairs: int, warmup: int = 1) -> list[float]:
+    """``pairs`` ratios ``t(ours) / t(theirs)``, each from two calls back to back; the order
+    alternates pair by pair (ours first on even pairs) so neither side always runs warm."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    ratios = []
+    for i in range(pairs):
+        times = {}
+        for name, fn in ((("ours", ours), ("theirs", theirs)) if i % 2 == 0 else (("theirs", theirs), ("ours", ours))):
+            t0 = time.perf_counter()
+            fn()
+            times[name] = time.perf_counter() - t0
+        ratios.append(times["ours"] / times["theirs"])
+    return ratios
+
+
+def median_interval(values: list[float], *, level: float = 0.95, resamples: int = 10_000,
+                    seed: int = 0) -> tuple[float, float, float]:
+    """``(median, low, high)``: the median and its percentile-bootstrap ``level`` interval."""
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return statistics.median(values), medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
+
+
+# --- the two sides ---------------------------------------------------------------------------
+
+
+def _models(folder: str, preset: str, precision: str) -> tuple[Any, Any]:
+    from diffusers import StableDiffusionPipeline
+
+    from t2i_engine.tasks.common import prepare_for_inference
+    from t2i_plugin_sd.formats import DiffusersFolder
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    ours = build_model(DiffusersFolder().load(folder), PRESETS[preset])
+    prepare_for_inference(ours, autocast_dtype=torch.bfloat16 if precision == "bf16" else None)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    _resident(ours, pipe.unet, pipe.vae, pipe.text_encoder)
+    return ours, pipe
+
+
+def inference_components(ours: Any, pipe: Any, *, size: int, precision: str) -> dict[str, tuple[Call, Call]]:
+    """``name -> (ours, diffusers)`` zero-argument calls on identical inputs."""
+    from t2i_engine.interfaces import Conditioning, TextEmbedding
+
+    g, h = torch.Generator().manual_seed(0), size // 8
+    prompts = ["a photograph of an astronaut riding a horse", ""]
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    x = torch.randn(2, 4, h, h, generator=g)  # the guidance batch
+    t = torch.tensor([500.0, 500.0])
+    with torch.inference_mode(), _autocast(precision):
+        emb = ours.text_encoder.encode(prompts)
+    ctx = emb.tokens.float()  # (2, 77, D): the same context for both UNets
+    cond = Conditioning(text=TextEmbedding(ctx, emb.mask, emb.pooled))
+    z = torch.randn(1, 4, h, h, generator=g)
+
+    def run(fn: Call) -> Call:
+        def call() -> Any:
+            with torch.inference_mode(), _autocast(precision):
+                return fn()
+        return call
+
+    sf = pipe.vae.config.scaling_factor
+    return {
+        "text": (run(lambda: ours.text_encoder.encode(prompts)), run(lambda: pipe.text_encoder(ids))),
+        "unet": (run(lambda: ours.denoiser(x, t, cond)), run(lambda: pipe.unet(x, t, encoder_hidden_states=ctx))),
+        "decode": (run(lambda: ours.autoencoder.decode(z)), run(lambda: pipe.vae.decode(z / sf))),
+    }
+
+
+def train_component(folder: str, preset: str, *, size: int, precision: str) -> tuple[Call, Call]:
+    """One UNet forward + backward each, same inputs (gradients are dropped after each call)."""
+    from diffusers import UNet2DConditionModel
+
+    from t2i_engine.interfaces import Conditioning, TextEmbedding
+    from t2i_plugin_sd.formats import DiffusersFolder
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    ours = build_model(DiffusersFolder().load(folder), PRESETS[preset]).unet.train()
+    theirs = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").train()
+    _resident(ours, theirs)
+    g, h = torch.Generator().manual_seed(0), size // 8
+    x, target = torch.randn(2, 4, h, h, generator=g), torch.randn(2, 4, h, h, generator=g)
+    t = torch.randint(0, 1000, (2,), generator=g)
+    context = torch.randn(2, 77, PRESETS[preset].unet.context_dim, generator=g)
+    cond = Conditioning(text=TextEmbedding(context))
+
+    def step(forward: Call, module: torch.nn.Module) -> Call:
+        def call() -> None:
+            with _autocast(precision):
+                loss = torch.nn.functional.mse_loss(forward().float(), target)
+            loss.backward()
+            module.zero_grad(set_to_none=True)
+        return call
+
+    return (step(lambda: ours(x, t, cond), ours),
+            step(lambda: theirs(x, t, encoder_hidden_states=context).sample, theirs))
+
+
+# --- driver ----------------------------------------------------------------------------------
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--pairs", type=int, default=10, help="timed pairs per component (after one warm-up pair)")
+    p.add_argument("--size", type=int, default=256, help="image side in pixels (latents are size / 8)")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    p.add_argument("--only", default="text,unet,decode,train", help="comma-separated components")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--preset", default="sd-1", help="SD plugin preset (tiny: a smoke run)")
+    p.add_argument("--quick", action="store_true", help="128 px, 10 pairs: a few minutes")
+    p.add_argument("--folder", default=None, help="reuse a diffusers folder written by an earlier run")
+    args = p.parse_args()
+    if args.quick:
+        args.size, args.pairs = 128, 10
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = args.only.split(",")
+    tmp = None
+    folder = args.folder
+    if folder is None:
+        from t2i_plugin_sd.formats import DiffusersFolder
+        from t2i_plugin_sd.model import build_model
+        from t2i_plugin_sd.presets import PRESETS
+
+        tmp = tempfile.TemporaryDirectory(prefix="sd-interleaved-")
+        folder = str(Path(tmp.name) / args.preset)
+        DiffusersFolder().save(build_model(None, PRESETS[args.preset], seed=0), folder)
+    print(f"CPU: {_cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+          f"{args.preset} at {args.size}x{args.size}; {args.pairs} pairs per row", flush=True)
+    rows = []
+    for precision in args.precisions.split(","):
+        def measure(components: dict[str, tuple[Call, Call]]) -> None:
+            for name, (mine, theirs) in components.items():
+                ratios = paired_ratios(mine, theirs, pairs=args.pairs)
+                rows.append((name, precision, *median_interval(ratios)))
+                print(f"  {name} {precision}: " + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+
+        if set(wanted) & {"text", "unet", "decode"}:
+            ours, pipe = _models(folder, args.preset, precision)
+            measure({k: v for k, v in inference_components(ours, pipe, size=args.size, precision=precision).items()
+                     if k in wanted})
+            del ours, pipe  # free them before the training models
+        if "train" in wanted:
+            measure({"train": train_component(folder, args.preset, size=args.size, precision=precision)})
+    print("\n| component | precision | ours / diffusers (median) | 95% interval |\n|---|---|---|---|")
+    for name, precision, med, low, high in rows:
+        print(f"| {name} | {precision} | {med:.2f}x | {low:.2f}-{high:.2f} |")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()

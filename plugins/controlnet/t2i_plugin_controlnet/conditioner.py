@@ -37,7 +37,7 @@ class ControlNetConditionerConfig:
     """The ``controlnet`` entry's own keys (the core's are ``scale``, ``start``, ``end``,
     ``branch`` and ``inputs``)."""
 
-    checkpoint: str = existing_path(help="a diffusers ControlNetModel folder (config.json + weights)")
+    checkpoint: str = existing_path(help="a diffusers ControlNetModel folder, or an lllyasviel .pth/.safetensors file")
     guess_mode: bool = option(default=False, help="scale the residuals shallow to deep (0.1 ... 1); pair "
                                                   "with branch = \"cond\" for diffusers' guess mode")
     guess_mode_law: Literal["diffusers", "original"] = option(
@@ -58,24 +58,24 @@ class ControlNetConditioner(nn.Module):
 
     def __init__(self, config: ControlNetConditionerConfig) -> None:
         super().__init__()
-        from t2i_plugin_controlnet.formats import load_controlnet
-
         self.config = config
-        loaded = load_controlnet(config.checkpoint)
-        self.net = loaded.net.requires_grad_(False)
-        self.channel_order = config.channel_order or loaded.channel_order
-        self.global_pool = loaded.global_pool if config.global_average_pooling is None \
-            else config.global_average_pooling
         self.key = f"controlnet_hint_{next(_ids)}"  # one extras key per entry: several may run together
-        self.unet: Any = None
+        self.net: Any = None  # loaded by setup(model): original-layout files take the base UNet's architecture
+        self.channel_order = config.channel_order or "rgb"
+        self.global_pool = bool(config.global_average_pooling)
 
     def setup(self, model: Any) -> None:
-        """Check that the network fits the model's UNet (levels, context width, latent factor)."""
-        unet, own = model.denoiser, self.net.config
+        """Load the checkpoint and check that it fits the model's UNet (levels, context width,
+        latent factor)."""
+        from t2i_plugin_controlnet.formats import load_controlnet
+
+        unet = model.denoiser
         cfg = getattr(unet, "config", None)
         if cfg is None or not hasattr(cfg, "channels"):
             raise ConfigError(f"{self.config.checkpoint}: ControlNet needs the core UNet as the model's denoiser, "
                               f"got {type(unet).__name__}")
+        loaded = load_controlnet(self.config.checkpoint, base=unet)
+        own = loaded.net.config
         for what, mine, theirs in (("channels per level", own.unet.channels, cfg.channels),
                                    ("ResBlocks per level", own.unet.layers_per_block, cfg.layers_per_block),
                                    ("text context width", own.unet.context_dim, cfg.context_dim)):
@@ -86,7 +86,11 @@ class ControlNetConditioner(nn.Module):
         if own.hint_factor != factor:
             raise ConfigError(f"{self.config.checkpoint}: the hint encoder shrinks images {own.hint_factor}x but the "
                               f"model's autoencoder {factor}x; the ControlNet does not fit this model")
-        self.unet = unet
+        param = next(unet.parameters(), None)
+        self.net = loaded.net.requires_grad_(False).to(param.device if param is not None else "cpu")
+        self.channel_order = self.config.channel_order or loaded.channel_order
+        self.global_pool = loaded.global_pool if self.config.global_average_pooling is None \
+            else self.config.global_average_pooling
 
     def condition(self, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
         """Add the hint ``(B, 3, H, W)`` in [0, 1] (from the entry's ``inputs.image``, loaded in [-1, 1])."""

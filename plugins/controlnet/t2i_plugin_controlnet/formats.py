@@ -1,7 +1,8 @@
 """ControlNet checkpoints -> :class:`~t2i_plugin_controlnet.network.ControlNet`.
 
-Now: diffusers ``ControlNetModel`` folders (``config.json`` and ``diffusion_pytorch_model``
-weights, safetensors or a weights-only pickle). Every field of the config that changes the
+diffusers ``ControlNetModel`` folders (``config.json`` and ``diffusion_pytorch_model``
+weights, safetensors or a weights-only pickle) and lllyasviel's files
+(:mod:`t2i_plugin_controlnet.ldm`). Every field of the config that changes the
 computation is read, or the load fails naming it (the UNet fields through the SD plugin's
 :func:`~t2i_plugin_sd.diffusers_config.unet_hints`, the ControlNet ones here); the weights load
 strictly (a missing or unexpected key is an error naming it).
@@ -22,7 +23,7 @@ from t2i_engine.nn.unet import UNetConfig
 from t2i_plugin_controlnet.network import ControlNet, ControlNetConfig
 from t2i_plugin_sd.diffusers_config import unet_hints
 
-__all__ = ["LoadedControlNet", "load_controlnet"]
+__all__ = ["LoadedControlNet", "load_controlnet", "load_diffusers_folder", "load_single_file"]
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -94,22 +95,49 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def load_controlnet(path: str) -> LoadedControlNet:
-    """A ControlNet from a diffusers ``ControlNetModel`` folder (float32, on the CPU, eval mode)."""
+def _build(arch: ControlNetConfig, state: Mapping[str, Any], *, source: str) -> ControlNet:
+    try:
+        net = ControlNet(arch)
+    except ValueError as exc:  # e.g. GroupNorm groups that do not divide a level's channels
+        raise CheckpointError(f"{source}: cannot build this architecture: {exc}") from exc
+    load_state_dict_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source=source)
+    return net.eval()
+
+
+def load_diffusers_folder(path: str) -> LoadedControlNet:
+    """A ControlNet from a diffusers ``ControlNetModel`` folder."""
     from t2i_plugin_sd.formats import read_state_dict
 
     root = Path(path)
-    if not (root.is_dir() and (root / "config.json").is_file()):
-        raise CheckpointError(f"{path}: not a diffusers ControlNetModel folder (config.json and "
-                              f"{_WEIGHT_FILES[0]}); lllyasviel .pth/.safetensors single files are not read yet")
     arch, order, pool = controlnet_config(_read_json(root / "config.json"), where=str(root / "config.json"))
     weights = next((root / n for n in _WEIGHT_FILES if (root / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path}: no weights file (looked for {', '.join(_WEIGHT_FILES)})")
-    try:
-        net = ControlNet(arch)
-    except ValueError as exc:  # e.g. GroupNorm groups that do not divide a level's channels
-        raise CheckpointError(f"{path}: cannot build this architecture: {exc}") from exc
-    state = {k: v.float() if v.is_floating_point() else v for k, v in read_state_dict(str(weights)).items()}
-    load_state_dict_strict(net, state, source=str(weights))
-    return LoadedControlNet(net.eval(), channel_order=order, global_pool=pool, source=str(root))
+    return LoadedControlNet(_build(arch, read_state_dict(str(weights)), source=str(weights)),
+                            channel_order=order, global_pool=pool, source=str(root))
+
+
+def load_single_file(path: str, base: Any) -> LoadedControlNet:
+    """A ControlNet from one of lllyasviel's files (:mod:`t2i_plugin_controlnet.ldm`) for the
+    core UNet ``base``, whose architecture the encoder copy takes."""
+    from t2i_plugin_controlnet.ldm import from_ldm
+    from t2i_plugin_sd.formats import read_state_dict
+
+    if base is None or not hasattr(getattr(base, "config", None), "channels"):
+        raise CheckpointError(f"{path}: an original-layout ControlNet file takes its architecture from the base "
+                              "model's UNet; load it with one")
+    unet, widths, channels, state = from_ldm(read_state_dict(path), base.config, base_weights=base.state_dict(),
+                                             source=path)
+    arch = ControlNetConfig(unet, hint_channels=channels, hint_widths=widths)
+    return LoadedControlNet(_build(arch, state, source=path), source=path)
+
+
+def load_controlnet(path: str, *, base: Any = None) -> LoadedControlNet:
+    """A ControlNet (float32, on the CPU, eval mode) from a diffusers ``ControlNetModel`` folder or
+    an original-layout file (``.pth``/``.safetensors``, which need ``base``: the model's UNet)."""
+    root = Path(path)
+    if root.is_dir():
+        if not (root / "config.json").is_file():
+            raise CheckpointError(f"{path}: a folder without config.json is not a diffusers ControlNetModel folder")
+        return load_diffusers_folder(path)
+    return load_single_file(path, base)

@@ -131,5 +131,7 @@ def test_two_entries_use_their_own_hints(sd_controlnets, model):
     _, (a, b) = sd_controlnets
     first, second = (ControlNetConditioner(ControlNetConditionerConfig(checkpoint=str(f))) for f in (a, b))
     assert first.key != second.key
+    first.setup(model)
+    second.setup(model)
     chain = ConditionerChain([Entry(first, keys=ConditionerKeys()), Entry(second, keys=ConditionerKeys())])
     assert len(list(chain.parameters())) > 0 and not list(chain.trainable_parameters())

@@ -58,10 +58,8 @@ def test_the_checkpoint_fields_that_change_the_residuals_are_read(sd_controlnets
     folder = tmp_path / "cn"
     shutil.copytree(source, folder)
     edit_config(folder, **{field: "bgr" if field.endswith("order") else True})
-    from t2i_plugin_controlnet.conditioner import ControlNetConditioner, ControlNetConditionerConfig
-
-    conditioner = ControlNetConditioner(ControlNetConditionerConfig(checkpoint=str(folder)))
-    assert (conditioner.channel_order, conditioner.global_pool) == (
+    loaded = load_controlnet(str(folder))
+    assert (loaded.channel_order, loaded.global_pool) == (
         ("bgr", False) if field.endswith("order") else ("rgb", True))
 
 

@@ -22,6 +22,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
+from t2i_plugin_controlnet.annotators import annotate
 from t2i_sdk import ConditionInputs, Conditioning, ConfigError, Residuals, existing_path, option
 
 __all__ = ["ControlNetConditioner", "ControlNetConditionerConfig"]
@@ -30,6 +31,7 @@ HINT_INPUT = "image"
 """The name of the hint in the entry's ``inputs`` table."""
 
 _ids = itertools.count()
+_unit = [attrs.validators.gt(0.0), attrs.validators.le(1.0)]
 
 
 @attrs.frozen
@@ -46,6 +48,14 @@ class ControlNetConditionerConfig:
         default=None, help="average every residual over H and W (shuffle models); default: the checkpoint's")
     channel_order: Literal["rgb", "bgr"] | None = option(
         default=None, help="channel order the network expects the hint in; default: the checkpoint's")
+    annotator: Literal["none", "canny"] = option(
+        default="none", help="hint maker applied to the image: none (it is the hint) or canny (edges)")
+    canny_low: float = option(default=0.1, validator=_unit, help="canny: low hysteresis threshold (kornia's units)")
+    canny_high: float = option(default=0.2, validator=_unit, help="canny: high hysteresis threshold (kornia's units)")
+
+    def __attrs_post_init__(self) -> None:
+        if self.canny_low >= self.canny_high:
+            raise ValueError(f"'canny_high' must be greater than canny_low ({self.canny_low}), got {self.canny_high}")
 
 
 class ControlNetConditioner(nn.Module):
@@ -102,7 +112,8 @@ class ControlNetConditioner(nn.Module):
         if image.shape[1] != self.net.config.hint_channels:
             raise ConfigError(f"controlnet: the hint has {image.shape[1]} channels, the network takes "
                               f"{self.net.config.hint_channels}")
-        hint = (image + 1) / 2
+        hint = annotate((image + 1) / 2, self.config.annotator, canny_low=self.config.canny_low,
+                        canny_high=self.config.canny_high)
         if self.channel_order == "bgr":
             hint = hint.flip(1)
         return cond.with_extras(**{self.key: hint})

@@ -135,3 +135,32 @@ def test_two_entries_use_their_own_hints(sd_controlnets, model):
     second.setup(model)
     chain = ConditionerChain([Entry(first, keys=ConditionerKeys()), Entry(second, keys=ConditionerKeys())])
     assert len(list(chain.parameters())) > 0 and not list(chain.trainable_parameters())
+
+
+def test_canny_marks_the_outline_of_a_square():
+    """A property of edge detection: on a white square, edges lie on its outline and cover it."""
+    from t2i_plugin_controlnet.annotators import annotate
+
+    image = torch.zeros(1, 3, 32, 32)
+    image[..., 8:24, 8:24] = 1
+    edges = annotate(image, "canny", canny_low=0.1, canny_high=0.2)
+    assert edges.shape == image.shape and set(edges.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(edges[:, 0], edges[:, 2])
+    ys, xs = edges[0, 0].nonzero().unbind(1)
+    on_outline = ((ys - 7.5).abs() <= 1) | ((ys - 23.5).abs() <= 1) | ((xs - 7.5).abs() <= 1) | ((xs - 23.5).abs() <= 1)
+    assert bool(on_outline.all()) and len(ys) >= 4 * 15  # the whole outline, nothing inside or outside
+    assert torch.equal(annotate(image, "none", canny_low=0.1, canny_high=0.2), image)
+
+
+def test_the_annotator_key_makes_the_hint(sd_controlnets, model):
+    _, (folder, _) = sd_controlnets
+    plain, _ = _residuals(folder, model)
+    canny, _ = _residuals(folder, model, annotator="canny")
+    assert not _close(plain, canny)
+    stricter, _ = _residuals(folder, model, annotator="canny", canny_low=0.3, canny_high=0.6)
+    assert not _close(canny, stricter)
+
+
+def test_canny_thresholds_are_validated():
+    with pytest.raises(ValueError, match="canny_high"):
+        ControlNetConditionerConfig(checkpoint="x", canny_low=0.5, canny_high=0.4)

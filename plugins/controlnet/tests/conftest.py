@@ -63,3 +63,13 @@ def hint_png(path: Path, *, seed: int, size: int = 16) -> Path:
     pixels = (torch.rand(size, size, 3, generator=g) * 255).round().to(torch.uint8).numpy()
     Image.fromarray(pixels).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def sd2v_controlnet(tmp_path_factory):
+    """(SD 2 layout folder with v-prediction, its ControlNet folder) saved by diffusers."""
+    root = tmp_path_factory.mktemp("controlnet-sd2")
+    pipe = tiny_pipeline(sd2=True, v=True, tokenizer_dir=root / "tok")
+    pipe.save_pretrained(root / "sd")
+    tiny_controlnet(pipe.unet, seed=12).save_pretrained(root / "cn")
+    return root / "sd", root / "cn"

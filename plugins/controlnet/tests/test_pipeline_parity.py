@@ -48,7 +48,7 @@ def _ours(model, entries, noise):
         e.conditioner.setup(model)
     return generate(model, PROMPTS, noise, sampler=SAMPLERS["ddim"](DDIMConfig(steps=6)),
                     guidance=GuidanceConfig(guidance_scale=7.5), negative_prompts=NEGATIVE,
-                    conditioners=chain) / 2 + 0.5
+                    conditioners=chain if chain.entries else None) / 2 + 0.5
 
 
 def _noise():
@@ -90,3 +90,14 @@ def test_guess_mode(sd_controlnets, model, tmp_path):
     both = _ours(model, [(net, ConditionerKeys(scale=0.9, inputs={"image": str(hint)}), {"guess_mode": True})],
                  _noise())
     assert (both - ref).abs().max() > 1e-2  # the branch key is half of guess mode
+
+
+def test_sd2_layout_with_v_prediction(sd2v_controlnet, tmp_path):
+    """SD 2's layout (linear projections, per-level heads, v-prediction)."""
+    sd, net = sd2v_controlnet
+    model = build_model(DiffusersFolder().load(str(sd)), PRESETS["sd-1"])
+    hint = hint_png(tmp_path / "hint.png", seed=4)
+    ref = _reference(sd, [net], [hint], _noise(), controlnet_conditioning_scale=0.8, control_guidance_end=0.7)
+    got = _ours(model, [(net, ConditionerKeys(scale=0.8, end=0.7, inputs={"image": str(hint)}), {})], _noise())
+    assert (got - ref).abs().max() <= 1e-3
+    assert (got - _ours(model, [], _noise())).abs().max() > 1e-2  # the ControlNet acts

@@ -19,7 +19,6 @@ import itertools
 from typing import Any, Literal
 
 import attrs
-import torch
 from torch import Tensor, nn
 
 from t2i_plugin_controlnet.annotators import annotate

@@ -25,7 +25,9 @@ from t2i_plugin_sd.diffusers_config import unet_hints
 
 __all__ = ["LoadedControlNet", "load_controlnet", "load_diffusers_folder", "load_single_file"]
 
-_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+# in the order diffusers' from_pretrained prefers them (the fp16 variant when only it is there)
+_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                 "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.fp16.bin")
 
 # ControlNetModel's defaults for the fields that set shapes (a field absent from config.json
 # takes its default, as from_pretrained does)

@@ -164,3 +164,12 @@ def test_the_annotator_key_makes_the_hint(sd_controlnets, model):
 def test_canny_thresholds_are_validated():
     with pytest.raises(ValueError, match="canny_high"):
         ControlNetConditionerConfig(checkpoint="x", canny_low=0.5, canny_high=0.4)
+
+
+def test_a_hint_of_the_wrong_size_is_an_error_saying_the_sizes(sd_controlnets, model):
+    _, (folder, _) = sd_controlnets
+    conditioner = ControlNetConditioner(ControlNetConditionerConfig(checkpoint=str(folder)))
+    conditioner.setup(model)
+    cond = Conditioning(text=TextEmbedding(tokens=torch.zeros(1, 77, 32)), extras={conditioner.key: torch.zeros(1, 3, 12, 12)})
+    with pytest.raises(ConfigError, match=r"the hint is \(12, 12\) pixels but the latents \(8, 8\) need \(16, 16\)"):
+        conditioner.residuals(torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), cond)

@@ -88,3 +88,18 @@ def test_weights_that_do_not_fit_the_config_are_refused(sd_controlnets, tmp_path
     edit_config(folder, conditioning_embedding_out_channels=[16, 32, 96])
     with pytest.raises(CheckpointError, match="controlnet_cond_embedding"):
         load_controlnet(str(folder))
+
+
+def test_an_fp16_variant_folder_loads(sd_controlnets, tmp_path):
+    """A folder holding only diffusers' fp16 variant (``save_pretrained(variant="fp16")``)."""
+    from diffusers import ControlNetModel
+
+    _, (source, _) = sd_controlnets
+    ControlNetModel.from_pretrained(str(source), torch_dtype=torch.float16).save_pretrained(tmp_path / "cn", variant="fp16")
+    assert [p.name for p in (tmp_path / "cn").glob("*.safetensors")] == ["diffusion_pytorch_model.fp16.safetensors"]
+    reference = ControlNetModel.from_pretrained(str(tmp_path / "cn"), variant="fp16").float().eval()
+    x, t, context, hint = _inputs()
+    with torch.no_grad():
+        ref_down, ref_mid = reference(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+    _, (down, mid) = _ours(tmp_path / "cn")
+    assert _close(down, ref_down) and _close([mid], [ref_mid])

@@ -59,6 +59,8 @@ def _own_fields(cfg: dict[str, Any], where: str) -> tuple[int, tuple[int, ...], 
     order = cfg.pop("controlnet_conditioning_channel_order", "rgb")
     if order not in _ORDERS:
         raise CheckpointError(f"{where}: controlnet_conditioning_channel_order = {order!r}: 'rgb' or 'bgr'")
+    if "mid_block_type" in cfg and cfg["mid_block_type"] is None:  # diffusers then builds no mid block
+        raise CheckpointError(f"{where}: mid_block_type = None: the engine builds UNetMidBlock2DCrossAttn")
     pool = cfg.pop("global_pool_conditions", False)
     if not isinstance(pool, bool):
         raise CheckpointError(f"{where}: global_pool_conditions = {pool!r}: true or false")

@@ -71,6 +71,7 @@ def test_guess_mode_laws():
 
 @pytest.mark.parametrize(("field", "value"), [("class_embed_type", "timestep"), ("some_new_field", 1),
                                               ("controlnet_conditioning_channel_order", "rbg"),
+                                              ("mid_block_type", None), ("addition_embed_type", "text"),
                                               ("down_block_types", ["CrossAttnDownBlock2D", "SimpleDown"])])
 def test_a_config_field_the_engine_cannot_build_is_refused_by_name(sd_controlnets, tmp_path, field, value):
     _, (source, _) = sd_controlnets

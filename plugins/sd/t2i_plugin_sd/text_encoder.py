@@ -57,12 +57,11 @@ class CLIPTextEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig) -> None:
         super().__init__()
-        from open_clip.transformer import QuickGELU, TextTransformer
+        from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer
 
         self.config = config
         self.max_length = config.context_length
         self.dim = config.width
-        from open_clip.transformer import LayerNorm
 
         act = QuickGELU if config.activation == "quick_gelu" else nn.GELU
         mlp_width = config.mlp_width or 4 * config.width
@@ -70,6 +69,8 @@ class CLIPTextEncoder(nn.Module):
                                      width=config.width, heads=config.heads, layers=config.layers,
                                      mlp_ratio=_mlp_ratio(mlp_width, config.width), output_dim=None, act_layer=act,
                                      norm_layer=partial(LayerNorm, eps=config.layer_norm_eps))
+        for block in self.model.transformer.resblocks:  # forward() runs them sequence-first
+            block.attn.batch_first = False
 
     @cached_property
     def _tokenizer(self) -> Any:
@@ -91,9 +92,13 @@ class CLIPTextEncoder(nn.Module):
         x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]  # (B, L, D)
         mask = m.attn_mask[: ids.shape[1], : ids.shape[1]].to(x.dtype)  # causal, additive
         blocks = m.transformer.resblocks
+        # sequence-first and contiguous through the blocks: a batch-first nn.MultiheadAttention
+        # transposes its input and feeds that view to its projections, and a bf16 linear on such a
+        # view takes a path 270x slower than on contiguous rows (measured on a Xeon with AMX)
+        x = x.transpose(0, 1).contiguous()  # (L, B, D)
         for block in blocks[: len(blocks) - self.config.skip_last_layers]:
             x = checkpoint_call(self, block, x, attn_mask=mask) if wants_checkpoint(self) else block(x, attn_mask=mask)
-        return m.ln_final(x)
+        return m.ln_final(x.transpose(0, 1))  # (B, L, D)
 
     def encode(self, prompts: Sequence[str]) -> TextEmbedding:
         """Encode prompts; ``[""]`` gives the unconditional embedding guidance and dropout use."""

@@ -53,6 +53,15 @@ def test_residuals_apply_to_the_chosen_guidance_branch(branch: str, uncond_value
     assert len(net.calls) == 1  # residuals are masked per row: one forward serves both branches
 
 
+@pytest.mark.parametrize("branch,rows", [("cond", 2), ("uncond", 2), ("both", 4)])
+def test_residuals_are_computed_only_on_the_rows_of_their_branch(branch: str, rows: int) -> None:
+    """Guess mode runs the ControlNet on the conditional half only, as diffusers does: the other
+    half costs nothing and gets exact zeros."""
+    toy = ResidualOffset(3.0)
+    _run(chain((toy, {"branch": branch})))
+    assert toy.rows == [rows]
+
+
 def test_condition_only_entry_on_one_branch_leaves_the_other_branch_exactly_unconditioned() -> None:
     out, net = _run(chain((ExtraOffset(5.0), {"branch": "cond"})))
     assert torch.equal(out[2:], torch.full_like(X[2:], 5.0))

@@ -185,6 +185,32 @@ class ConditionedNet:
             return out
         return self._run(x_t, t, cond, active, flags, present)
 
+    @staticmethod
+    def _residuals(entry: Entry, x_t: Tensor, t: Tensor, cond: Conditioning, rows: Tensor | None) -> Residuals:
+        """``entry``'s residuals times its scale, computed on ``rows`` only (None: every row) and
+        zero on the others."""
+        n = x_t.shape[0]
+        if rows is not None:
+            t = t.expand(n) if t.ndim == 0 else t
+            x_t, t, cond = x_t[rows], t[rows], cond.rows(rows)
+        res = entry.conditioner.residuals(x_t, t, cond)
+        if not isinstance(res, Residuals):
+            raise TypeError(f"{entry.label}: residuals() must return a Residuals, got {type(res).__name__}")
+        scale = entry.keys.scale
+
+        def place(r: Tensor | None) -> Tensor | None:
+            if r is None:
+                return None
+            r = r * scale if scale != 1 else r
+            if rows is None:
+                return r
+            full = r.new_zeros((n, *r.shape[1:]))
+            full[rows] = r
+            return full
+
+        down = None if res.down is None else [place(r) for r in res.down]
+        return Residuals(down=down, mid=place(res.mid))  # type: ignore[arg-type]
+
     def _run(self, x_t: Tensor, t: Tensor, cond: Conditioning, active: list[Entry], flags: Tensor,
              present: set[bool]) -> Tensor:
         here = [e for e in active if any(e.applies_to(f) for f in present)]
@@ -198,23 +224,14 @@ class ConditionedNet:
         for entry in here:
             if not entry.has_residuals:
                 continue
-            res = entry.conditioner.residuals(x_t, t, cond)
-            if not isinstance(res, Residuals):
-                raise TypeError(f"{entry.label}: residuals() must return a Residuals, got {type(res).__name__}")
-            # rows of a branch it does not apply to get zeros (where, not a product: exact even for inf/nan)
+            # rows of a branch it does not apply to: not computed at all (guess mode runs the
+            # ControlNet on the cond half only, as diffusers does) and given exact zeros
             rows = None if all(entry.applies_to(f) for f in present) else \
-                (flags if entry.keys.branch == "cond" else ~flags).to(x_t.device)
-
-            def scaled(r: Tensor, s: float = entry.keys.scale, rows: Tensor | None = rows) -> Tensor:
-                r = r * s if s != 1 else r
-                if rows is None:
-                    return r
-                return torch.where(rows.view(-1, *([1] * (r.ndim - 1))), r, torch.zeros_like(r))
-
+                (flags if entry.keys.branch == "cond" else ~flags).to(x_t.device).nonzero().squeeze(1)
+            res = self._residuals(entry, x_t, t, cond, rows)
             if res.down is not None:
-                parts = [scaled(r) for r in res.down]
-                down = parts if down is None else [a + b for a, b in zip(down, parts, strict=True)]
-            mid = _add(mid, None if res.mid is None else scaled(res.mid))
+                down = res.down if down is None else [a + b for a, b in zip(down, res.down, strict=True)]
+            mid = _add(mid, res.mid)
         kwargs: dict[str, Any] = {}
         if down is not None:
             kwargs["down_residuals"] = down

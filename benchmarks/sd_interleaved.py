@@ -21,6 +21,12 @@ prepares it: oneDNN packing, autocast weights cast once):
     python benchmarks/sd_interleaved.py [--pairs 10] [--size 256] [--threads N] [--only unet,train]
     python benchmarks/sd_interleaved.py --quick        # 128 px, 10 pairs, fp32 + bf16: a few minutes
     python benchmarks/sd_interleaved.py --preset tiny --size 32 --pairs 3   # a seconds-long smoke run
+    python benchmarks/sd_interleaved.py --quick --only unet --openvino      # + the UNet against OpenVINO
+
+``--openvino`` (``pip install openvino``, an optional benchmark dependency) adds a row per
+precision: the engine's UNet against the same diffusers UNet converted with
+``openvino.convert_model`` and compiled for the CPU (inference precision f32, or bf16 for the
+bf16 rows), same inputs and thread count.
 """
 
 from __future__ import annotations
@@ -151,6 +157,42 @@ def train_component(folder: str, preset: str, *, size: int, precision: str) -> t
             step(lambda: theirs(x, t, encoder_hidden_states=context).sample, theirs))
 
 
+def openvino_unet(ours: Any, pipe: Any, *, size: int, precision: str, threads: int) -> tuple[Call, Call]:
+    """``(ours, OpenVINO)`` calls of one UNet evaluation on the guidance batch: diffusers' UNet
+    converted by ``openvino.convert_model`` (the same weights) and compiled for the CPU."""
+    import openvino as ov
+
+    from t2i_engine.interfaces import Conditioning, TextEmbedding
+
+    g, h = torch.Generator().manual_seed(0), size // 8
+    x, t = torch.randn(2, 4, h, h, generator=g), torch.tensor([500.0, 500.0])
+    ctx = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g)
+
+    class Plain(torch.nn.Module):  # the UNet's output tensor, not diffusers' output dataclass
+        def __init__(self, unet: torch.nn.Module) -> None:
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
+            return self.unet(x, t, encoder_hidden_states=ctx).sample
+
+    with torch.no_grad():
+        model = ov.convert_model(Plain(pipe.unet).eval(), example_input=(x, t, ctx))
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(model, "CPU", config)
+    request = compiled.create_infer_request()
+    inputs = [x.numpy(), t.numpy(), ctx.numpy()]
+    cond = Conditioning(text=TextEmbedding(ctx))
+
+    def mine() -> Any:
+        with torch.inference_mode(), _autocast(precision):
+            return ours.denoiser(x, t, cond)
+
+    return mine, lambda: request.infer(inputs)
+
+
 # --- driver ----------------------------------------------------------------------------------
 
 
@@ -164,6 +206,7 @@ def main() -> None:
     p.add_argument("--preset", default="sd-1", help="SD plugin preset (tiny: a smoke run)")
     p.add_argument("--quick", action="store_true", help="128 px, 10 pairs: a few minutes")
     p.add_argument("--folder", default=None, help="reuse a diffusers folder written by an earlier run")
+    p.add_argument("--openvino", action="store_true", help="also pair the UNet against OpenVINO's")
     args = p.parse_args()
     if args.quick:
         args.size, args.pairs = 128, 10
@@ -194,10 +237,13 @@ def main() -> None:
             ours, pipe = _models(folder, args.preset, precision)
             measure({k: v for k, v in inference_components(ours, pipe, size=args.size, precision=precision).items()
                      if k in wanted})
+            if args.openvino:
+                measure({"unet vs OpenVINO": openvino_unet(ours, pipe, size=args.size, precision=precision,
+                                                           threads=args.threads)})
             del ours, pipe  # free them before the training models
         if "train" in wanted:
             measure({"train": train_component(folder, args.preset, size=args.size, precision=precision)})
-    print("\n| component | precision | ours / diffusers (median) | 95% interval |\n|---|---|---|---|")
+    print("\n| component | precision | ours / reference (median) | 95% interval |\n|---|---|---|---|")
     for name, precision, med, low, high in rows:
         print(f"| {name} | {precision} | {med:.2f}x | {low:.2f}-{high:.2f} |")
     if tmp is not None:

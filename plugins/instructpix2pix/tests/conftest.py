@@ -1,0 +1,40 @@
+"""A tiny random StableDiffusionInstructPix2PixPipeline (8-channel UNet) made and saved by diffusers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from plugins.sd.tests.conftest import tiny_pipeline
+
+
+def tiny_ip2p_folder(root: Path, *, in_channels: int = 8) -> Path:
+    """The SD plugin's tiny pipeline with a fresh random UNet of ``in_channels`` inputs, as a
+    StableDiffusionInstructPix2PixPipeline saved with save_pretrained."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
+
+    sd = tiny_pipeline(tokenizer_dir=root / "tok")
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": in_channels}).eval()
+    pipe = StableDiffusionInstructPix2PixPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
+                                                  unet=unet, scheduler=sd.scheduler, safety_checker=None,
+                                                  feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    return root / "pipe"
+
+
+@pytest.fixture(scope="session")
+def ip2p_folder(tmp_path_factory):
+    return tiny_ip2p_folder(tmp_path_factory.mktemp("ip2p"))
+
+
+def source_png(path: Path, *, seed: int, size: int = 16) -> Path:
+    """A random RGB source image of ``size`` pixels."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.rand(size, size, 3, generator=g) * 255).round().to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    return path

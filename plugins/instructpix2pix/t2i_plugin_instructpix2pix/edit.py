@@ -37,7 +37,16 @@ def guidance_applies(text_scale: float, image_scale: float) -> bool:
 
 
 def check_edit_model(model: object) -> None:
-    """A ValueError unless ``model``'s UNet takes 8 input channels (SD inpainting's 9 named)."""
+    """A ValueError unless ``model``'s UNet takes 8 input channels (SD inpainting's 9 named) and
+    its checkpoint carries no EMA copy (``model_ema.*``) that the reference would edit with."""
+    ema = sorted(k for k in getattr(model, "extras", {}) if k.startswith("model_ema."))
+    if ema:
+        # the SD loader takes model.diffusion_model.* (the non-EMA weights) and keeps model_ema.*
+        # aside; the reference (edit_cli.py, load_ema) edits with the EMA ones
+        raise ValueError(f"the checkpoint carries EMA weights ({ema[0]}, ... {len(ema)} keys, as timbrooks' "
+                         "instruct-pix2pix-00-22000.ckpt does), which the reference edits with; this plugin "
+                         "cannot load them yet and would use the non-EMA weights instead. Use the diffusers "
+                         "folder (timbrooks/instruct-pix2pix) or a file without model_ema.* keys")
     config = getattr(getattr(model, "denoiser", None), "config", None)
     channels = getattr(config, "in_channels", None)
     if channels == EDIT_CHANNELS:

@@ -41,3 +41,23 @@ def test_mismatched_noise_named(ip2p_folder):
     with pytest.raises(ValueError, match="does not fit source images"):
         edit_images(_model(ip2p_folder), ["x"], torch.zeros(1, 3, 16, 16), torch.zeros(1, 4, 4, 4),
                     sampler=SAMPLERS["ddim"](SAMPLERS["ddim"].Config(steps=2)))
+
+
+@pytest.mark.filterwarnings("ignore:.*yaml cannot express")  # the tiny text tower's 4 heads
+def test_single_file_round_trip_and_ema_refused(ip2p_folder, tmp_path):
+    """An 8-channel single file (the A1111 layout, model.diffusion_model.*) loads through the SD
+    plugin with the folder's UNet weights; one that carries model_ema.* keys (timbrooks' .ckpt) is
+    refused rather than edited with its non-EMA weights."""
+    from t2i_plugin_sd.formats import SingleFile
+
+    model = _model(ip2p_folder)
+    SingleFile().save(model, str(tmp_path / "ip2p.safetensors"))
+    again = build_model(SingleFile().load(str(tmp_path / "ip2p.safetensors")), PRESETS["sd-1"])
+    assert again.denoiser.config.in_channels == 8
+    ours, theirs = model.denoiser.state_dict(), again.denoiser.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    model.extras["model_ema.diffusion_modelinput_blocks00weight"] = torch.zeros(1)
+    SingleFile().save(model, str(tmp_path / "ema.safetensors"))
+    with_ema = build_model(SingleFile().load(str(tmp_path / "ema.safetensors")), PRESETS["sd-1"])
+    with pytest.raises(ValueError, match="EMA weights.*model_ema.diffusion_modelinput_blocks00weight"):
+        check_edit_model(with_ema)

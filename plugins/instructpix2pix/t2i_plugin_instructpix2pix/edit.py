@@ -42,11 +42,11 @@ def check_edit_model(model: object) -> None:
     ema = sorted(k for k in getattr(model, "extras", {}) if k.startswith("model_ema."))
     if ema:
         # the SD loader takes model.diffusion_model.* (the non-EMA weights) and keeps model_ema.*
-        # aside; the reference (edit_cli.py, load_ema) edits with the EMA ones
+        # aside; the reference (edit_cli.py, load_ema) edits with the EMA ones: make the caller choose
         raise ValueError(f"the checkpoint carries EMA weights ({ema[0]}, ... {len(ema)} keys, as timbrooks' "
                          "instruct-pix2pix-00-22000.ckpt does), which the reference edits with; this plugin "
-                         "cannot load them yet and would use the non-EMA weights instead. Use the diffusers "
-                         "folder (timbrooks/instruct-pix2pix) or a file without model_ema.* keys")
+                         "has not been told which to use: call t2i_plugin_instructpix2pix.ema.choose_weights(model, "
+                         "ema=True) (the reference's) or ema=False (the trained weights)")
     config = getattr(getattr(model, "denoiser", None), "config", None)
     channels = getattr(config, "in_channels", None)
     if channels == EDIT_CHANNELS:

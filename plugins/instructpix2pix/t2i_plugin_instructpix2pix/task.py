@@ -35,6 +35,9 @@ class EditConfig:
     negative_prompt: str = option(default="", help="text of the two text-free guidance branches ('' = unconditional)")
     seeds: list[int] | None = option(default=None, validator=seeds_value,
                                      help="one seed per image; default engine.seed + index")
+    ema: bool = option(default=True, validator=attrs.validators.instance_of(bool),
+                       help="a checkpoint with model_ema.* keys (timbrooks' .ckpt): edit with the EMA "
+                            "weights (the reference's); false: the trained ones")
 
 
 def _scales(ctx: RunContext) -> tuple[float, float]:
@@ -73,6 +76,7 @@ class EditTask:
         from t2i_engine.tasks.common import build_model, inference_precision
         from t2i_engine.utils.images import save_png, to_pil
         from t2i_plugin_instructpix2pix.edit import check_edit_model, edit_images, load_source
+        from t2i_plugin_instructpix2pix.ema import choose_weights
 
         c = self.config
         if ctx.config.sampler is None:
@@ -82,6 +86,7 @@ class EditTask:
         seeds = self._seeds(ctx)
         sampler = ctx.plugins.build(ctx.config.sampler)
         model = build_model(ctx, task="edit")
+        choose_weights(model, ema=c.ema)
         try:
             check_edit_model(model)
         except ValueError as exc:

@@ -10,13 +10,13 @@ import torch
 from plugins.sd.tests.conftest import tiny_pipeline
 
 
-def tiny_ip2p_folder(root: Path, *, in_channels: int = 8) -> Path:
+def tiny_ip2p_folder(root: Path, *, in_channels: int = 8, seed: int = 1) -> Path:
     """The SD plugin's tiny pipeline with a fresh random UNet of ``in_channels`` inputs, as a
     StableDiffusionInstructPix2PixPipeline saved with save_pretrained."""
     from diffusers import StableDiffusionInstructPix2PixPipeline, UNet2DConditionModel
 
     sd = tiny_pipeline(tokenizer_dir=root / "tok")
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": in_channels}).eval()
     pipe = StableDiffusionInstructPix2PixPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer,
                                                   unet=unet, scheduler=sd.scheduler, safety_checker=None,

@@ -17,6 +17,7 @@ from t2i_engine.runner import run_config
 from t2i_plugin_instructpix2pix import plugin
 
 from .conftest import source_png, tiny_ip2p_folder
+from .test_ema import ema_file  # noqa: F401 - a fixture
 
 
 def _pm() -> EnginePluginManager:
@@ -95,3 +96,13 @@ def test_counts_and_models_checked(ip2p_folder, tmp_path):
         _run(_job(tmp_path / "i", inpaint, src))
     with pytest.raises(ConfigError, match=r"task.sources\[0\]"):
         _run(_job(tmp_path / "m", ip2p_folder, tmp_path / "job.toml"))
+
+
+@pytest.mark.filterwarnings("ignore:.*yaml cannot express")
+def test_ema_key_acts(ema_file, tmp_path):
+    """A checkpoint with model_ema.* keys edits with the EMA UNet by default; ema = false takes
+    the trained one (the EMA file's fixture is test_ema's: two different UNets)."""
+    path, _, _ = ema_file
+    src = source_png(tmp_path / "src.png", seed=2)
+    job = _job(tmp_path, path, src)
+    assert np.abs(_run(job) - _run(job, "task.ema=false")).max() > 2

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plugins.sd.tests.conftest import tiny_pipeline
+from plugins.sd.tests.conftest import sd1_folder, tiny_pipeline  # noqa: F401 - sd1_folder: a fixture
 
 
 def tiny_ip2p_folder(root: Path, *, in_channels: int = 8, seed: int = 1) -> Path:

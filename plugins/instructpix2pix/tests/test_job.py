@@ -106,3 +106,16 @@ def test_ema_key_acts(ema_file, tmp_path):
     src = source_png(tmp_path / "src.png", seed=2)
     job = _job(tmp_path, path, src)
     assert np.abs(_run(job) - _run(job, "task.ema=false")).max() > 2
+
+
+def test_edit_without_the_plugin_names_it(ip2p_folder, tmp_path):
+    """A job with task 'edit' where the plugin is not loaded points at its distribution."""
+    import t2i_plugin_sd.plugin
+
+    pm = EnginePluginManager()
+    pm.load(autoload=False)
+    pm.register(t2i_plugin_sd.plugin, name="sd")
+    job = _job(tmp_path, ip2p_folder, source_png(tmp_path / "src.png", seed=2))
+    job.write_text(job.read_text().replace('plugins = ["sd", "instructpix2pix"]', 'plugins = ["sd"]'))
+    with pytest.raises(ConfigError, match="pip install t2i-plugin-instructpix2pix"):
+        load_config(job, pm)

@@ -119,3 +119,11 @@ def test_edit_without_the_plugin_names_it(ip2p_folder, tmp_path):
     job.write_text(job.read_text().replace('plugins = ["sd", "instructpix2pix"]', 'plugins = ["sd"]'))
     with pytest.raises(ConfigError, match="pip install t2i-plugin-instructpix2pix"):
         load_config(job, pm)
+
+
+def test_sample_with_image_guidance_points_to_edit(ip2p_folder, tmp_path):
+    job = _job(tmp_path, ip2p_folder, source_png(tmp_path / "src.png", seed=2), "image_guidance_scale = 1.5")
+    text = job.read_text().replace('name = "edit"', 'name = "sample"\nwidth = 16\nheight = 16')
+    job.write_text(text.replace(f'sources = ["{tmp_path / "src.png"}"]\n', ""))
+    with pytest.raises(ConfigError, match="task 'edit' of t2i-plugin-instructpix2pix"):
+        _run(job)

@@ -81,6 +81,12 @@ def test_each_scale_acts(ip2p_folder, tmp_path, key):
     assert np.abs(_run(_job(tmp_path / "k", ip2p_folder, src, key)) - base).max() > 2
 
 
+def test_negative_prompt_acts(ip2p_folder, tmp_path):
+    src = source_png(tmp_path / "src.png", seed=2)
+    job = _job(tmp_path, ip2p_folder, src)
+    assert np.abs(_run(job) - _run(job, 'task.negative_prompt="blurry"')).max() > 2
+
+
 def test_unused_guidance_key_refused(ip2p_folder, tmp_path):
     src = source_png(tmp_path / "src.png", seed=2)
     with pytest.raises(ConfigError, match="guidance.guidance_rescale"):

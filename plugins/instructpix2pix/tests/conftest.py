@@ -38,3 +38,29 @@ def source_png(path: Path, *, seed: int, size: int = 16) -> Path:
     pixels = (torch.rand(size, size, 3, generator=g) * 255).round().to(torch.uint8).numpy()
     Image.fromarray(pixels).save(path)
     return path
+
+
+def _sd(folder: Path):
+    from t2i_plugin_sd.formats import DiffusersFolder
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    return build_model(DiffusersFolder().load(str(folder)), PRESETS["sd-1"])
+
+
+@pytest.fixture(scope="session")
+def ema_file(ip2p_folder, tmp_path_factory):
+    """A timbrooks-style single file, as (file, trained folder, EMA folder): the trained UNet
+    (``model.diffusion_model.*``) from ip2p_folder, the flattened ``model_ema.*`` copy from another."""
+    from t2i_plugin_instructpix2pix.ema import UNET_PREFIX
+    from t2i_plugin_sd.formats import SingleFile, join_single_file
+
+    root = tmp_path_factory.mktemp("ema")
+    other = tiny_ip2p_folder(root / "other", seed=5)
+    trained = _sd(ip2p_folder)
+    ema = join_single_file(_sd(other).weights())
+    trained.extras.update({"model_ema." + "".join(k.split(".")[1:]): v for k, v in ema.items()
+                           if k.startswith(UNET_PREFIX)})
+    trained.extras.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)})
+    SingleFile().save(trained, str(root / "ip2p.safetensors"))
+    return root / "ip2p.safetensors", ip2p_folder, other

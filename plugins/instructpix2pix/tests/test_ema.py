@@ -10,33 +10,17 @@ import torch
 
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_instructpix2pix.edit import check_edit_model
-from t2i_plugin_instructpix2pix.ema import UNET_PREFIX, choose_weights
-from t2i_plugin_sd.formats import DiffusersFolder, SingleFile, join_single_file, read_state_dict
+from t2i_plugin_instructpix2pix.ema import choose_weights
+from t2i_plugin_sd.formats import DiffusersFolder, SingleFile, read_state_dict
 from t2i_plugin_sd.model import build_model
 from t2i_plugin_sd.presets import PRESETS
-
-from .conftest import tiny_ip2p_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*yaml cannot express")  # the tiny text tower's 4 heads
 
 
 def _model(path):
-    fmt = DiffusersFolder() if path.is_dir() else SingleFile()
-    return build_model(fmt.load(str(path)), PRESETS["sd-1"])
-
-
-@pytest.fixture(scope="module")
-def ema_file(ip2p_folder, tmp_path_factory):
-    """(file, trained folder, EMA folder): the trained UNet from ip2p_folder, the EMA from another."""
-    root = tmp_path_factory.mktemp("ema")
-    other = tiny_ip2p_folder(root / "other", seed=5)
-    trained = _model(ip2p_folder)
-    ema = join_single_file(_model(other).weights())
-    trained.extras.update({"model_ema." + "".join(k.split(".")[1:]): v for k, v in ema.items()
-                           if k.startswith(UNET_PREFIX)})
-    trained.extras.update({"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)})
-    SingleFile().save(trained, str(root / "ip2p.safetensors"))
-    return root / "ip2p.safetensors", ip2p_folder, other
+    return build_model(SingleFile().load(str(path)) if path.is_file() else DiffusersFolder().load(str(path)),
+                       PRESETS["sd-1"])
 
 
 def _same(a, b):

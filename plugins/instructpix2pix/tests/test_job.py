@@ -17,7 +17,6 @@ from t2i_engine.runner import run_config
 from t2i_plugin_instructpix2pix import plugin
 
 from .conftest import source_png, tiny_ip2p_folder
-from .test_ema import ema_file  # noqa: F401 - a fixture
 
 
 def _pm() -> EnginePluginManager:
@@ -107,7 +106,7 @@ def test_counts_and_models_checked(ip2p_folder, tmp_path):
 @pytest.mark.filterwarnings("ignore:.*yaml cannot express")
 def test_ema_key_acts(ema_file, tmp_path):
     """A checkpoint with model_ema.* keys edits with the EMA UNet by default; ema = false takes
-    the trained one (the EMA file's fixture is test_ema's: two different UNets)."""
+    the trained one (the fixture's two UNets differ)."""
     path, _, _ = ema_file
     src = source_png(tmp_path / "src.png", seed=2)
     job = _job(tmp_path, path, src)

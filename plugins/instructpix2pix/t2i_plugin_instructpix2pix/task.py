@@ -76,7 +76,7 @@ class EditTask:
         from t2i_engine.tasks.common import build_model, inference_precision
         from t2i_engine.utils.images import save_png, to_pil
         from t2i_plugin_instructpix2pix.edit import check_edit_model, edit_images, load_source
-        from t2i_plugin_instructpix2pix.ema import choose_weights
+        from t2i_plugin_instructpix2pix.ema import choose_weights, has_ema
 
         c = self.config
         if ctx.config.sampler is None:
@@ -86,6 +86,10 @@ class EditTask:
         seeds = self._seeds(ctx)
         sampler = ctx.plugins.build(ctx.config.sampler)
         model = build_model(ctx, task="edit")
+        if c.ema and has_ema(model) and ctx.config.adapters:
+            # adapters are applied by build_model before the EMA UNet could be swapped in
+            raise ConfigError("adapters: [[adapters]] on a checkpoint with EMA weights (model_ema.*) are not "
+                              "supported yet; set [task] ema = false or use a file without model_ema.* keys")
         choose_weights(model, ema=c.ema)
         try:
             check_edit_model(model)

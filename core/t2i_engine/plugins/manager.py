@@ -48,7 +48,7 @@ KNOWN_COMPONENTS: dict[tuple[str, str], str] = {
     ("model", "stable-diffusion"): "sd",
     ("model", "imagen"): "imagen",
     ("model", "controlnet"): "controlnet",
-    ("model", "instructpix2pix"): "instructpix2pix",
+    ("task", "edit"): "instructpix2pix",  # its model is [model] type = "stable-diffusion"
     ("task", "dreambooth"): "dreambooth",
 }
 """(kind, component name) -> first-party plugin that registers it, for install hints."""

@@ -89,7 +89,7 @@ class SampleTask:
         guidance = ctx.config.guidance or GuidanceConfig()
         if guidance.image_guidance_scale is not None:
             raise ConfigError("guidance.image_guidance_scale: task 'sample' has no source-image conditioning "
-                              "(an edit task of an InstructPix2Pix plugin uses it)")
+                              "(InstructPix2Pix edits use it: task 'edit' of t2i-plugin-instructpix2pix)")
         prompts, seeds = self._plan(ctx)
         require_image_memory("task.width/height", width=c.width, height=c.height,
                              batch=min(c.batch_size, len(prompts)), device=ctx.device)

@@ -252,8 +252,6 @@ def _text_hints(kind: str, text: Mapping[str, Tensor], text_cfg: Mapping[str, An
                  "text_activation": "quick_gelu" if text_cfg.get("version") == "openai" else "gelu",
                  "text_skip": _text_layer(text_cfg, {"last": 0, "penultimate": 1}, source,
                                           "FrozenOpenCLIPEmbedder reads 'last' or 'penultimate'")}
-    if mlp is not None:
-        hints["text_mlp_width"] = mlp
     # the embedders pad their output with zero tokens up to a multiple of 8 (77 -> 80)
     hints["text_pad_to_multiple"] = TEXT_PAD_MULTIPLE
     return hints
@@ -370,8 +368,9 @@ def unet_hints(u: Mapping[str, Any] | None, unet: Mapping[str, Tensor], source: 
     if attention != [f"down_blocks.{i}.attentions.0.proj_in.weight" in unet for i in range(n)]:
         raise _refuse(source, "unet_config.attention_resolutions", u.get("attention_resolutions"),
                       "the weights have attention at other levels")
+    depth = _transformer_depth(u, attention, source)  # checked against the weights (architecture_from)
     return {"unet_heads": _heads(u, channels, source), "unet_groups": 32,
-            "unet_transformer_depth": _transformer_depth(u, attention, source)}
+            "unet_declared": {"depth": ("unet_config.transformer_depth", (depth,) * n)}}
 
 
 def _heads(u: Mapping[str, Any], channels: list[int], source: str) -> tuple[int, ...]:

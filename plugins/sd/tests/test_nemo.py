@@ -330,6 +330,14 @@ def test_unmodelled_fields_are_refused_by_name(sd1_folder, tmp_path, change, fie
         load_checkpoint(str(hf_archive(tmp_path, pipe, **change)))
 
 
+def test_a_transformer_depth_the_weights_do_not_hold_is_refused(sd1_folder, tmp_path):
+    """The yaml's depth is checked against the weights (it used to be read and then ignored)."""
+    pipe, _ = sd1_folder
+    weights = load_checkpoint(str(hf_archive(tmp_path, pipe, unet_config__transformer_depth=2)))
+    with pytest.raises(CheckpointError, match=r"unet_config\.transformer_depth = \(2,"):
+        build_model(weights, PRESETS["sd-1"])
+
+
 def test_schedule_and_scale_fields_are_read(sd1_folder, tmp_path):
     pipe, _ = sd1_folder
     w = load_checkpoint(str(hf_archive(tmp_path, pipe, beta_schedule="sqrt_linear", linear_end=0.02, timesteps=500)))

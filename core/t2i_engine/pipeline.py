@@ -31,11 +31,11 @@ from t2i_engine.diffusion.guidance import GuidanceConfig, StaticClip, guided_den
 from t2i_engine.diffusion.parameterization import DenoiserWrapper
 from t2i_engine.diffusion.samplers import img2img_start
 from t2i_engine.interfaces import (
-    Conditioning, LatentDiffusionModel, NoiseSchedule, Sampler, StepCallback, TextEncoder,
+    Conditioning, Denoiser, LatentDiffusionModel, NoiseSchedule, Sampler, StepCallback, TextEncoder,
 )
 from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
 
-__all__ = ["check_prompts", "encode_prompts", "generate", "mark_branches", "sampling_plan_for", "sampling_sigmas_for",
+__all__ = ["check_prompts", "denoise", "encode_prompts", "generate", "mark_branches", "sampling_plan_for", "sampling_sigmas_for",
            "seeded_noise",
            "start_noise_scale"]
 
@@ -114,6 +114,23 @@ def sampling_sigmas_for(sampler: Sampler, schedule: NoiseSchedule, *, steps: int
     return sigmas.to(device)
 
 
+def denoise(sampler: Sampler, plan: Any, denoiser: Denoiser, x: Tensor, sigmas: Tensor, *,
+            generator: torch.Generator | None = None, callback: StepCallback | None = None) -> Tensor:
+    """Run ``sampler`` from ``x`` down ``sigmas`` (the plan's, or the tail img2img runs) with the
+    plan's ``clip_sample``, options and final scaling: the latents a sampling run ends with.
+
+    The one place that turns a :func:`sampling_plan_for` plan and a guided denoiser into
+    latents; :func:`generate` and model plugins with their own guidance (InstructPix2Pix) call it.
+    """
+    if plan.clip_x0 is not None:  # the scheduler config's clip_sample
+        denoiser = StaticClip(denoiser, max_value=plan.clip_x0)
+    options = dict(plan.options)
+    if "targets" in options:  # one per step but the last, of the steps run
+        options["targets"] = options["targets"][len(options["targets"]) - (len(sigmas) - 2):]
+    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+    return latents * plan.final_scale(float(sigmas[-1]))
+
+
 @torch.no_grad()
 def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor, *, sampler: Sampler,
              sigmas: Tensor | None = None, guidance: GuidanceConfig | None = None,
@@ -161,24 +178,18 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
     sigmas = plan.sigmas  # float64 on the CPU whatever the model's precision: samplers read floats
     denoiser = guided_denoiser(DenoiserWrapper(net, plan.schedule, round_t=plan.round_t),
                                guidance or GuidanceConfig(), cond=cond, uncond=uncond)
-    if plan.clip_x0 is not None:  # the scheduler config's clip_sample
-        denoiser = StaticClip(denoiser, max_value=plan.clip_x0)
     if init_images is None:
         x = noise * plan.start_std(float(sigmas[0]))
     else:
         latents = model.autoencoder.encode(init_images.to(device, noise.dtype), generator=generator)
         sigmas, x = img2img_start(latents, sigmas, strength=strength, noise=noise)
-    options = dict(plan.options)
-    if "targets" in options:  # one per step but the last, of the steps run
-        options["targets"] = options["targets"][len(options["targets"]) - (len(sigmas) - 2):]
     if conditioners is not None:  # the composed net reads the step from this clock (start/end windows)
         callback = conditioners.clocked(callback, total=len(sigmas) - 1)
     try:
-        latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+        latents = denoise(sampler, plan, denoiser, x, sigmas, generator=generator, callback=callback)
     finally:
         if conditioners is not None:
             conditioners.clock.stop()
-    latents = latents * plan.final_scale(float(sigmas[-1]))
     if device.type == "cpu":
         release_free_memory()  # the loop's free blocks: the decoder's larger activations refill pages
     images = model.autoencoder.decode(latents).clamp_(-1, 1)

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from t2i_engine.conditioning.inputs import load_image
-from t2i_engine.diffusion.guidance import DualCFGDenoiser, StaticClip
+from t2i_engine.diffusion.guidance import DualCFGDenoiser
 from t2i_engine.diffusion.parameterization import DenoiserWrapper
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import Conditioning, Sampler, StepCallback
-from t2i_engine.pipeline import encode_prompts, sampling_plan_for
+from t2i_engine.pipeline import denoise, encode_prompts, sampling_plan_for
 
 __all__ = ["EDIT_CHANNELS", "check_edit_model", "edit_images", "guidance_applies", "load_source", "source_latents"]
 
@@ -127,9 +127,6 @@ def edit_images(model: object, prompts: Sequence[str], sources: Tensor, noise: T
         denoiser = DualCFGDenoiser(inner, full, image_only, zeros, text_scale=text_scale, image_scale=image_scale)
     else:
         denoiser = inner.bind(full)
-    if plan.clip_x0 is not None:  # the scheduler config's clip_sample
-        denoiser = StaticClip(denoiser, max_value=plan.clip_x0)
     x = noise * plan.start_std(float(plan.sigmas[0]))
-    latents = sampler(denoiser, x, plan.sigmas, generator=generator, callback=callback, **plan.options)
-    latents = latents * plan.final_scale(float(plan.sigmas[-1]))
+    latents = denoise(sampler, plan, denoiser, x, plan.sigmas, generator=generator, callback=callback)
     return ae.decode(latents).clamp_(-1, 1)

@@ -132,3 +132,19 @@ def test_safe_torch_load_refuses_arbitrary_pickles(tmp_path):
         safe_torch_load(str(bad))
     with pytest.raises(CheckpointError, match="not found"):
         safe_torch_load(str(tmp_path / "missing.pt"))
+
+
+def test_read_json_object_names_every_bad_config(tmp_path):
+    from t2i_engine.checkpoint.io import read_json_object
+    from t2i_engine.errors import CheckpointError
+
+    good = tmp_path / "config.json"
+    good.write_text('{"a": 1}')
+    assert read_json_object(good) == {"a": 1}
+    assert read_json_object(tmp_path / "absent.json", required=False) == {}
+    for name, text, why in (("absent.json", None, "is missing"), ("bad.json", "{", "not a readable JSON"),
+                            ("list.json", "[1]", "does not hold a JSON object")):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        with pytest.raises(CheckpointError, match=rf"{name}.*{why}|{why}"):
+            read_json_object(tmp_path / name)

@@ -11,6 +11,7 @@ from t2i_engine.checkpoint.io import (
     load_safetensors as load_safetensors,
     load_state_dict_strict as load_state_dict_strict,
     read_bytes as read_bytes,
+    read_json_object as read_json_object,
     safe_torch_load as safe_torch_load,
     save_safetensors as save_safetensors,
     save_torch as save_torch,

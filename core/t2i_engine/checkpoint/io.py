@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import uuid
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ __all__ = [
     "load_safetensors",
     "load_state_dict_strict",
     "read_bytes",
+    "read_json_object",
     "safe_torch_load",
     "save_safetensors",
     "save_torch",
@@ -163,3 +165,21 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], *,
                 parts.append(f"{label} ({len(keys)}): {', '.join(shown)}{more}")
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts))
     module.load_state_dict(dict(state), strict=True)
+
+
+def read_json_object(path: str | os.PathLike[str], *, required: bool = True) -> dict[str, Any]:
+    """The JSON object in a checkpoint's config file (``{}`` when the file is absent and not
+    ``required``); a missing, unreadable or non-object file is a CheckpointError naming it."""
+    text = os.fspath(path)
+    if not os.path.isfile(text):
+        if required:
+            raise CheckpointError(f"{text} is missing: the checkpoint's architecture is read from it")
+        return {}
+    try:
+        with open(text, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{text} is not a readable JSON file: {e}") from e
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{text} does not hold a JSON object")
+    return value

@@ -10,14 +10,13 @@ strictly (a missing or unexpected key is an error naming it).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from t2i_engine.checkpoint.io import load_state_dict_strict
+from t2i_engine.checkpoint.io import load_state_dict_strict, read_json_object
 from t2i_engine.errors import CheckpointError
 from t2i_engine.nn.unet import UNetConfig
 from t2i_plugin_controlnet.network import ControlNet, ControlNetConfig
@@ -89,16 +88,6 @@ def controlnet_config(cfg: Mapping[str, Any], *, where: str) -> tuple[ControlNet
     return ControlNetConfig(unet, hint_channels=channels, hint_widths=widths), order, pool
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable JSON file ({exc})") from exc
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def _build(arch: ControlNetConfig, state: Mapping[str, Any], *, source: str) -> ControlNet:
     try:
         net = ControlNet(arch)
@@ -113,7 +102,7 @@ def load_diffusers_folder(path: str) -> LoadedControlNet:
     from t2i_plugin_sd.formats import read_state_dict
 
     root = Path(path)
-    arch, order, pool = controlnet_config(_read_json(root / "config.json"), where=str(root / "config.json"))
+    arch, order, pool = controlnet_config(read_json_object(root / "config.json"), where=str(root / "config.json"))
     weights = next((root / n for n in _WEIGHT_FILES if (root / n).is_file()), None)
     if weights is None:
         raise CheckpointError(f"{path}: no weights file (looked for {', '.join(_WEIGHT_FILES)})")

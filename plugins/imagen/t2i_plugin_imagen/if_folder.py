@@ -4,13 +4,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 from torch import Tensor
 
-from t2i_engine.checkpoint.io import load_safetensors, load_state_dict_strict, safe_torch_load
+from t2i_engine.checkpoint.io import load_safetensors, load_state_dict_strict, read_json_object, safe_torch_load
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_imagen.if_config import if_unet_config
 from t2i_plugin_imagen.if_unet import IFUNet
@@ -20,19 +18,7 @@ _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model
 _INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.fp16.safetensors.index.json")
 
 
-def read_json(path: Path, *, required: bool = True) -> dict[str, Any]:
-    """A JSON object from ``path`` ({} when absent and not ``required``)."""
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path} is missing")
-        return {}
-    try:
-        value = json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} does not hold a JSON object")
-    return value
+read_json = read_json_object  # the name this plugin uses
 
 
 def _read(path: Path) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from t2i_engine.checkpoint.io import save_safetensors
+from t2i_engine.checkpoint.io import read_json_object, save_safetensors
 from t2i_engine.diffusion.grids import betas_config
 from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_plugin_sd import keymaps
@@ -23,17 +23,6 @@ from t2i_plugin_sd.tokenizer_files import read_pad, write_clip_tokenizer
 
 _WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                  "diffusion_pytorch_model.bin", "pytorch_model.bin")
-
-
-def _json(path: Path, *, required: bool = False) -> dict[str, Any]:
-    if not path.is_file():
-        if required:
-            raise CheckpointError(f"{path} is missing: the folder's architecture is read from it")
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
 def _weights(folder: Path) -> dict[str, Tensor]:
@@ -55,9 +44,9 @@ class DiffusersFolder:
 
     def load(self, path: str) -> Weights:
         root = Path(path)
-        unet_cfg, vae_cfg, text_cfg = (_json(root / sub / "config.json", required=True)
+        unet_cfg, vae_cfg, text_cfg = (read_json_object(root / sub / "config.json")
                                        for sub in ("unet", "vae", "text_encoder"))
-        sched = _json(root / "scheduler" / "scheduler_config.json")
+        sched = read_json_object(root / "scheduler" / "scheduler_config.json", required=False)
         hf = _weights(root / "text_encoder")
         text, unknown = keymaps.hf_clip_to_open_clip(hf)
         if unknown:

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from t2i_engine.config.fields import option
 from t2i_engine.config.limits import image_side, seed_value
 
-__all__ = ["COLOURS", "SHAPES", "ShapesDataset", "render_shape"]
+__all__ = ["COLOURS", "SHAPES", "ShapesDataset", "render_shape", "shape_mask"]
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
@@ -33,20 +33,25 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 
-def render_shape(shape: str, fg: tuple[float, float, float], bg: tuple[float, float, float], *,
-                 size: int, cx: float, cy: float, radius: float) -> Tensor:
-    """Rasterise one shape: ``(3, size, size)`` in [-1, 1]; centre and radius in pixels."""
+def shape_mask(shape: str, *, size: int, cx: float, cy: float, radius: float) -> Tensor:
+    """Where one shape covers a ``size x size`` image: a ``(size, size)`` bool mask; centre and
+    radius in pixels, pixel centres at half-integers."""
     ys, xs = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
     dx, dy = xs - cx, ys - cy
     if shape == "circle":
-        mask = dx**2 + dy**2 <= radius**2
-    elif shape == "square":
-        mask = (dx.abs() <= radius) & (dy.abs() <= radius)
-    elif shape == "triangle":  # apex up, base at cy + radius, half-width radius at the base
+        return dx**2 + dy**2 <= radius**2
+    if shape == "square":
+        return (dx.abs() <= radius) & (dy.abs() <= radius)
+    if shape == "triangle":  # apex up, base at cy + radius, half-width radius at the base
         t = (dy + radius) / (2 * radius)  # 0 at the apex, 1 at the base
-        mask = (t >= 0) & (t <= 1) & (dx.abs() <= t * radius)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+        return (t >= 0) & (t <= 1) & (dx.abs() <= t * radius)
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+
+
+def render_shape(shape: str, fg: tuple[float, float, float], bg: tuple[float, float, float], *,
+                 size: int, cx: float, cy: float, radius: float) -> Tensor:
+    """Rasterise one shape: ``(3, size, size)`` in [-1, 1]; centre and radius in pixels."""
+    mask = shape_mask(shape, size=size, cx=cx, cy=cy, radius=radius)
     img = torch.tensor(bg).view(3, 1, 1).expand(3, size, size).clone()
     img[:, mask] = torch.tensor(fg).view(3, 1)
     return img * 2 - 1  # (3, size, size) in [-1, 1]
@@ -92,7 +97,8 @@ class ShapesDataset(Dataset):
 
     A sample is ``{"image": (3, S, S) in [-1, 1], "caption": str, "index": int,
     "colour_label": int, "shape_label": int, "background_label": int}``; labels index
-    :attr:`colours` and :attr:`shapes`.
+    :attr:`colours` and :attr:`shapes`. ``cx``, ``cy`` and ``radius`` (pixels) place the
+    shape, so that :func:`shape_mask` gives where it is (a ControlNet hint, an edit's target).
     """
 
     Config = ShapesConfig
@@ -138,4 +144,5 @@ class ShapesDataset(Dataset):
         image = render_shape(self.shapes[s], COLOURS[self.colours[c]], COLOURS[self.colours[b]],
                              size=cfg.size, cx=cx, cy=cy, radius=radius)
         return {"image": image, "caption": self.caption_of(c, s, b), "index": index,
-                "colour_label": c, "shape_label": s, "background_label": b}
+                "colour_label": c, "shape_label": s, "background_label": b,
+                "cx": cx, "cy": cy, "radius": radius}

@@ -13,7 +13,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # --dist loadfile keeps a test file on one worker, so its module-scoped fixtures are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench wheels clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "t2i-engine needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0] + " (pick another: make PYTHON=python3.12 ...)")'
@@ -33,6 +33,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+# every distribution (engine, sdk, plugins) as a wheel in dist/, built offline with the venv's
+# setuptools: pip install --find-links dist t2i-plugin-controlnet
+wheels: $(STAMP)
+	rm -rf dist
+	$(PIP) wheel --quiet --no-deps --no-build-isolation --wheel-dir dist ./ ./sdk/ $(dir $(PLUGINS))
+	@ls dist
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_overhead.py

@@ -245,3 +245,25 @@ def test_parameters_carry_sampler_options_img2img_precision_and_conditioners(tmp
     plain = parse_a1111(_metadata_for(_job({"name": "euler_ancestral"}))["parameters"])
     assert "Eta" not in plain and "Sigma noise" not in plain  # A1111's defaults are left out, as A1111 does
     assert parse_a1111(_metadata_for(_job({"name": "euler_ancestral", "eta": 0.5}))["parameters"])["Eta"] == "0.5"
+
+
+def test_save_png_is_atomic_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    from t2i_engine.errors import StorageError
+    from t2i_engine.utils.images import save_png
+
+    target = tmp_path / "00000.png"
+    save_png(Image.new("RGB", (4, 4), (255, 0, 0)), str(target), metadata={"k": "old"})
+    before = target.read_bytes()
+
+    def fail(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)  # the rename, the last step of an atomic write
+    with pytest.raises(StorageError, match="00000.png"):
+        save_png(Image.new("RGB", (4, 4), (0, 0, 255)), str(target), metadata={"k": "new"})
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000.png"]

@@ -7,11 +7,12 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 from torch import Tensor
+
+from t2i_engine.checkpoint.io import atomic_write_bytes
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -102,12 +103,16 @@ def make_grid(images: Tensor | Sequence[Tensor], *, nrow: int | None = None, pad
 
 
 def save_png(image: Image.Image, url: str, *, metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``image`` as PNG to a path or fsspec URL, with ``metadata`` as tEXt chunks."""
+    """Write ``image`` as PNG to a path or fsspec URL, with ``metadata`` as tEXt chunks.
+
+    The write is atomic (:func:`t2i_engine.checkpoint.io.atomic_write_bytes`): a killed or failed
+    write never leaves a truncated PNG under ``url``, so a resumed job can trust every file it finds.
+    """
+
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, str(value))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    with fsspec.open(url, "wb") as f:
-        f.write(buffer.getvalue())
+    atomic_write_bytes(url, buffer.getvalue())
     return url

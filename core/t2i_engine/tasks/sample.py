@@ -22,7 +22,7 @@ from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
 from t2i_engine.tasks.common import build_model, inference_precision
 
-__all__ = ["SampleConfig", "SampleTask"]
+__all__ = ["SampleConfig", "SampleTask", "image_metadata", "steps_run"]
 
 
 @attrs.frozen
@@ -55,6 +55,36 @@ def _step_reporter(ctx: RunContext, bar: Any, total: int) -> StepCallback:
     return report
 
 
+def steps_run(sigmas: torch.Tensor, *, img2img: bool, strength: float) -> int:
+    """The sampler steps one image runs: all of them, or img2img's tail at ``strength``."""
+    if not img2img:
+        return len(sigmas) - 1
+    from t2i_engine.diffusion.samplers import img2img_start
+
+    return len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=strength, noise=torch.zeros(1))[0]) - 1
+
+
+def image_metadata(ctx: RunContext, model: LatentDiffusionModel, *, prompt: str, seed: int, size: tuple[int, int],
+                   steps: int, batch_prompts: list[str], batch_seeds: list[int]) -> dict[str, str]:
+    """The PNG text chunks of one image of a ``sample`` run (``ctx.config.task.options`` is its
+    :class:`SampleConfig`): prompt, seed, negative prompt, sampler, ``steps`` (of the full plan),
+    guidance scale, model, the img2img source, and the recipe
+    (:func:`~t2i_engine.utils.recipe.sample_png_metadata`)."""
+    from t2i_engine.diffusion.guidance import GuidanceConfig
+    from t2i_engine.utils.recipe import sample_png_metadata
+
+    c = ctx.config.task.options
+    guidance = ctx.config.guidance or GuidanceConfig()
+    meta = {"prompt": prompt, "seed": str(seed), "negative_prompt": c.negative_prompt,
+            "sampler": ctx.config.sampler.name, "steps": str(steps),  # type: ignore[union-attr]
+            "guidance_scale": str(guidance.guidance_scale),
+            "model": str(getattr(model, "description", None) or ctx.config.model.name)}  # type: ignore[union-attr]
+    if c.init_image is not None:
+        meta |= {"init_image": str(c.init_image), "strength": str(c.strength)}
+    return meta | sample_png_metadata(ctx, model, prompt=prompt, seed=seed, size=size,
+                                      batch_prompts=batch_prompts, batch_seeds=batch_seeds)
+
+
 class SampleTask:
     """Write one PNG per (prompt, image) into ``engine.output_dir``."""
 
@@ -81,7 +111,6 @@ class SampleTask:
         from t2i_engine.diffusion.guidance import GuidanceConfig
         from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
         from t2i_engine.utils.images import save_png, to_pil
-        from t2i_engine.utils.recipe import sample_png_metadata
 
         c = self.config
         if ctx.config.sampler is None:
@@ -105,15 +134,7 @@ class SampleTask:
         sigmas = sampling_sigmas_for(sampler, model.schedule)  # float64: never in the model's precision
         out_dir = Path(ctx.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,
-                "steps": str(len(sigmas) - 1), "guidance_scale": str(guidance.guidance_scale),
-                "model": str(getattr(model, "description", None) or ctx.config.model.name)}  # type: ignore[union-attr]
-        total = len(sigmas) - 1  # steps each batch runs
-        if init is not None:
-            from t2i_engine.diffusion.samplers import img2img_start
-
-            meta |= {"init_image": str(c.init_image), "strength": str(c.strength)}
-            total = len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=c.strength, noise=torch.zeros(1))[0]) - 1
+        total = steps_run(sigmas, img2img=init is not None, strength=c.strength)  # steps each batch runs
         written: list[str] = []
         batches = range(0, len(prompts), c.batch_size)
         for b, start in enumerate(batches):
@@ -130,8 +151,8 @@ class SampleTask:
                                   callback=_step_reporter(ctx, bar, total=total), conditioners=conditioners)
             for prompt, seed, pil in zip(chunk, chunk_seeds, to_pil(images)):
                 path = out_dir / f"{len(written):05d}-{seed}.png"
-                recipe = sample_png_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size,
-                                             batch_prompts=chunk, batch_seeds=chunk_seeds)
-                save_png(pil, str(path), metadata={"prompt": prompt, "seed": str(seed), **meta, **recipe})
+                meta = image_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size, steps=len(sigmas) - 1,
+                                      batch_prompts=chunk, batch_seeds=chunk_seeds)
+                save_png(pil, str(path), metadata=meta)
                 written.append(str(path))
         return {"images": written}

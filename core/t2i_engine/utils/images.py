@@ -101,13 +101,19 @@ def make_grid(images: Tensor | Sequence[Tensor], *, nrow: int | None = None, pad
     return grid
 
 
-def save_png(image: Image.Image, url: str, *, metadata: Mapping[str, str] | None = None) -> str:
-    """Write ``image`` as PNG to a path or fsspec URL, with ``metadata`` as tEXt chunks."""
+def png_bytes(image: Image.Image, *, metadata: Mapping[str, str] | None = None) -> bytes:
+    """``image`` encoded as PNG, with ``metadata`` as tEXt chunks."""
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(key, str(value))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, url: str, *, metadata: Mapping[str, str] | None = None) -> str:
+    """Write ``image`` as PNG to a path or fsspec URL, with ``metadata`` as tEXt chunks."""
+    data = png_bytes(image, metadata=metadata)
     with fsspec.open(url, "wb") as f:
-        f.write(buffer.getvalue())
+        f.write(data)
     return url

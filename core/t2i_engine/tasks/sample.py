@@ -29,7 +29,7 @@ __all__ = ["SampleConfig", "SampleTask", "image_metadata", "steps_run"]
 class SampleConfig:
     """``[task] name = "sample"``."""
 
-    prompts: list[str] = option(help="the prompts; images_per_prompt images each")
+    prompts: list[str] = option(factory=list, help="the prompts; images_per_prompt images each")
     negative_prompt: str = option(default="", help="what guidance steers away from ('' = unconditional)")
     width: int = option(default=512, validator=image_side, help="image width in pixels")
     height: int = option(default=512, validator=image_side, help="image height in pixels")
@@ -39,6 +39,16 @@ class SampleConfig:
     init_image: str | None = existing_path(default=None, kind="file", help="img2img: the source image")
     strength: float = option(default=0.8, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)],
                              help="img2img: fraction of the sampler steps run (1 = ignore the image)")
+    # --- batch generation over a prompt file (t2i_engine.tasks.batch, docs/batch-generation.md) ---
+    prompt_file: str | None = existing_path(default=None, kind="file",
+                                            help="instead of prompts: a file of prompts (text lines, .jsonl or "
+                                                 ".csv; path or fsspec URL), sharded across devices, resumable")
+    prompt_column: str = option(default="prompt", help="prompt_file .jsonl key / .csv column holding the prompt")
+    manifest: str = option(default="manifest.jsonl", help="prompt_file: the JSONL list of images, in output_dir")
+    devices: int = option(default=1, validator=attrs.validators.ge(1),
+                          help="prompt_file: processes per node (Fabric), each taking every devices*num_nodes-th batch")
+    num_nodes: int = option(default=1, validator=attrs.validators.ge(1),
+                            help="prompt_file: nodes (launch with torchrun or SLURM; Fabric reads the env)")
 
 
 def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
@@ -106,6 +116,10 @@ class SampleTask:
         return prompts, seeds
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
+        if self.config.prompt_file is not None or self.config.devices > 1 or self.config.num_nodes > 1:
+            from t2i_engine.tasks.batch import run_batch
+
+            return run_batch(self.config, ctx)
         from tqdm.auto import tqdm
 
         from t2i_engine.diffusion.guidance import GuidanceConfig

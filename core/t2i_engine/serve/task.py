@@ -103,6 +103,8 @@ class ServeTask:
               f"(output: {ctx.output_dir})", flush=True)
         try:
             server.run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it shut down on: for a server, the way to stop
+            pass
         finally:
             worker.stop()
             sock.close()

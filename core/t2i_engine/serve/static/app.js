@@ -148,8 +148,14 @@ function card(job) {
   img.alt = job.params.prompt;
   if (job.image) imageUrl(job.image).then((url) => { img.src = url; });
   div.append(img);
+  const caption = document.createElement("p");
+  caption.className = "prompt";
+  caption.textContent = job.params.prompt;
+  div.append(caption);
   const dl = document.createElement("dl");
-  for (const [key, value] of Object.entries({ state: job.state, ...job.params })) {
+  const { prompt, ...rest } = job.params;
+  for (const [key, value] of Object.entries({ state: job.state, ...rest })) {
+    if (value === "" || value === null || value === undefined) continue;
     const dt = document.createElement("dt"); dt.textContent = key;
     const dd = document.createElement("dd"); dd.textContent = value;
     dl.append(dt, dd);

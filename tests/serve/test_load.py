@@ -68,4 +68,5 @@ def test_fifty_requests_four_at_a_time_nothing_lost_memory_bounded(live):
     written = sorted(Path(ctx.output_dir).glob("*.png"))
     assert sorted(p.stem for p in written) == sorted(r["id"] for r in results)
     assert len(gallery) == REQUESTS and all(g["state"] == "done" for g in gallery)
+    print(f"RSS after warm-up {before / 2**20:.0f} MiB, after {REQUESTS} requests {after / 2**20:.0f} MiB")
     assert after - before < RSS_GROWTH_LIMIT, f"resident memory grew by {(after - before) / 2**20:.0f} MiB"

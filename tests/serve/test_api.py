@@ -246,3 +246,14 @@ def test_info_lists_defaults_and_uploads(client):
                                      "guidance_scale": 7.5, "strength": 0.8}
     assert [u["field"] for u in info["uploads"]] == ["conditioners.0.hint", "init_image"]
     assert "ddim" in info["samplers"] and info["queue"]["size"] == 2
+
+
+def test_the_jobs_own_defaults_must_fit_the_servers_limits(tmp_path):
+    from tests.serve.support import plugin_manager, start_service, write_job
+
+    from t2i_engine.errors import ConfigError
+
+    for extra, message in (("max_steps = 1", r"task.max_steps: 1 is below the job's own sampler.steps \(2\)"),
+                           ("max_side = 8", r"task.width: 16 is above task.max_side \(8\)")):
+        with pytest.raises(ConfigError, match=message):
+            start_service(write_job(tmp_path / extra[:8], extra=extra), plugin_manager())

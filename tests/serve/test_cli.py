@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_serve_command_listens_generates_and_stops_on_ctrl_c(tmp_path):
     job = write_job(tmp_path, conditioners=False)
-    proc = subprocess.Popen([sys.executable, "-m", "t2i_engine.cli", "serve", str(job), "--port", "0"],
+    with socket.socket() as probe:  # a port free now, to see --port (task.port) used
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "t2i_engine.cli", "serve", str(job), "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -30,6 +34,7 @@ def test_serve_command_listens_generates_and_stops_on_ctrl_c(tmp_path):
         line = proc.stdout.readline()  # printed once the model is resident and the port bound
         assert line.startswith("t2i-engine serve: model ") and "http://127.0.0.1:" in line, line
         url = line.split(" on ", 1)[1].split("/ ", 1)[0]
+        assert url == f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/").status_code == 200
             job_id = client.post("/api/generations", json={"prompt": "cli", "seed": 3}).json()["id"]

@@ -124,6 +124,10 @@ def create_app(service: Service) -> Any:
 
     @app.post("/api/generations", status_code=202)
     async def submit(request: Request) -> Any:
+        try:
+            service.board.check_room()  # early, before the body is read; submit checks again
+        except QueueFull as exc:
+            return _error(429, str(exc), {"Retry-After": "5"})
         limit = service.builder.serve.max_upload_bytes
         body = await read_body(request.stream(), declared=request.headers.get("content-length"), limit=limit)
         params, uploads = parse_body(body, request.headers.get("content-type", ""), limit=limit)

@@ -71,12 +71,16 @@ class JobBoard:
         self._cond = threading.Condition()
         self._closed = False
 
+    def check_room(self) -> None:
+        """:class:`QueueFull` when ``queue_size`` jobs wait."""
+        if len(self._waiting) >= self.queue_size:
+            raise QueueFull(f"the queue is full ({self.queue_size} generations waiting; task.queue_size); "
+                            "try again later")
+
     def submit(self, job: Job) -> int:
         """Queue ``job``; its position (0: next). :class:`QueueFull` when ``queue_size`` wait."""
         with self._cond:
-            if len(self._waiting) >= self.queue_size:
-                raise QueueFull(f"the queue is full ({self.queue_size} generations waiting; task.queue_size); "
-                                "try again later")
+            self.check_room()
             self._waiting.append(job)
             self._jobs[job.id] = job
             job.emit("queued", position=len(self._waiting) - 1)

@@ -62,6 +62,20 @@ class RequestBuilder:
         self.fields = upload_fields(ctx.config)
         self.sample_plugin = ctx.plugins.get("task", "sample").plugin
         self.inputs_dir = Path(ctx.output_dir) / "inputs"
+        self._check_defaults()
+
+    def _check_defaults(self) -> None:
+        """The job's own defaults must be requests this server takes (else every request fails)."""
+        steps = getattr(self.ctx.config.sampler.options, "steps", None)
+        if isinstance(steps, int) and steps > self.serve.max_steps:
+            raise ConfigError(f"task.max_steps: {self.serve.max_steps} is below the job's own sampler.steps ({steps})")
+        for key in ("width", "height"):
+            side = getattr(self.serve, key)
+            if side > self.serve.max_side:
+                raise ConfigError(f"task.{key}: {side} is above task.max_side ({self.serve.max_side})")
+            if side % self.factor:
+                raise ConfigError(f"task.{key}: must be a multiple of {self.factor} (the autoencoder's factor), "
+                                  f"got {side}")
 
     # --- parameters -----------------------------------------------------------------------
 
@@ -87,9 +101,6 @@ class RequestBuilder:
         table = {k: v for k, v in table.items() if v is not None}
         if request.steps is not None:
             table["steps"] = request.steps
-        steps = table.get("steps")
-        if isinstance(steps, int) and steps > self.serve.max_steps:
-            raise ConfigError(f"sampler.steps: at most {self.serve.max_steps} on this server (task.max_steps): {steps}")
         return _component(self.ctx.plugins, "sampler", {"name": name, **table}, _no_location,
                           kind="sampler", selector="name")
 
@@ -128,10 +139,14 @@ class RequestBuilder:
             raise ConfigError(f"{unknown[0]}: not an upload this server takes; valid fields: {valid}")
         images = {field: self._image(field, data) for field, data in files.items()}  # all checked before any write
         saved: dict[str, str] = {}
-        for n, (field, image) in enumerate(sorted(images.items())):
-            path = self.inputs_dir / f"{job_id}-{n}.png"  # server-made: the job id and an index
-            atomic_write_bytes(str(path), png_bytes(image))
-            saved[field] = str(path)
+        try:
+            for n, (field, image) in enumerate(sorted(images.items())):
+                path = self.inputs_dir / f"{job_id}-{n}.png"  # server-made: the job id and an index
+                atomic_write_bytes(str(path), png_bytes(image))
+                saved[field] = str(path)
+        except BaseException:
+            self.discard(saved)
+            raise
         return saved
 
     # --- the job ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from t2i_engine.errors import T2IError
+from t2i_engine.errors import ConfigError, T2IError
 from t2i_engine.serve.config import ServeConfig
 from t2i_engine.serve.jobs import Job, JobBoard
 
@@ -39,7 +39,8 @@ class Worker:
         from t2i_engine.tasks.common import build_model, inference_precision
 
         if ctx.config.sampler is None:
-            raise T2IError("sampler: task 'serve' needs a [sampler] table (the requests' default sampler and steps)")
+            raise ConfigError("sampler: task 'serve' needs a [sampler] table (the requests' default sampler and "
+                              "steps), e.g. name = \"ddim\" and steps = 30")
         self.ctx, self.serve, self.board = ctx, serve, board
         self.model = build_model(ctx, task="serve")
         self.autocast, self.dtype = inference_precision(ctx, self.model)
@@ -95,6 +96,8 @@ class Worker:
     def _sampler(self, component: Any) -> Any:
         key = (component.name, repr(component.options))
         if key not in self._samplers:
+            if len(self._samplers) >= 32:  # requests vary steps and samplers: keep the cache small
+                self._samplers.clear()
             self._samplers[key] = self.ctx.plugins.build(component)
         return self._samplers[key]
 

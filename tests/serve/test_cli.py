@@ -66,3 +66,14 @@ def test_the_example_job_validates():
 
     config = load_config(ROOT / "examples" / "serve.toml", EnginePluginManager().load(), overrides=["task.port=0"])
     assert config.task.name == "serve" and (config.task.options.width, config.task.options.port) == (64, 0)
+
+
+def test_without_the_serve_extra_the_task_names_it(monkeypatch):
+    from t2i_engine.errors import ConfigError
+    from t2i_engine.serve.config import ServeConfig
+    from t2i_engine.serve.task import ServeTask
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if uvicorn were not installed
+    with pytest.raises(ConfigError, match=r"'serve' needs FastAPI and uvicorn \(uvicorn is missing\); "
+                                          r"pip install 't2i-engine\[serve\]'"):
+        ServeTask(ServeConfig()).run(None)  # type: ignore[arg-type]

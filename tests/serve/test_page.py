@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.serve.support import LiveServer, plugin_manager, start_service, write_job
+from tests.serve.support import HintRecorder, LiveServer, plugin_manager, start_service, write_job
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the page test drives Chromium with selenium")
 
@@ -53,12 +53,17 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
         worker.stop()
 
 
-def test_submitting_a_prompt_shows_the_image_in_the_gallery(page):
+def test_submitting_a_prompt_shows_the_image_in_the_gallery(page, tmp_path):
+    from PIL import Image
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    from t2i_engine.utils.images import from_pil
+
     driver, url = page
+    hint = tmp_path / "hint.png"
+    Image.new("RGB", (16, 16), (0, 0, 255)).save(hint)
     driver.get(url + "/")
     wait = WebDriverWait(driver, 60)
     wait.until(lambda d: d.find_element(By.ID, "model").text != "")  # /api/info filled the form
@@ -68,8 +73,12 @@ def test_submitting_a_prompt_shows_the_image_in_the_gallery(page):
     assert [u.get_attribute("data-field") for u in uploads] == ["conditioners.0.hint", "init_image"]
     driver.find_element(By.ID, "prompt").send_keys("a red square in the browser")
     driver.find_element(By.ID, "seed").send_keys("42")
+    uploads[0].send_keys(str(hint))  # the conditioner's input, chosen as a user would
     driver.find_element(By.ID, "submit").click()
     card = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#gallery .card[data-state=done]")))
+    thumb = card.find_element(By.CSS_SELECTOR, ".inputs img")
+    assert thumb.get_attribute("title") == "conditioners.0.hint"
+    wait.until(lambda d: (thumb.get_attribute("src") or "").startswith("blob:"))
     wait.until(lambda d: (card.find_element(By.TAG_NAME, "img").get_attribute("src") or "").startswith("blob:"))
     loaded = driver.execute_script("const i = arguments[0]; return [i.complete, i.naturalWidth, i.naturalHeight];",
                                    card.find_element(By.TAG_NAME, "img"))
@@ -77,6 +86,7 @@ def test_submitting_a_prompt_shows_the_image_in_the_gallery(page):
     assert "a red square in the browser" in card.text and "42" in card.text
     assert driver.find_element(By.ID, "status").text == "done"
     assert driver.find_element(By.ID, "error").text == ""
+    assert HintRecorder.seen[-1].equal(from_pil(Image.open(hint).convert("RGB"))[None])  # the file reached it
 
 
 def test_a_refused_request_shows_the_servers_message(page):

@@ -98,7 +98,8 @@ class ServeTask:
         sock = listen(self.config.host, self.config.port)
         host, port = sock.getsockname()[:2]
         worker.start()
-        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="info", access_log=False))
+        server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="info", access_log=False,
+                                               timeout_graceful_shutdown=5))  # open event streams: 5 s, then closed
         print(f"t2i-engine serve: model '{worker.model_name}' on http://{host}:{port}/ "
               f"(output: {ctx.output_dir})", flush=True)
         try:

@@ -57,3 +57,13 @@ def test_request_defaults_come_from_the_task_keys(served):
     given = RequestBuilder(ctx, serve, factor=worker.factor).build(
         {"prompt": "x", "negative_prompt": "", "width": 16}, {})
     assert (given.config.task.options.negative_prompt, given.config.task.options.width) == ("", 16)
+
+
+def test_a_finished_job_keeps_no_previews():
+    board = JobBoard(queue_size=1, history=1)
+    job = _job("p")
+    board.submit(job)
+    board.next(timeout=0)
+    job.emit("step", step=1, total=2, preview="data:image/png;base64,AAAA")
+    board.finish(job, "done", image="/x")
+    assert [e["data"] for e in job.events if e["event"] == "step"] == [{"job": job.id, "step": 1, "total": 2}]

@@ -103,9 +103,12 @@ class JobBoard:
             return job
 
     def finish(self, job: Job, state: State, **data: Any) -> None:
-        """Record the end of ``job`` (the worker's side) and emit its last event."""
+        """Record the end of ``job`` (the worker's side) and emit its last event. Its previews
+        are dropped from the log (the image replaces them), so a kept job stays small."""
         with self._cond:
             job.state = state
+            for event in job.events:
+                event["data"].pop("preview", None)
             self._forget_old()
         job.emit(state, **data)
 

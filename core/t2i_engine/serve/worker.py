@@ -137,8 +137,8 @@ class Worker:
         from t2i_engine.checkpoint.io import atomic_write_bytes
         from t2i_engine.conditioning.inputs import load_image
         from t2i_engine.diffusion.guidance import GuidanceConfig
-        from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
-        from t2i_engine.tasks.sample import image_metadata, steps_run
+        from t2i_engine.pipeline import sampling_sigmas_for
+        from t2i_engine.tasks.sample import image_metadata, sample_batch, steps_run
         from t2i_engine.utils.images import png_bytes, to_pil
 
         config, c = job.config, job.config.task.options
@@ -149,16 +149,12 @@ class Worker:
         job.emit("started", total=total)
         init = None if c.init_image is None else \
             load_image(c.init_image, width=c.width, height=c.height, key="init_image").to(self.dtype)
-        seed, f = c.seeds[0], self.factor
-        noise = seeded_noise([seed], (self.model.autoencoder.latent_channels, c.height // f, c.width // f),
-                             dtype=self.dtype)
+        seed = c.seeds[0]
         self._use_inputs(config)
-        gen = torch.Generator(device=self.ctx.device).manual_seed(seed)
-        with self.autocast:
-            images = generate(self.model, c.prompts, noise, sampler=sampler, sigmas=sigmas,
-                              guidance=config.guidance or GuidanceConfig(), negative_prompts=[c.negative_prompt],
-                              init_images=init, strength=c.strength, generator=gen,
-                              callback=self._callback(job, total), conditioners=self.conditioners)
+        images = sample_batch(self.model, list(c.prompts), [seed], config=c, sampler=sampler, sigmas=sigmas,
+                              guidance=config.guidance or GuidanceConfig(), device=self.ctx.device, dtype=self.dtype,
+                              autocast=self.autocast, init=init, conditioners=self.conditioners,
+                              callback=self._callback(job, total))
         pil = to_pil(images)[0]
         metadata = image_metadata(ctx, self.model, prompt=c.prompts[0], seed=seed, size=pil.size,
                                   steps=len(sigmas) - 1, batch_prompts=list(c.prompts), batch_seeds=[seed])

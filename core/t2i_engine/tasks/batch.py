@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import torch
 
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
@@ -166,9 +165,9 @@ def run_batch(config: Any, ctx: RunContext) -> Mapping[str, Any]:
     from t2i_engine.checkpoint.io import atomic_write_bytes
     from t2i_engine.conditioning.build import build_conditioners
     from t2i_engine.diffusion.guidance import GuidanceConfig
-    from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
+    from t2i_engine.pipeline import sampling_sigmas_for
     from t2i_engine.tasks.common import build_model, inference_precision, output_path
-    from t2i_engine.tasks.sample import image_metadata, steps_run
+    from t2i_engine.tasks.sample import image_metadata, sample_batch, steps_run
     from t2i_engine.utils.images import png_bytes, to_pil
 
     _check(config)
@@ -211,14 +210,9 @@ def run_batch(config: Any, ctx: RunContext) -> Mapping[str, Any]:
             skipped += len(batch)
             continue
         prompts, seeds = [i.prompt for i in batch], [i.seed for i in batch]
-        noise = seeded_noise(seeds, (model.autoencoder.latent_channels, config.height // f, config.width // f),
-                             dtype=dtype)
-        gen = torch.Generator(device=ctx.device).manual_seed(seeds[0])
-        with autocast:
-            images = generate(model, prompts, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
-                              negative_prompts=[config.negative_prompt] * len(batch),
-                              init_images=None if init is None else init.expand(len(batch), -1, -1, -1),
-                              strength=config.strength, generator=gen, conditioners=conditioners, callback=report)
+        images = sample_batch(model, prompts, seeds, config=config, sampler=sampler, sigmas=sigmas, guidance=guidance,
+                              device=ctx.device, dtype=dtype, autocast=autocast, init=init,
+                              conditioners=conditioners, callback=report)
         for item, pil in zip(batch, to_pil(images)):
             if item not in missing:
                 skipped += 1

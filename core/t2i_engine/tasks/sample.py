@@ -22,7 +22,7 @@ from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
 from t2i_engine.tasks.common import build_model, inference_precision
 
-__all__ = ["SampleConfig", "SampleTask", "image_metadata", "steps_run"]
+__all__ = ["SampleConfig", "SampleTask", "image_metadata", "sample_batch", "steps_run"]
 
 
 @attrs.frozen
@@ -72,6 +72,26 @@ def steps_run(sigmas: torch.Tensor, *, img2img: bool, strength: float) -> int:
     from t2i_engine.diffusion.samplers import img2img_start
 
     return len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=strength, noise=torch.zeros(1))[0]) - 1
+
+
+def sample_batch(model: LatentDiffusionModel, prompts: list[str], seeds: list[int], *, config: SampleConfig,
+                 sampler: Any, sigmas: torch.Tensor, guidance: Any, device: torch.device, dtype: torch.dtype,
+                 autocast: Any, init: torch.Tensor | None = None, conditioners: Any = None,
+                 callback: StepCallback | None = None) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [-1, 1] for one sampler batch of a ``sample`` job, made as
+    :class:`SampleTask` makes them: each image's noise from its own seed, a generator seeded by
+    the batch's first seed, ``config``'s size and negative prompt, img2img from ``init``
+    ``(1, 3, H, W)`` at ``config.strength``; under ``autocast``."""
+    from t2i_engine.pipeline import generate, seeded_noise
+
+    f = model.autoencoder.downsample_factor
+    noise = seeded_noise(seeds, (model.autoencoder.latent_channels, config.height // f, config.width // f), dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seeds[0])
+    with autocast:
+        return generate(model, prompts, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
+                        negative_prompts=[config.negative_prompt] * len(prompts),
+                        init_images=None if init is None else init.expand(len(prompts), -1, -1, -1),
+                        strength=config.strength, generator=gen, callback=callback, conditioners=conditioners)
 
 
 def image_metadata(ctx: RunContext, model: LatentDiffusionModel, *, prompt: str, seed: int, size: tuple[int, int],

@@ -145,14 +145,27 @@ def _check(config: Any) -> None:
         raise ConfigError("task.seeds: not with task.prompt_file (image k of the file has seed engine.seed + k)")
 
 
+@dataclasses.dataclass
+class _OneProcess:
+    """What the batch loop uses of Fabric, for one process on the run's own device."""
+
+    device: Any
+    global_rank: int = 0
+    world_size: int = 1
+
+    def barrier(self) -> None:
+        pass
+
+
 def _fabric(config: Any, ctx: RunContext) -> Any:
+    """A launched Fabric (ddp) for several processes; for one, the run's own device (engine.device)."""
     from lightning_fabric import Fabric
     from lightning_fabric.fabric import _is_using_cli
 
-    world = config.devices * config.num_nodes
+    if config.devices * config.num_nodes == 1:
+        return _OneProcess(device=ctx.device)
     accelerator = "cuda" if ctx.device.type == "cuda" else "cpu"
-    fabric = Fabric(accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes,
-                    strategy="ddp" if world > 1 else "auto")
+    fabric = Fabric(accelerator=accelerator, devices=config.devices, num_nodes=config.num_nodes, strategy="ddp")
     if not _is_using_cli():
         fabric.launch()  # a single node's other processes re-run this command (a no-op under torchrun)
     return fabric

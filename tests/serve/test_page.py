@@ -39,18 +39,25 @@ def browser(profile: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
-    from t2i_engine.serve.app import create_app
-
+def served_page(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Any]]:
+    """``(driver, service)``: one browser and one resident model for the module."""
     job = write_job(tmp_path_factory.mktemp("page"), queue_size=4)
     service, worker, _ = start_service(job, plugin_manager())
     driver = browser(str(tmp_path_factory.mktemp("chromium-profile")))
     try:
-        with LiveServer(create_app(service)) as server:
-            yield driver, server.url
+        yield driver, service
     finally:
         driver.quit()
         worker.stop()
+
+
+@pytest.fixture(scope="module")
+def page(served_page: tuple[Any, Any]) -> Iterator[tuple[Any, str]]:
+    from t2i_engine.serve.app import create_app
+
+    driver, service = served_page
+    with LiveServer(create_app(service)) as server:
+        yield driver, server.url
 
 
 def test_submitting_a_prompt_shows_the_image_in_the_gallery(page, tmp_path):
@@ -105,3 +112,25 @@ def test_a_refused_request_shows_the_servers_message(page):
     driver.find_element(By.ID, "submit").click()
     wait.until(lambda d: d.find_element(By.ID, "error").text != "")
     assert "request.width/height: must be multiples of 2" in driver.find_element(By.ID, "error").text
+
+
+def test_with_a_token_the_page_asks_for_it(served_page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from t2i_engine.serve.app import Service, create_app
+
+    driver, service = served_page
+    locked = Service(board=service.board, builder=service.builder, info=service.info, token="s3cret")
+    with LiveServer(create_app(locked)) as server:
+        driver.get(server.url + "/")
+        wait = WebDriverWait(driver, 60)
+        wait.until(lambda d: "bearer token" in d.find_element(By.ID, "error").text)
+        assert driver.find_element(By.ID, "token").is_displayed()
+        assert driver.find_element(By.ID, "model").text == ""  # nothing loaded without it
+        token = driver.find_element(By.ID, "token")
+        token.send_keys("s3cret")
+        driver.find_element(By.ID, "prompt").click()  # leaving the field commits it ("change")
+        wait.until(lambda d: d.find_element(By.ID, "model").text != "")
+        assert driver.find_element(By.ID, "error").text == ""
+        driver.execute_script("sessionStorage.clear()")

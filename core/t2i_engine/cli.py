@@ -2,6 +2,9 @@
 
     t2i-engine run CONFIG.toml [--set key.path=value ...] [--debug]
     t2i-engine run --from-png IMAGE.png [--set ...] re-run the job recorded in a sample PNG
+    t2i-engine serve CONFIG.toml [--host H] [--port P] [--set ...]
+                                                    serve a job's model over HTTP: an API and a
+                                                    web page ([task] name = "serve", docs/serving.md)
     t2i-engine config CONFIG.toml [--set ...] [--explain]
                                                     print the resolved config, defaults filled in
                                                     (--explain: each key's help as a comment)
@@ -58,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     with_config(sub.add_parser("run", help="run the job a config describes"))
+    p = sub.add_parser("serve", help="serve a job's model: HTTP API and web page ([task] name = \"serve\")")
+    with_config(p)
+    p.add_argument("--host", help="address to listen on (overrides task.host; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="TCP port (overrides task.port; 0: any free port)")
     p = sub.add_parser("config", help="print the resolved config with every default")
     with_config(p)
     p.add_argument("--explain", action="store_true", help="add each key's help text as a comment")
@@ -83,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args, debug=debug)
+        if args.command == "serve":
+            return _cmd_serve(args, debug=debug)
         if args.command == "config":
             return _cmd_config(args)
         if args.command == "plugins":
@@ -132,6 +141,25 @@ def _cmd_run(args: argparse.Namespace, *, debug: bool) -> int:
     pm, config = _load(args)
     summary = run_config(config, pm, debug=debug)
     for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace, *, debug: bool) -> int:
+    """``run`` for a job whose task is ``serve``; --host/--port are ``--set task.host/port``."""
+    if args.host is not None:
+        args.overrides.append(f"task.host={json.dumps(args.host)}")
+    if args.port is not None:
+        args.overrides.append(f"task.port={args.port}")
+    from t2i_engine.runner import run_config
+
+    if args.from_png is not None:
+        raise ConfigError("serve: give the job's TOML file ([task] name = \"serve\"), not --from-png")
+    pm, config = _load(args)
+    if config.task.name != "serve":
+        raise ConfigError(f"task.name: 't2i-engine serve' serves a job whose [task] name is \"serve\", this one's is "
+                          f"'{config.task.name}' (see docs/serving.md)")
+    for key, value in run_config(config, pm, debug=debug).items():
         print(f"{key}: {value}")
     return 0
 

@@ -22,14 +22,14 @@ from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
 from t2i_engine.tasks.common import build_model, inference_precision
 
-__all__ = ["SampleConfig", "SampleTask"]
+__all__ = ["SampleConfig", "SampleTask", "image_metadata", "sample_batch", "steps_run"]
 
 
 @attrs.frozen
 class SampleConfig:
     """``[task] name = "sample"``."""
 
-    prompts: list[str] = option(help="the prompts; images_per_prompt images each")
+    prompts: list[str] = option(factory=list, help="the prompts; images_per_prompt images each")
     negative_prompt: str = option(default="", help="what guidance steers away from ('' = unconditional)")
     width: int = option(default=512, validator=image_side, help="image width in pixels")
     height: int = option(default=512, validator=image_side, help="image height in pixels")
@@ -39,6 +39,16 @@ class SampleConfig:
     init_image: str | None = existing_path(default=None, kind="file", help="img2img: the source image")
     strength: float = option(default=0.8, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)],
                              help="img2img: fraction of the sampler steps run (1 = ignore the image)")
+    # --- batch generation over a prompt file (t2i_engine.tasks.batch, docs/batch-generation.md) ---
+    prompt_file: str | None = existing_path(default=None, kind="file",
+                                            help="instead of prompts: a file of prompts (text lines, .jsonl or "
+                                                 ".csv; path or fsspec URL), sharded across devices, resumable")
+    prompt_column: str = option(default="prompt", help="prompt_file .jsonl key / .csv column holding the prompt")
+    manifest: str = option(default="manifest.jsonl", help="prompt_file: the JSONL list of images, in output_dir")
+    devices: int = option(default=1, validator=attrs.validators.ge(1),
+                          help="prompt_file: processes per node (Fabric), each taking every devices*num_nodes-th batch")
+    num_nodes: int = option(default=1, validator=attrs.validators.ge(1),
+                            help="prompt_file: nodes (launch with torchrun or SLURM; Fabric reads the env)")
 
 
 def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
@@ -53,6 +63,56 @@ def _step_reporter(ctx: RunContext, bar: Any, total: int) -> StepCallback:
         ctx.plugins.hook.on_sample_step(step=int(info["i"]) + 1, total=total, sigma=float(info["sigma"]))
 
     return report
+
+
+def steps_run(sigmas: torch.Tensor, *, img2img: bool, strength: float) -> int:
+    """The sampler steps one image runs: all of them, or img2img's tail at ``strength``."""
+    if not img2img:
+        return len(sigmas) - 1
+    from t2i_engine.diffusion.samplers import img2img_start
+
+    return len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=strength, noise=torch.zeros(1))[0]) - 1
+
+
+def sample_batch(model: LatentDiffusionModel, prompts: list[str], seeds: list[int], *, config: SampleConfig,
+                 sampler: Any, sigmas: torch.Tensor, guidance: Any, device: torch.device, dtype: torch.dtype,
+                 autocast: Any, init: torch.Tensor | None = None, conditioners: Any = None,
+                 callback: StepCallback | None = None) -> torch.Tensor:
+    """Images ``(B, 3, H, W)`` in [-1, 1] for one sampler batch of a ``sample`` job, made as
+    :class:`SampleTask` makes them: each image's noise from its own seed, a generator seeded by
+    the batch's first seed, ``config``'s size and negative prompt, img2img from ``init``
+    ``(1, 3, H, W)`` at ``config.strength``; under ``autocast``."""
+    from t2i_engine.pipeline import generate, seeded_noise
+
+    f = model.autoencoder.downsample_factor
+    noise = seeded_noise(seeds, (model.autoencoder.latent_channels, config.height // f, config.width // f), dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seeds[0])
+    with autocast:
+        return generate(model, prompts, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
+                        negative_prompts=[config.negative_prompt] * len(prompts),
+                        init_images=None if init is None else init.expand(len(prompts), -1, -1, -1),
+                        strength=config.strength, generator=gen, callback=callback, conditioners=conditioners)
+
+
+def image_metadata(ctx: RunContext, model: LatentDiffusionModel, *, prompt: str, seed: int, size: tuple[int, int],
+                   steps: int, batch_prompts: list[str], batch_seeds: list[int]) -> dict[str, str]:
+    """The PNG text chunks of one image of a ``sample`` run (``ctx.config.task.options`` is its
+    :class:`SampleConfig`): prompt, seed, negative prompt, sampler, ``steps`` (of the full plan),
+    guidance scale, model, the img2img source, and the recipe
+    (:func:`~t2i_engine.utils.recipe.sample_png_metadata`)."""
+    from t2i_engine.diffusion.guidance import GuidanceConfig
+    from t2i_engine.utils.recipe import sample_png_metadata
+
+    c = ctx.config.task.options
+    guidance = ctx.config.guidance or GuidanceConfig()
+    meta = {"prompt": prompt, "seed": str(seed), "negative_prompt": c.negative_prompt,
+            "sampler": ctx.config.sampler.name, "steps": str(steps),  # type: ignore[union-attr]
+            "guidance_scale": str(guidance.guidance_scale),
+            "model": str(getattr(model, "description", None) or ctx.config.model.name)}  # type: ignore[union-attr]
+    if c.init_image is not None:
+        meta |= {"init_image": str(c.init_image), "strength": str(c.strength)}
+    return meta | sample_png_metadata(ctx, model, prompt=prompt, seed=seed, size=size,
+                                      batch_prompts=batch_prompts, batch_seeds=batch_seeds)
 
 
 class SampleTask:
@@ -76,12 +136,15 @@ class SampleTask:
         return prompts, seeds
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
+        if self.config.prompt_file is not None or self.config.devices > 1 or self.config.num_nodes > 1:
+            from t2i_engine.tasks.batch import run_batch
+
+            return run_batch(self.config, ctx)
         from tqdm.auto import tqdm
 
         from t2i_engine.diffusion.guidance import GuidanceConfig
         from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
         from t2i_engine.utils.images import save_png, to_pil
-        from t2i_engine.utils.recipe import sample_png_metadata
 
         c = self.config
         if ctx.config.sampler is None:
@@ -105,15 +168,7 @@ class SampleTask:
         sigmas = sampling_sigmas_for(sampler, model.schedule)  # float64: never in the model's precision
         out_dir = Path(ctx.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,
-                "steps": str(len(sigmas) - 1), "guidance_scale": str(guidance.guidance_scale),
-                "model": str(getattr(model, "description", None) or ctx.config.model.name)}  # type: ignore[union-attr]
-        total = len(sigmas) - 1  # steps each batch runs
-        if init is not None:
-            from t2i_engine.diffusion.samplers import img2img_start
-
-            meta |= {"init_image": str(c.init_image), "strength": str(c.strength)}
-            total = len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=c.strength, noise=torch.zeros(1))[0]) - 1
+        total = steps_run(sigmas, img2img=init is not None, strength=c.strength)  # steps each batch runs
         written: list[str] = []
         batches = range(0, len(prompts), c.batch_size)
         for b, start in enumerate(batches):
@@ -130,8 +185,8 @@ class SampleTask:
                                   callback=_step_reporter(ctx, bar, total=total), conditioners=conditioners)
             for prompt, seed, pil in zip(chunk, chunk_seeds, to_pil(images)):
                 path = out_dir / f"{len(written):05d}-{seed}.png"
-                recipe = sample_png_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size,
-                                             batch_prompts=chunk, batch_seeds=chunk_seeds)
-                save_png(pil, str(path), metadata={"prompt": prompt, "seed": str(seed), **meta, **recipe})
+                meta = image_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size, steps=len(sigmas) - 1,
+                                      batch_prompts=chunk, batch_seeds=chunk_seeds)
+                save_png(pil, str(path), metadata=meta)
                 written.append(str(path))
         return {"images": written}

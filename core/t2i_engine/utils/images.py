@@ -102,17 +102,21 @@ def make_grid(images: Tensor | Sequence[Tensor], *, nrow: int | None = None, pad
     return grid
 
 
+def png_bytes(image: Image.Image, *, metadata: Mapping[str, str] | None = None) -> bytes:
+    """``image`` encoded as PNG, with ``metadata`` as tEXt chunks."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, str(value))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
 def save_png(image: Image.Image, url: str, *, metadata: Mapping[str, str] | None = None) -> str:
     """Write ``image`` as PNG to a path or fsspec URL, with ``metadata`` as tEXt chunks.
 
     The write is atomic (:func:`t2i_engine.checkpoint.io.atomic_write_bytes`): a killed or failed
     write never leaves a truncated PNG under ``url``, so a resumed job can trust every file it finds.
     """
-
-    info = PngImagePlugin.PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(key, str(value))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    atomic_write_bytes(url, buffer.getvalue())
+    atomic_write_bytes(url, png_bytes(image, metadata=metadata))
     return url

@@ -1,0 +1,48 @@
+"""Two Fabric processes (ddp, gloo on the CPU) write the same files, pixel for pixel, and the same
+manifest as one process: the result does not depend on the number of ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tests.batch.test_prompt_file import PROMPTS, _job, write_prompts
+
+from t2i_engine.config.loader import load_config
+from t2i_engine.plugins.manager import EnginePluginManager
+from t2i_engine.runner import run_config
+
+
+def _pixels(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_writes(tmp_path):
+    prompts = tmp_path / "prompts.csv"
+    write_prompts(prompts, PROMPTS)
+    prompts.write_text(prompts.read_text(encoding="utf-8").replace("id,prompt", "id,caption"), encoding="utf-8")
+    job = _job(tmp_path, prompts, 'prompt_column = "caption"\nmanifest = "made.jsonl"')
+    pm = EnginePluginManager().load()
+    one = run_config(load_config(job, pm, overrides=["engine.output_dir='one'"]), pm)
+    assert (one["world_size"], one["images"]) == (1, 5)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "t2i_engine.cli", "run", str(job), "--set", "engine.output_dir='two'",
+                           "--set", "task.devices=2"], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "world_size: 2" in done.stdout
+    written = sorted(int(line.split(": ")[1]) for line in done.stdout.splitlines() if line.startswith("written: "))
+    assert written == [2, 3]  # batches of 2: rank 0 took batches 0 and 2 (3 images), rank 1 batch 1 (2 images)
+    a, b = _pixels(tmp_path / "one"), _pixels(tmp_path / "two")
+    assert list(a) == list(b) == ["000000-5.png", "000001-6.png", "000002-7.png", "000003-8.png", "000004-9.png"]
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    manifest = (tmp_path / "one" / "made.jsonl").read_text(encoding="utf-8")
+    assert manifest == (tmp_path / "two" / "made.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line)["prompt"] for line in manifest.splitlines()] == PROMPTS

@@ -13,7 +13,7 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 # --dist loadfile keeps a test file on one worker, so its module-scoped fixtures are built once.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test install bench wheels clean
+.PHONY: demo test install serve bench wheels clean
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "t2i-engine needs Python >= 3.11; $(PYTHON) is " + sys.version.split()[0] + " (pick another: make PYTHON=python3.12 ...)")'
@@ -30,6 +30,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/t2i-engine run examples/quickstart.toml
+
+# the web page and REST API on http://127.0.0.1:7860/ over the shipped shapes model (docs/serving.md)
+serve: $(STAMP)
+	$(VENV)/bin/t2i-engine serve examples/serve.toml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc

@@ -70,6 +70,6 @@ def refuse_conditioners(config: Any, task: Any) -> None:
         first = config.conditioners[0]
         raise ConfigError(f"conditioners: task '{config.task.name}' does not apply [[conditioners]] "
                           f"({len(config.conditioners)} given, the first '{first.name}'"
-                          f"{getattr(first, 'where', '')}); tasks that do: sample, sample-grid, train, "
-                          "precache. "
+                          f"{getattr(first, 'where', '')}); core tasks that do: sample, sample-grid, serve, "
+                          "train, precache (and plugin tasks that declare it). "
                           "Remove the entries or pick one of those tasks")

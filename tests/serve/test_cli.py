@@ -23,18 +23,22 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_serve_command_listens_generates_and_stops_on_ctrl_c(tmp_path):
     job = write_job(tmp_path, conditioners=False)
+    host = "127.0.0.2"  # another loopback address: --host (task.host) must be the one bound
     with socket.socket() as probe:  # a port free now, to see --port (task.port) used
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((host, 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "t2i_engine.cli", "serve", str(job), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "t2i_engine.cli", "serve", str(job), "--port", str(port),
+                             "--host", host],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # printed once the model is resident and the port bound
-        assert line.startswith("t2i-engine serve: model ") and "http://127.0.0.1:" in line, line
+        assert line.startswith("t2i-engine serve: model ") and f"http://{host}:" in line, line
         url = line.split(" on ", 1)[1].split("/ ", 1)[0]
-        assert url == f"http://127.0.0.1:{port}"
+        assert url == f"http://{host}:{port}"
+        with pytest.raises(httpx.ConnectError):  # not bound on the default address
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         with httpx.Client(base_url=url, timeout=60) as client:
             assert client.get("/").status_code == 200
             job_id = client.post("/api/generations", json={"prompt": "cli", "seed": 3}).json()["id"]

@@ -143,7 +143,7 @@ class SampleTask:
         from tqdm.auto import tqdm
 
         from t2i_engine.diffusion.guidance import GuidanceConfig
-        from t2i_engine.pipeline import generate, sampling_sigmas_for, seeded_noise
+        from t2i_engine.pipeline import sampling_sigmas_for
         from t2i_engine.utils.images import save_png, to_pil
 
         c = self.config
@@ -173,16 +173,11 @@ class SampleTask:
         batches = range(0, len(prompts), c.batch_size)
         for b, start in enumerate(batches):
             chunk, chunk_seeds = prompts[start:start + c.batch_size], seeds[start:start + c.batch_size]
-            noise = seeded_noise(chunk_seeds, (model.autoencoder.latent_channels, c.height // f, c.width // f),
-                                 dtype=dtype)
-            gen = torch.Generator(device=ctx.device).manual_seed(chunk_seeds[0])
-            with tqdm(total=total, desc=f"sample batch {b + 1}/{len(batches)}", unit="step", leave=False) as bar, \
-                    autocast:
-                images = generate(model, chunk, noise, sampler=sampler, sigmas=sigmas, guidance=guidance,
-                                  negative_prompts=[c.negative_prompt] * len(chunk),
-                                  init_images=None if init is None else init.expand(len(chunk), -1, -1, -1),
-                                  strength=c.strength, generator=gen,
-                                  callback=_step_reporter(ctx, bar, total=total), conditioners=conditioners)
+            with tqdm(total=total, desc=f"sample batch {b + 1}/{len(batches)}", unit="step", leave=False) as bar:
+                images = sample_batch(model, chunk, chunk_seeds, config=c, sampler=sampler, sigmas=sigmas,
+                                      guidance=guidance, device=ctx.device, dtype=dtype, autocast=autocast,
+                                      init=init, conditioners=conditioners,
+                                      callback=_step_reporter(ctx, bar, total=total))
             for prompt, seed, pil in zip(chunk, chunk_seeds, to_pil(images)):
                 path = out_dir / f"{len(written):05d}-{seed}.png"
                 meta = image_metadata(ctx, model, prompt=prompt, seed=seed, size=pil.size, steps=len(sigmas) - 1,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 
 from t2i_engine.config.fields import existing_path, option
 from t2i_engine.hookspecs import hookimpl
+from t2i_plugin_imagen.precond import Preconditioning
+from t2i_plugin_imagen.stage import NoiseAugConfig
+from t2i_plugin_imagen.word_t5 import WordT5Config
 
 
 def _positive(inst: Any, attr: attrs.Attribute, value: int) -> None:
@@ -42,7 +45,56 @@ def build_imagen(config: ImagenConfig) -> Any:
 build_imagen.Config = ImagenConfig  # type: ignore[attr-defined]
 
 
+@attrs.frozen
+class ImagenStageConfig:
+    """``[model] type = "imagen-stage"``: one Imagen UNet stage, from a file or built from keys."""
+
+    checkpoint: str | None = existing_path(default=None, kind="file",
+                                           help="a stage written by this plugin (.safetensors); or give the keys below")
+    unet_type: Literal["base", "sr"] | None = option(default=None, help="base UNet or Efficient U-Net (sr)")
+    unet: dict[str, Any] | None = option(default=None, help="the UNet's keys (NeMo's names, see docs/imagen.md)")
+    text: WordT5Config | None = option(default=None, help="the word-level T5 encoder")
+    precond: Preconditioning | None = option(default=None, help="edm (default) or continuous-ddpm")
+    image_size: int | None = option(default=None, help="the side this stage generates")
+    lowres_size: int | None = option(default=None, help="super-resolution: the side of the low-res input")
+    noise_aug: NoiseAugConfig | None = option(default=None, help="augmentation of the low-res input")
+    seed: int = option(default=0, help="initialisation seed of a stage built from keys")
+    save_dtype: Literal["float32", "float16"] = option(default="float32", help="dtype of the tensors save() writes")
+
+
+def build_imagen_stage(config: ImagenStageConfig) -> Any:
+    """An Imagen stage from ``checkpoint`` or, for training from scratch, from its keys."""
+    from t2i_plugin_imagen.stage import build_stage, load_imagen_stage
+
+    from t2i_engine.errors import ConfigError
+
+    keys = ("unet_type", "unet", "text", "precond", "image_size", "lowres_size", "noise_aug")
+    if config.checkpoint is not None:
+        given = [k for k in keys if getattr(config, k) is not None]
+        if given:
+            raise ConfigError(f"model: {', '.join(given)} cannot be set with checkpoint (the file holds the "
+                              "architecture); remove them or the checkpoint")
+        stage = load_imagen_stage(config.checkpoint)
+        stage.save_dtype = config.save_dtype
+        return stage
+    missing = [k for k in ("unet_type", "unet", "text", "image_size") if getattr(config, k) is None]
+    if missing:
+        raise ConfigError(f"model: an imagen-stage without checkpoint needs {', '.join(missing)}")
+    try:
+        stage = build_stage(unet_type=config.unet_type, unet=config.unet, text=config.text,  # type: ignore[arg-type]
+                            precond=config.precond or Preconditioning(), image_size=config.image_size,  # type: ignore[arg-type]
+                            lowres_size=config.lowres_size, noise_aug=config.noise_aug, seed=config.seed)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.unet: {e}") from e
+    stage.save_dtype = config.save_dtype
+    return stage
+
+
+build_imagen_stage.Config = ImagenStageConfig  # type: ignore[attr-defined]
+
+
 @hookimpl
 def register_models() -> dict[str, Any]:
-    """``imagen``: pixel-space DeepFloyd IF stages (the core's ``sample`` task drives stage I)."""
-    return {"imagen": build_imagen}
+    """``imagen``: pixel-space DeepFloyd IF stages (the core's ``sample`` task drives stage I);
+    ``imagen-stage``: an Imagen UNet stage (base or super-resolution) of this plugin's format."""
+    return {"imagen": build_imagen, "imagen-stage": build_imagen_stage}

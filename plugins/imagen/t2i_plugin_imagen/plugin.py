@@ -54,6 +54,8 @@ class ImagenStageConfig:
     unet_type: Literal["base", "sr"] | None = option(default=None, help="base UNet or Efficient U-Net (sr)")
     unet: dict[str, Any] | None = option(default=None, help="the UNet's keys (NeMo's names, see docs/imagen.md)")
     text: WordT5Config | None = option(default=None, help="the word-level T5 encoder")
+    text_from: str | None = existing_path(default=None, kind="file",
+                                          help="take the T5 encoder (keys and weights) from this stage file")
     precond: Preconditioning | None = option(default=None, help="edm (default) or continuous-ddpm")
     image_size: int | None = option(default=None, help="the side this stage generates")
     lowres_size: int | None = option(default=None, help="super-resolution: the side of the low-res input")
@@ -64,11 +66,11 @@ class ImagenStageConfig:
 
 def build_imagen_stage(config: ImagenStageConfig) -> Any:
     """An Imagen stage from ``checkpoint`` or, for training from scratch, from its keys."""
-    from t2i_plugin_imagen.stage import build_stage, load_imagen_stage
+    from t2i_plugin_imagen.stage import build_stage, load_imagen_stage, load_text_encoder, stage_text_config
 
     from t2i_engine.errors import ConfigError
 
-    keys = ("unet_type", "unet", "text", "precond", "image_size", "lowres_size", "noise_aug")
+    keys = ("unet_type", "unet", "text", "text_from", "precond", "image_size", "lowres_size", "noise_aug")
     if config.checkpoint is not None:
         given = [k for k in keys if getattr(config, k) is not None]
         if given:
@@ -77,15 +79,20 @@ def build_imagen_stage(config: ImagenStageConfig) -> Any:
         stage = load_imagen_stage(config.checkpoint)
         stage.save_dtype = config.save_dtype
         return stage
-    missing = [k for k in ("unet_type", "unet", "text", "image_size") if getattr(config, k) is None]
+    missing = [k for k in ("unet_type", "unet", "image_size") if getattr(config, k) is None]
+    if config.text is None and config.text_from is None:
+        missing.append("text (or text_from)")
     if missing:
         raise ConfigError(f"model: an imagen-stage without checkpoint needs {', '.join(missing)}")
     try:
-        stage = build_stage(unet_type=config.unet_type, unet=config.unet, text=config.text,  # type: ignore[arg-type]
+        text = config.text or stage_text_config(config.text_from)  # type: ignore[arg-type]
+        stage = build_stage(unet_type=config.unet_type, unet=config.unet, text=text,  # type: ignore[arg-type]
                             precond=config.precond or Preconditioning(), image_size=config.image_size,  # type: ignore[arg-type]
                             lowres_size=config.lowres_size, noise_aug=config.noise_aug, seed=config.seed)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model.unet: {e}") from e
+    if config.text_from is not None:
+        load_text_encoder(stage, config.text_from)
     stage.save_dtype = config.save_dtype
     return stage
 
@@ -98,3 +105,12 @@ def register_models() -> dict[str, Any]:
     """``imagen``: pixel-space DeepFloyd IF stages (the core's ``sample`` task drives stage I);
     ``imagen-stage``: an Imagen UNet stage (base or super-resolution) of this plugin's format."""
     return {"imagen": build_imagen, "imagen-stage": build_imagen_stage}
+
+
+@hookimpl
+def register_tasks() -> dict[str, Any]:
+    """``imagen-cascade`` (sample base -> SR stages into one grid) and ``imagen-shapes-eval``
+    (prompt adherence of a cascade on a shapes split)."""
+    from t2i_plugin_imagen.cascade_task import CascadeEvalTask, CascadeTask
+
+    return {"imagen-cascade": CascadeTask, "imagen-shapes-eval": CascadeEvalTask}

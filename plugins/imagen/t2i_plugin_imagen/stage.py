@@ -178,8 +178,8 @@ def safetensors_metadata(data: bytes) -> dict[str, str]:
     return dict(json.loads(data[8:8 + size]).get("__metadata__") or {})
 
 
-def load_imagen_stage(url: str) -> ImagenStage:
-    """A stage from a safetensors file written by :meth:`ImagenStage.save` (float32 weights)."""
+def _read_stage_file(url: str) -> tuple[dict[str, str], dict[str, dict[str, Tensor]]]:
+    """``(metadata, {"unet": state, "text_encoder": state})`` of a stage file (float32 tensors)."""
     from safetensors.torch import load
 
     from t2i_engine.checkpoint.io import read_bytes
@@ -192,6 +192,33 @@ def load_imagen_stage(url: str) -> ImagenStage:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{url}: not an Imagen stage file (metadata format {meta.get('format')!r}, "
                               f"expected {FORMAT!r})")
+    parts: dict[str, dict[str, Tensor]] = {"unet": {}, "text_encoder": {}}
+    for key, value in tensors.items():
+        head, _, rest = key.partition(".")
+        if head not in parts:
+            raise CheckpointError(f"{url}: unexpected tensor {key!r} (an Imagen stage has unet.* and text_encoder.*)")
+        parts[head][rest] = value.float()
+    return meta, parts
+
+
+def load_text_encoder(stage: ImagenStage, url: str) -> None:
+    """Replace ``stage``'s T5 weights by those of the stage file ``url`` (its keys must be the same)."""
+    meta, parts = _read_stage_file(url)
+    theirs = WordT5Config(**_meta_json(meta, "text", url))
+    if theirs != stage.text:
+        raise ConfigError(f"model.text_from: the text encoder of {url} ({theirs}) differs from model.text ({stage.text})")
+    load_state_dict_strict(stage.text_encoder.model, parts["text_encoder"], source=f"{url} (text_encoder)")
+
+
+def stage_text_config(url: str) -> WordT5Config:
+    """The word-level T5 keys of the stage file ``url``."""
+    meta, _ = _read_stage_file(url)
+    return WordT5Config(**_meta_json(meta, "text", url))
+
+
+def load_imagen_stage(url: str) -> ImagenStage:
+    """A stage from a safetensors file written by :meth:`ImagenStage.save` (float32 weights)."""
+    meta, parts = _read_stage_file(url)
     try:
         text = WordT5Config(**_meta_json(meta, "text", url))
         precond = Preconditioning(**_meta_json(meta, "precond", url))
@@ -201,12 +228,6 @@ def load_imagen_stage(url: str) -> ImagenStage:
                             lowres_size=_meta_json(meta, "lowres_size", url), noise_aug=aug)
     except (TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{url}: cannot rebuild the Imagen stage from its metadata: {e}") from e
-    parts: dict[str, dict[str, Tensor]] = {"unet": {}, "text_encoder": {}}
-    for key, value in tensors.items():
-        head, _, rest = key.partition(".")
-        if head not in parts:
-            raise CheckpointError(f"{url}: unexpected tensor {key!r} (an Imagen stage has unet.* and text_encoder.*)")
-        parts[head][rest] = value.float()
     load_state_dict_strict(stage.unet, parts["unet"], source=f"{url} (unet)")
     load_state_dict_strict(stage.text_encoder.model, parts["text_encoder"], source=f"{url} (text_encoder)")
     return stage.eval()

@@ -184,3 +184,40 @@ def test_unknown_or_inconsistent_keys_are_errors():
         _sr(atnn_enabled_at=[0, 1])
     with pytest.raises(ValueError, match="unet_type"):
         build_unet("xl", {})
+
+
+BASE_CHANGES = {"embed_dim": 4, "channel_mult": [1, 1], "num_res_blocks": [2, 1], "attention_resolutions": [16],
+                "per_head_channels": 8, "cond_dim": 4, "attention_type": "stacked", "feature_pooling_type": "mean",
+                "learned_sinu_pos_emb_dim": 0, "use_null_token": True, "init_conv_kernel_size": 5,
+                "scale_shift_norm": False, "resblock_updown": True, "resample_with_conv": False, "norm_groups": 2}
+SR_CHANGES = {"embed_dim": 4, "channel_mult": [1, 1, 2], "num_resblocks": [2, 1, 1], "atnn_enabled_at": [0, 1, 1],
+              "per_head_channels": 8, "attention_type": "stacked", "feature_pooling_type": "mean",
+              "learned_sinu_pos_emb_dim": 0, "use_null_token": True, "init_conv_kernel_size": 5,
+              "scale_shift_norm": False, "skip_connection_scaling": True, "norm_groups": 2}
+
+
+def _out(net, lowres: bool) -> torch.Tensor:
+    _randomize(net)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 3, 16, 16, generator=g), torch.randn(2, generator=g)
+    return net(x, t, _cond(2, lowres=torch.randn(2, 3, 8, 8, generator=g) if lowres else None))
+
+
+@pytest.mark.parametrize("key", sorted(BASE_CHANGES))
+def test_every_base_key_changes_the_output(key):
+    assert not torch.allclose(_out(_base(), False), _out(_base(**{key: BASE_CHANGES[key]}), False))
+
+
+@pytest.mark.parametrize("key", sorted(SR_CHANGES))
+def test_every_sr_key_changes_the_output(key):
+    assert not torch.allclose(_out(_sr(), True), _out(_sr(**{key: SR_CHANGES[key]}), True))
+
+
+def test_heads_dropout_and_lowres_keys():
+    a, b = _out(_base(per_head_channels=0, num_attn_heads=1), False), _out(_base(per_head_channels=0, num_attn_heads=4), False)
+    assert not torch.allclose(a, b)
+    net = _randomize(_base(dropout=0.5)).train()
+    x, t = torch.randn(1, 3, 16, 16), torch.randn(1)
+    assert not torch.allclose(net(x, t, _cond(1)), net(x, t, _cond(1)))
+    assert _out(_base(low_res_cond=True), True).shape == (2, 3, 16, 16)
+    assert not torch.allclose(_out(_sr(), True), _out(_sr(stride=2, noise_cond_aug=False), True))

@@ -50,7 +50,10 @@ class ImagenStageConfig:
     """``[model] type = "imagen-stage"``: one Imagen UNet stage, from a file or built from keys."""
 
     checkpoint: str | None = existing_path(default=None, kind="file",
-                                           help="a stage written by this plugin (.safetensors); or give the keys below")
+                                           help="a stage written by this plugin (.safetensors) or a NeMo Imagen "
+                                           ".nemo; or give the keys below")
+    t5: str | None = existing_path(default=None, kind="dir", help=".nemo only: the T5EncoderModel folder")
+    tokenizer: str | None = existing_path(default=None, kind="dir", help=".nemo only: the T5 tokenizer folder")
     unet_type: Literal["base", "sr"] | None = option(default=None, help="base UNet or Efficient U-Net (sr)")
     unet: dict[str, Any] | None = option(default=None, help="the UNet's keys (NeMo's names, see docs/imagen.md)")
     text: WordT5Config | None = option(default=None, help="the word-level T5 encoder")
@@ -71,6 +74,10 @@ def build_imagen_stage(config: ImagenStageConfig) -> Any:
     from t2i_engine.errors import ConfigError
 
     keys = ("unet_type", "unet", "text", "text_from", "precond", "image_size", "lowres_size", "noise_aug")
+    if config.checkpoint is not None and config.checkpoint.endswith(".nemo"):
+        return _nemo_stage(config)
+    if config.t5 is not None or config.tokenizer is not None:
+        raise ConfigError("model.t5 / model.tokenizer: only for a NeMo .nemo checkpoint")
     if config.checkpoint is not None:
         given = [k for k in keys if getattr(config, k) is not None]
         if given:
@@ -95,6 +102,22 @@ def build_imagen_stage(config: ImagenStageConfig) -> Any:
         load_text_encoder(stage, config.text_from)
     stage.save_dtype = config.save_dtype
     return stage
+
+
+def _nemo_stage(config: ImagenStageConfig) -> Any:
+    from t2i_plugin_imagen.nemo import load_nemo_stage
+
+    from t2i_engine.errors import ConfigError
+
+    given = [k for k in ("unet_type", "unet", "text", "text_from", "precond", "image_size", "noise_aug")
+             if getattr(config, k) is not None]
+    if given:
+        raise ConfigError(f"model: {', '.join(given)} cannot be set with a .nemo checkpoint (its model_config.yaml "
+                          "holds the architecture)")
+    if config.t5 is None or config.tokenizer is None:
+        raise ConfigError("model: a .nemo checkpoint needs t5 and tokenizer (NeMo encodes text with an external T5)")
+    return load_nemo_stage(config.checkpoint, t5=config.t5, tokenizer=config.tokenizer,  # type: ignore[arg-type]
+                           lowres_size=config.lowres_size)
 
 
 build_imagen_stage.Config = ImagenStageConfig  # type: ignore[attr-defined]

@@ -106,20 +106,20 @@ def if_folders(tmp_path_factory: pytest.TempPathFactory, t5_folders) -> dict[int
 WORDS = ["a", "on", "background", "circle", "square", "triangle", "red", "green", "blue", "white"]
 
 
-def tiny_stage(kind: str, *, seed: int = 0, **unet):
+def tiny_stage(kind: str, *, seed: int = 0, d_model: int = 16, **unet):
     """A tiny Imagen stage with random weights: ``base`` 8 px or ``sr`` 8 -> 16 px (EDM)."""
     from t2i_plugin_imagen.precond import Preconditioning
     from t2i_plugin_imagen.stage import NoiseAugConfig, build_stage
     from t2i_plugin_imagen.word_t5 import WordT5Config
 
-    text = WordT5Config(words=WORDS, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, token_length=8)
+    text = WordT5Config(words=WORDS, d_model=d_model, d_kv=4, d_ff=32, num_layers=1, num_heads=2, token_length=8)
     if kind == "base":
-        opts = dict(embed_dim=8, image_size=8, text_embed_dim=16, channel_mult=[1, 2], num_res_blocks=[1, 1], cond_dim=8,
+        opts = dict(embed_dim=8, image_size=8, text_embed_dim=d_model, channel_mult=[1, 2], num_res_blocks=[1, 1], cond_dim=8,
                     attention_resolutions=[4], per_head_channels=4, norm_groups=4)
         stage = build_stage(unet_type="base", unet={**opts, **unet}, text=text, precond=Preconditioning(), image_size=8,
                             lowres_size=None, seed=seed)
     else:
-        opts = dict(embed_dim=8, image_size=16, text_embed_dim=16, channel_mult=[1, 2], num_resblocks=[1, 1],
+        opts = dict(embed_dim=8, image_size=16, text_embed_dim=d_model, channel_mult=[1, 2], num_resblocks=[1, 1],
                     atnn_enabled_at=[0, 1], per_head_channels=4, norm_groups=4, noise_cond_aug=True,
                     skip_connection_scaling=True)
         stage = build_stage(unet_type="sr", unet={**opts, **unet}, text=text, precond=Preconditioning(), image_size=16,

@@ -83,3 +83,12 @@ def test_shapes_eval_scores_every_stage(tmp_path, stage_files):
     assert "stage1_16px" in summary and summary["targets_met"] in (True, False)
     with pytest.raises(ConfigError, match="data.size"):
         _run(tmp_path, "eval32", _stages(stage_files), task, data.replace("size = 16", "size = 32"))
+
+
+def test_core_sample_task_drives_a_base_stage(tmp_path, stage_files):
+    from PIL import Image
+
+    task = 'name = "sample"\nprompts = ["a red circle"]\nwidth = 8\nheight = 8'
+    model = f'[model]\ntype = "imagen-stage"\ncheckpoint = "{stage_files["base"]}"\n[sampler]\nname = "edm"\nsteps = 2\n'
+    summary = _run(tmp_path, "sample", model, task)
+    assert np.array(Image.open(summary["images"][0])).shape == (8, 8, 3)

@@ -160,3 +160,32 @@ def test_model_config_keys(tmp_path, stage_files, make_stage):
         str(tmp_path / "sr.safetensors")).values())
     with pytest.raises(ConfigError, match="needs lowres_size"):
         build_imagen_stage(ImagenStageConfig(unet_type="sr", unet=opts, image_size=16, text_from=str(stage_files["base"])))
+
+
+def test_seed_sample_sigma_and_image_size_keys(make_stage):
+    from t2i_plugin_imagen.cascade import sample_stage
+    from t2i_plugin_imagen.plugin import ImagenStageConfig, build_imagen_stage
+
+    from t2i_engine.diffusion.registry import SAMPLERS, ChurnConfig
+
+    base, sr = make_stage("base"), make_stage("sr")
+    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in __import__("attrs").asdict(base.unet.config).items()}
+    built = [build_imagen_stage(ImagenStageConfig(unet_type="base", unet=opts, text=base.text, image_size=8, seed=s))
+             for s in (0, 0, 1)]
+    weights = [next(iter(b.unet.parameters())) for b in built]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+    sampler = SAMPLERS["heun"](ChurnConfig(steps=2))
+    low, noise = torch.rand(1, 3, 8, 8) * 2 - 1, torch.randn(1, 3, 16, 16)
+
+    def run(stage, **kw):
+        return sample_stage(stage, ["a red circle"], noise, sampler=sampler, lowres=low,
+                            generator=torch.Generator().manual_seed(0), **kw)
+
+    default = run(sr)  # noise_aug.sample_sigma = 0.1
+    torch.testing.assert_close(default, run(sr, aug_sigma=0.1))
+    sr.noise_aug = NoiseAugConfig(train="loguniform", sample_sigma=0.5)
+    assert (run(sr) - default).abs().max() > 0
+    with pytest.raises(ConfigError, match="set \\[data\\] size = 8"):
+        base.trainable().training_loss(_batch(16), generator=None)
+    with pytest.raises(ValueError, match="needs lowres"):
+        sample_stage(sr, ["a"], noise, sampler=sampler)

@@ -189,3 +189,26 @@ def test_seed_sample_sigma_and_image_size_keys(make_stage):
         base.trainable().training_loss(_batch(16), generator=None)
     with pytest.raises(ValueError, match="needs lowres"):
         sample_stage(sr, ["a"], noise, sampler=sampler)
+
+
+@pytest.mark.parametrize("objective", ["eps", "x0"])
+def test_continuous_ddpm_stage_trains_and_samples(make_stage, objective):
+    from t2i_plugin_imagen.cascade import sample_stage
+    from t2i_plugin_imagen.precond import Preconditioning
+    from t2i_plugin_imagen.stage import ImagenStage
+
+    from t2i_engine.diffusion.registry import SAMPLERS, ChurnConfig, SamplerConfig
+
+    tiny = make_stage("sr")
+    stage = ImagenStage(tiny.unet, tiny.text_encoder, Preconditioning(kind="continuous-ddpm", objective=objective),
+                        image_size=16, lowres_size=8, noise_aug=tiny.noise_aug, text=tiny.text)
+    rec = Recorder(stage.unet)
+    loss = stage.trainable().training_loss(_batch(16), generator=torch.Generator().manual_seed(0))
+    assert math.isfinite(loss.item())
+    lam = rec.calls[0][1]  # the UNet's time input: the log-SNR, in the schedule's clipped range
+    assert lam.min() >= -15 and lam.max() <= 15
+    low = torch.rand(1, 3, 8, 8) * 2 - 1
+    for sampler in (SAMPLERS["ddpm"](SamplerConfig(steps=3)), SAMPLERS["heun"](ChurnConfig(steps=3))):
+        out = sample_stage(stage, ["a red circle"], torch.randn(1, 3, 16, 16), sampler=sampler, lowres=low,
+                           generator=torch.Generator().manual_seed(0))
+        assert out.shape == (1, 3, 16, 16) and torch.isfinite(out).all()

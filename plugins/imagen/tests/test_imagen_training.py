@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import math
 
+import attrs
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_plugin_imagen.stage import NoiseAugConfig, load_imagen_stage, lowres_extras
@@ -122,7 +124,7 @@ def test_two_step_training_and_round_trip(tmp_path, make_stage, kind):
 
 
 def test_stage_file_errors(tmp_path, stage_files):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     tensors = load_file(str(stage_files["base"]))
     save_file(tensors, str(tmp_path / "nometa.safetensors"))
@@ -148,7 +150,7 @@ def test_model_config_keys(tmp_path, stage_files, make_stage):
     with pytest.raises(ConfigError, match="needs unet_type, unet, image_size, text"):
         build_imagen_stage(ImagenStageConfig())
     sr = make_stage("sr")
-    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in __import__("attrs").asdict(sr.unet.config).items()}
+    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(sr.unet.config).items()}
     built = build_imagen_stage(ImagenStageConfig(unet_type="sr", unet=opts, image_size=16, lowres_size=8,
                                                  text_from=str(stage_files["base"]), save_dtype="float16"))
     base = load_imagen_stage(str(stage_files["base"]))
@@ -156,8 +158,7 @@ def test_model_config_keys(tmp_path, stage_files, make_stage):
         assert torch.equal(a, b)  # text_from: the base stage's T5 weights
     assert built.save_dtype == "float16"
     built.save(str(tmp_path / "sr.safetensors"))
-    assert all(v.dtype == torch.float16 for v in __import__("safetensors.torch").torch.load_file(
-        str(tmp_path / "sr.safetensors")).values())
+    assert all(v.dtype == torch.float16 for v in load_file(str(tmp_path / "sr.safetensors")).values())
     with pytest.raises(ConfigError, match="needs lowres_size"):
         build_imagen_stage(ImagenStageConfig(unet_type="sr", unet=opts, image_size=16, text_from=str(stage_files["base"])))
 
@@ -169,7 +170,7 @@ def test_seed_sample_sigma_and_image_size_keys(make_stage):
     from t2i_engine.diffusion.registry import SAMPLERS, ChurnConfig
 
     base, sr = make_stage("base"), make_stage("sr")
-    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in __import__("attrs").asdict(base.unet.config).items()}
+    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.asdict(base.unet.config).items()}
     built = [build_imagen_stage(ImagenStageConfig(unet_type="base", unet=opts, text=base.text, image_size=8, seed=s))
              for s in (0, 0, 1)]
     weights = [next(iter(b.unet.parameters())) for b in built]

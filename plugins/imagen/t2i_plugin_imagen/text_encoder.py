@@ -35,10 +35,12 @@ class T5TextEncoder(nn.Module):
             imagen-pytorch); IF keeps T5's own values there.
         lowercase: ``prompt.lower().strip()`` before tokenizing (IF's preprocessing without
             ``clean_caption``).
+        zero_empty: the prompt ``""`` encodes as all-zero states (NeMo Imagen's null text: caption
+            dropout in training and the unconditional branch of guidance both use it).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, max_length: int = 77, zero_padding: bool = False,
-                 lowercase: bool = True) -> None:
+                 lowercase: bool = True, zero_empty: bool = False) -> None:
         super().__init__()
         if max_length < 1:
             raise ValueError(f"T5 text encoder: max_length must be >= 1, got {max_length}")
@@ -47,6 +49,7 @@ class T5TextEncoder(nn.Module):
         self.max_length = max_length
         self.zero_padding = zero_padding
         self.lowercase = lowercase
+        self.zero_empty = zero_empty
 
     @property
     def dim(self) -> int:
@@ -84,4 +87,7 @@ class T5TextEncoder(nn.Module):
         hidden = self.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
         if self.zero_padding:
             hidden = hidden * mask[..., None].to(hidden.dtype)
+        if self.zero_empty:
+            real = torch.tensor([p.strip() != "" for p in prompts], device=device)
+            hidden = hidden * real[:, None, None].to(hidden.dtype)
         return TextEmbedding(hidden, mask)

@@ -101,3 +101,47 @@ def if_folders(tmp_path_factory: pytest.TempPathFactory, t5_folders) -> dict[int
     IFSuperResolutionPipeline(unet=tiny_if_unet(stage=2), scheduler=if_scheduler(), image_noising_scheduler=noising,
                               **common).save_pretrained(root / "stage2")
     return {1: root / "stage1", 2: root / "stage2"}
+
+
+WORDS = ["a", "on", "background", "circle", "square", "triangle", "red", "green", "blue", "white"]
+
+
+def tiny_stage(kind: str, *, seed: int = 0, d_model: int = 16, **unet):
+    """A tiny Imagen stage with random weights: ``base`` 8 px or ``sr`` 8 -> 16 px (EDM)."""
+    from t2i_plugin_imagen.precond import Preconditioning
+    from t2i_plugin_imagen.stage import NoiseAugConfig, build_stage
+    from t2i_plugin_imagen.word_t5 import WordT5Config
+
+    text = WordT5Config(words=WORDS, d_model=d_model, d_kv=4, d_ff=32, num_layers=1, num_heads=2, token_length=8)
+    if kind == "base":
+        opts = dict(embed_dim=8, image_size=8, text_embed_dim=d_model, channel_mult=[1, 2], num_res_blocks=[1, 1], cond_dim=8,
+                    attention_resolutions=[4], per_head_channels=4, norm_groups=4)
+        stage = build_stage(unet_type="base", unet={**opts, **unet}, text=text, precond=Preconditioning(), image_size=8,
+                            lowres_size=None, seed=seed)
+    else:
+        opts = dict(embed_dim=8, image_size=16, text_embed_dim=d_model, channel_mult=[1, 2], num_resblocks=[1, 1],
+                    atnn_enabled_at=[0, 1], per_head_channels=4, norm_groups=4, noise_cond_aug=True,
+                    skip_connection_scaling=True)
+        stage = build_stage(unet_type="sr", unet={**opts, **unet}, text=text, precond=Preconditioning(), image_size=16,
+                            lowres_size=8, noise_aug=NoiseAugConfig(train="loguniform", sample_sigma=0.1), seed=seed)
+    torch.manual_seed(seed + 7)
+    with torch.no_grad():  # zero-initialised layers would hide the network: randomize everything
+        for p in stage.unet.parameters():
+            p.normal_(0, 0.1)
+    return stage.eval()
+
+
+@pytest.fixture(scope="session")
+def make_stage():
+    """:func:`tiny_stage`."""
+    return tiny_stage
+
+
+@pytest.fixture(scope="session")
+def stage_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny base and SR stage files (float32), written by ``ImagenStage.save``."""
+    root = tmp_path_factory.mktemp("stages")
+    files = {"base": root / "base.safetensors", "sr": root / "sr.safetensors"}
+    tiny_stage("base").save(str(files["base"]))
+    tiny_stage("sr", seed=1).save(str(files["sr"]))
+    return files

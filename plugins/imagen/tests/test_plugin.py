@@ -95,7 +95,8 @@ def test_conforms_to_the_sdk_kit():
     import t2i_plugin_imagen.plugin as plugin
     from t2i_sdk.testing import check_plugin
 
-    assert check_plugin(plugin, name="imagen") == {"model": ["imagen"]}
+    assert check_plugin(plugin, name="imagen") == {"model": ["imagen", "imagen-stage"],
+                                                   "task": ["imagen-cascade", "imagen-shapes-eval"]}
 
 
 def test_precache_writes_t5_embeddings_and_masks(tmp_path, if_folders):

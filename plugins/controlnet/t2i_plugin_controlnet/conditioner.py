@@ -51,6 +51,8 @@ class ControlNetConditionerConfig:
         default="none", help="hint maker applied to the image: none (it is the hint) or canny (edges)")
     canny_low: float = option(default=0.1, validator=_unit, help="canny: low hysteresis threshold (kornia's units)")
     canny_high: float = option(default=0.2, validator=_unit, help="canny: high hysteresis threshold (kornia's units)")
+    only_mid_control: bool = option(default=False, help="add only the middle block's residual, none to the skips "
+                                                        "(the original code's only_mid_control)")
 
     def __attrs_post_init__(self) -> None:
         if self.canny_low >= self.canny_high:
@@ -60,22 +62,29 @@ class ControlNetConditionerConfig:
 class ControlNetConditioner(nn.Module):
     """A ControlNet as a conditioner (:class:`t2i_sdk.Conditioner`): ``condition()`` adds the
     hint (RGB in [0, 1]) to the conditioning, ``residuals()`` runs the network on the noisy
-    latents, the timestep and the text context. Its weights are frozen (training it is not
-    there yet)."""
+    latents, the timestep and the text context.
+
+    As a job's entry its weights are frozen and come from ``checkpoint``; the ``controlnet-train``
+    task gives it a network (``loaded``) and ``trainable=True``, and its training batches carry
+    the hint under ``batch_key``."""
 
     Config = ControlNetConditionerConfig
 
-    def __init__(self, config: ControlNetConditionerConfig) -> None:
+    def __init__(self, config: ControlNetConditionerConfig, *, loaded: Any = None, trainable: bool = False,
+                 batch_key: str = "hint") -> None:
         super().__init__()
         self.config = config
         self.key = f"controlnet_hint_{next(_ids)}"  # one extras key per entry: several may run together
         self.net: Any = None  # loaded by setup(model): original-layout files take the base UNet's architecture
+        self.loaded = loaded  # a LoadedControlNet given by a training task, used instead of the checkpoint
+        self.trainable = trainable
+        self.batch_key = batch_key
         self.channel_order = config.channel_order or "rgb"
         self.global_pool = bool(config.global_average_pooling)
 
     def setup(self, model: Any) -> None:
-        """Load the checkpoint and check that it fits the model's UNet (levels, context width,
-        latent factor)."""
+        """Load the checkpoint (unless a network was given) and check that it fits the model's
+        UNet (levels, context width, latent factor)."""
         from t2i_plugin_controlnet.formats import load_controlnet
 
         unet = model.denoiser
@@ -83,7 +92,7 @@ class ControlNetConditioner(nn.Module):
         if cfg is None or not hasattr(cfg, "channels"):
             raise ConfigError(f"{self.config.checkpoint}: ControlNet needs the core UNet as the model's denoiser, "
                               f"got {type(unet).__name__}")
-        loaded = load_controlnet(self.config.checkpoint, base=unet)
+        loaded = self.loaded if self.loaded is not None else load_controlnet(self.config.checkpoint, base=unet)
         own = loaded.net.config
         for what, mine, theirs in (("channels per level", own.unet.channels, cfg.channels),
                                    ("ResBlocks per level", own.unet.layers_per_block, cfg.layers_per_block),
@@ -96,7 +105,7 @@ class ControlNetConditioner(nn.Module):
             raise ConfigError(f"{self.config.checkpoint}: the hint encoder shrinks images {own.hint_factor}x but the "
                               f"model's autoencoder {factor}x; the ControlNet does not fit this model")
         param = next(unet.parameters(), None)
-        self.net = loaded.net.requires_grad_(False).to(param.device if param is not None else "cpu")
+        self.net = loaded.net.requires_grad_(self.trainable).to(param.device if param is not None else "cpu")
         self.channel_order = self.config.channel_order or loaded.channel_order
         self.global_pool = loaded.global_pool if self.config.global_average_pooling is None \
             else self.config.global_average_pooling
@@ -104,6 +113,8 @@ class ControlNetConditioner(nn.Module):
     def condition(self, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
         """Add the hint ``(B, 3, H, W)`` in [0, 1] (from the entry's ``inputs.image``, loaded in [-1, 1])."""
         image = inputs.images.get(HINT_INPUT)
+        if image is None and inputs.batch is not None and self.batch_key in inputs.batch:  # training
+            image = inputs.batch[self.batch_key].to(inputs.device, inputs.dtype)
         if image is None:
             given = ", ".join(sorted(inputs.images)) or "none"
             raise ConfigError(f"controlnet: the hint image is missing: give it as inputs = {{ {HINT_INPUT} = "
@@ -138,4 +149,4 @@ class ControlNetConditioner(nn.Module):
         if self.global_pool:
             down = [r.mean(dim=(2, 3), keepdim=True) for r in down]
             mid = mid.mean(dim=(2, 3), keepdim=True)
-        return Residuals(down=down, mid=mid)
+        return Residuals(down=None if self.config.only_mid_control else down, mid=mid)

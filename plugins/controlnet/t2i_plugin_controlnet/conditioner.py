@@ -115,6 +115,10 @@ class ControlNetConditioner(nn.Module):
         image = inputs.images.get(HINT_INPUT)
         if image is None and inputs.batch is not None and self.batch_key in inputs.batch:  # training
             image = inputs.batch[self.batch_key].to(inputs.device, inputs.dtype)
+        if image is None and inputs.batch is not None:
+            fields = ", ".join(sorted(str(k) for k in inputs.batch)) or "none"
+            raise ConfigError(f"controlnet: the training batch has no hint '{self.batch_key}' (its fields: {fields}); "
+                              "name the dataset's hint field with the task's hint_key")
         if image is None:
             given = ", ".join(sorted(inputs.images)) or "none"
             raise ConfigError(f"controlnet: the hint image is missing: give it as inputs = {{ {HINT_INPUT} = "

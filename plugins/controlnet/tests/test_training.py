@@ -287,3 +287,87 @@ def test_a_job_with_conditioners_or_sample_grids_is_refused(sd, tmp_path):
     data = _pairs(tmp_path / "fill")
     with pytest.raises(ConfigError, match="sample_every"):
         _run(_job(tmp_path, sd, data), "train.sample_every=1")
+
+
+def _captured(monkeypatch) -> dict:
+    """Replace the core loop by a stub that keeps the trainable it is given (no training)."""
+    import t2i_engine.training.loop as loop
+
+    seen: dict = {}
+
+    def fake_fit(model, dataset, cfg, **kw):
+        seen.update(model=model, dataset=dataset, cfg=cfg)
+        return {"step": 0, "interrupted": True}
+
+    monkeypatch.setattr(loop, "fit", fake_fit)
+    return seen
+
+
+def test_task_keys_reach_the_trainable(sd, tmp_path, monkeypatch):
+    seen = _captured(monkeypatch)
+    data = _pairs(tmp_path / "fill")
+    _run(_job(tmp_path, sd, data, task='empty_prompt_ratio = 0.25\nonly_mid_control = true\nhint_key = "src"\n'
+                                        'sd_locked = false\nexport_model = "sd"\n'))
+    t = seen["model"]
+    cond = t.conditioners.entries[0].conditioner
+    assert t.caption_dropout == 0.25 and not t.sd_locked and cond.config.only_mid_control and cond.batch_key == "src"
+    _run(_job(tmp_path / "b", sd, data))
+    t = seen["model"]
+    cond = t.conditioners.entries[0].conditioner
+    assert t.caption_dropout == 0.5 and t.sd_locked and not cond.config.only_mid_control and cond.batch_key == "hint"
+    assert cond.net.config.hint_channels == 3 and cond.net.config.hint_widths == WIDTHS
+
+
+def test_hint_channels_and_widths_shape_a_fresh_controlnet(sd, tmp_path, monkeypatch):
+    seen = _captured(monkeypatch)
+    data = _pairs(tmp_path / "fill")
+    _run(_job(tmp_path, sd, data, task="hint_channels = 1\n"))
+    net = seen["model"].conditioners.entries[0].conditioner.net
+    assert net.controlnet_cond_embedding.conv_in.weight.shape[1] == 1
+    job = _job(tmp_path / "w", sd, data)
+    job.write_text(job.read_text().replace("hint_widths = [16, 32]", "hint_widths = [8, 24]"))
+    _run(job)
+    assert seen["model"].conditioners.entries[0].conditioner.net.config.hint_widths == (8, 24)
+    job.write_text(job.read_text().replace("hint_widths = [8, 24]", ""))  # SD's 4 levels: factor 8, not 2
+    with pytest.raises(ConfigError, match="hint encoder shrinks images 8x but the model's autoencoder 2x"):
+        _run(job)
+
+
+def test_training_continues_from_a_given_controlnet(sd, tmp_path, monkeypatch):
+    data = _pairs(tmp_path / "fill")
+    first = _run(_job(tmp_path / "a", sd, data))["exported"]
+    seen = _captured(monkeypatch)
+    _run(_job(tmp_path / "b", sd, data, task=f'controlnet = "{first}"\n'))
+    net = seen["model"].conditioners.entries[0].conditioner.net
+    ref = load_controlnet(first).net.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in net.state_dict().items())
+    assert net.controlnet_mid_block.weight.requires_grad
+
+
+def test_a_webdataset_hint_key_is_read(sd, tmp_path):
+    import io
+    import tarfile
+
+    g = torch.Generator().manual_seed(2)
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(4):
+            for name in (f"{i}.jpg", f"{i}.hint.png"):
+                buf = io.BytesIO()
+                Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()).save(buf, "PNG")
+                info = tarfile.TarInfo(name)
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+            info = tarfile.TarInfo(f"{i}.txt")
+            info.size = 5
+            tar.addfile(info, io.BytesIO(b"a cat"))
+    job = _job(tmp_path, sd, tmp_path)
+    text = job.read_text()
+    data_table = text[text.index("[data]"):text.index("[train]")]
+    job.write_text(text.replace(data_table, f'[data]\ntype = "webdataset"\nurls = ["{shard}"]\n'
+                                            'paired_keys = ["hint.png"]\nresolution = 16\n'))
+    with pytest.raises(ConfigError, match=r"no hint 'hint' \(its fields: caption, hint.png, image, key\).*hint_key"):
+        _run(job)
+    out = _run(job, 'task.hint_key="hint.png"')
+    assert out["step"] == 2 and np.isfinite(out["loss"])

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import attrs
 from torch import Tensor, nn
 
-from t2i_plugin_controlnet.annotators import annotate
+from t2i_plugin_controlnet.annotators import ANNOTATORS, build_annotator
 from t2i_sdk import ConditionInputs, Conditioning, ConfigError, Residuals, existing_path, option
 
 __all__ = ["ControlNetConditioner", "ControlNetConditionerConfig"]
@@ -30,6 +30,11 @@ HINT_INPUT = "image"
 """The name of the hint in the entry's ``inputs`` table."""
 
 _ids = itertools.count()
+
+
+def _known_annotator(name: str) -> None:
+    if name not in ANNOTATORS:
+        raise ValueError(f"'annotator' must be one of {', '.join(ANNOTATORS)}, got {name!r}")
 _unit = [attrs.validators.gt(0.0), attrs.validators.le(1.0)]
 
 
@@ -47,8 +52,11 @@ class ControlNetConditionerConfig:
         default=None, help="average every residual over H and W (shuffle models); default: the checkpoint's")
     channel_order: Literal["rgb", "bgr"] | None = option(
         default=None, help="channel order the network expects the hint in; default: the checkpoint's")
-    annotator: Literal["none", "canny"] = option(
-        default="none", help="hint maker applied to the image: none (it is the hint) or canny (edges)")
+    annotator: str = option(default="none", validator=lambda _i, _a, v: _known_annotator(v),
+                            help="hint maker applied to the image: none (it is the hint), canny (edges), inpaint "
+                                 "(masked pixels -1), depth_midas (MiDaS DPT-Hybrid depth)")
+    midas_weights: str | None = existing_path(default=None, help="depth_midas: the dpt_hybrid-midas-501f0c75.pt "
+                                                                 "file (nothing is downloaded)")
     canny_low: float = option(default=0.1, validator=_unit, help="canny: low hysteresis threshold (kornia's units)")
     canny_high: float = option(default=0.2, validator=_unit, help="canny: high hysteresis threshold (kornia's units)")
     only_mid_control: bool = option(default=False, help="add only the middle block's residual, none to the skips "
@@ -79,6 +87,7 @@ class ControlNetConditioner(nn.Module):
         self.loaded = loaded  # a LoadedControlNet given by a training task, used instead of the checkpoint
         self.trainable = trainable
         self.batch_key = batch_key
+        self.annotator: Any = None  # built on first use (depth_midas loads its weights once)
         self.channel_order = config.channel_order or "rgb"
         self.global_pool = bool(config.global_average_pooling)
 
@@ -109,6 +118,7 @@ class ControlNetConditioner(nn.Module):
         self.channel_order = self.config.channel_order or loaded.channel_order
         self.global_pool = loaded.global_pool if self.config.global_average_pooling is None \
             else self.config.global_average_pooling
+        self.annotator = build_annotator(self.config)  # a missing file or package fails here, named
 
     def condition(self, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
         """Add the hint ``(B, 3, H, W)`` in [0, 1] (from the entry's ``inputs.image``, loaded in [-1, 1])."""
@@ -126,8 +136,9 @@ class ControlNetConditioner(nn.Module):
         if image.shape[1] != self.net.config.hint_channels:
             raise ConfigError(f"controlnet: the hint has {image.shape[1]} channels, the network takes "
                               f"{self.net.config.hint_channels}")
-        hint = annotate((image + 1) / 2, self.config.annotator, canny_low=self.config.canny_low,
-                        canny_high=self.config.canny_high)
+        if self.annotator is None:
+            self.annotator = build_annotator(self.config)
+        hint = self.annotator((image + 1) / 2, inputs=inputs.images)
         if self.channel_order == "bgr":
             hint = hint.flip(1)
         return cond.with_extras(**{self.key: hint})

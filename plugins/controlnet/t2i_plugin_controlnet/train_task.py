@@ -25,12 +25,14 @@ from typing import Any, Literal
 import attrs
 import torch
 from attrs.validators import ge, le
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from t2i_engine.config.fields import existing_path, option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 
-__all__ = ["ControlNetTrainConfig", "ControlNetTrainTask"]
+__all__ = ["ControlNetTrainConfig", "ControlNetTrainTask", "LatentPairs", "encode_once"]
 
 
 def _widths(_inst: Any, attribute: attrs.Attribute, value: list[int]) -> None:
@@ -54,6 +56,8 @@ class ControlNetTrainConfig:
     empty_prompt_ratio: float = option(default=0.5, validator=[ge(0.0), le(1.0)],
                                        help="fraction of samples whose prompt is replaced by '' (paper: 0.5)")
     hint_key: str = option(default="hint", help="the batch field holding the hint image")
+    precache_latents: int = option(default=0, validator=ge(0), help="encode the first N samples once (autoencoder "
+                                   "posterior means) and train on those; 0: encode every batch")
     export: str | None = option(default=None, help="write the trained ControlNet here (relative: inside "
                                 "engine.output_dir)")
     export_format: Literal["diffusers", "v1.1"] = option(default="diffusers", help="diffusers folder or "
@@ -61,6 +65,37 @@ class ControlNetTrainConfig:
     export_dtype: Literal["float32", "float16"] = option(default="float32", help="dtype of the exported weights")
     export_model: str | None = option(default=None, help="also write the SD model here (needed when "
                                       "sd_locked = false: its UNet decoder changed)")
+
+
+class LatentPairs(Dataset):
+    """Precomputed scaled latents with their captions and hints (what :func:`encode_once` makes)."""
+
+    def __init__(self, latents: Tensor, hints: Tensor, captions: list[str], *, hint_key: str) -> None:
+        self.latents, self.hints, self.captions, self.hint_key = latents, hints, captions, hint_key
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"latents": self.latents[index], self.hint_key: self.hints[index], "caption": self.captions[index]}
+
+
+@torch.no_grad()
+def encode_once(vae: Any, dataset: Any, *, count: int, hint_key: str, batch_size: int = 64) -> LatentPairs:
+    """The first ``count`` samples of a map-style paired ``dataset`` with their images encoded once
+    (posterior means times the latent scale, as the SD plugin's ``shapes-train`` does)."""
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise ConfigError("task.precache_latents: needs a map-style dataset (not a webdataset stream)")
+    count = min(count, len(dataset))
+    device = next(vae.parameters()).device
+    latents, hints, captions = [], [], []
+    for start in range(0, count, batch_size):
+        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        images = torch.stack([s["image"] for s in samples]).to(device)  # (B, 3, H, W)
+        latents.append(vae.moments(images)[0].cpu() * vae.scaling_factor)  # (B, C, h, w)
+        hints.append(torch.stack([s[hint_key] for s in samples]))
+        captions += [s["caption"] for s in samples]
+    return LatentPairs(torch.cat(latents), torch.cat(hints), captions, hint_key=hint_key)
 
 
 class ControlNetTrainTask:
@@ -126,6 +161,8 @@ class ControlNetTrainTask:
         trainable = ControlNetTrainable(model, chain, empty_prompt_ratio=c.empty_prompt_ratio,  # type: ignore[arg-type]
                                         sd_locked=c.sd_locked)
         dataset = ctx.plugins.build(ctx.config.data)
+        if c.precache_latents:
+            dataset = encode_once(model.autoencoder, dataset, count=c.precache_latents, hint_key=c.hint_key)
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                       hooks=ctx.plugins.hook, copy_ema=True)
         if summary["interrupted"]:

@@ -371,3 +371,24 @@ def test_a_webdataset_hint_key_is_read(sd, tmp_path):
         _run(job)
     out = _run(job, 'task.hint_key="hint.png"')
     assert out["step"] == 2 and np.isfinite(out["loss"])
+
+
+def test_precache_latents_encodes_the_samples_once(sd, tmp_path, monkeypatch):
+    from t2i_plugin_controlnet.train_task import LatentPairs
+
+    seen = _captured(monkeypatch)
+    data = _pairs(tmp_path / "fill")
+    _run(_job(tmp_path, sd, data, task="precache_latents = 3\n"))
+    cached, model = seen["dataset"], seen["model"].model
+    assert isinstance(cached, LatentPairs) and len(cached) == 3
+    from t2i_plugin_controlnet.data import PromptJsonConfig, PromptJsonPairs
+
+    raw = PromptJsonPairs(PromptJsonConfig(root=str(data), resolution=16, crop="random", hflip=True))
+    for i in range(3):
+        s = raw[i]
+        with torch.no_grad():
+            mean = model.vae.moments(s["image"][None])[0][0] * model.vae.scaling_factor
+        assert torch.allclose(cached[i]["latents"], mean, atol=1e-6)
+        assert torch.equal(cached[i]["hint"], s["hint"]) and cached[i]["caption"] == s["caption"]
+    _run(_job(tmp_path / "b", sd, data))
+    assert not isinstance(seen["dataset"], LatentPairs)

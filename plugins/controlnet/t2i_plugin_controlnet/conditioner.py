@@ -59,8 +59,8 @@ class ControlNetConditionerConfig:
                                                                  "file (nothing is downloaded)")
     canny_low: float = option(default=0.1, validator=_unit, help="canny: low hysteresis threshold (kornia's units)")
     canny_high: float = option(default=0.2, validator=_unit, help="canny: high hysteresis threshold (kornia's units)")
-    only_mid_control: bool = option(default=False, help="add only the middle block's residual, none to the skips "
-                                                        "(the original code's only_mid_control)")
+    only_mid_control: bool | None = option(default=None, help="add only the middle block's residual, none to the "
+                                           "skips (the original code's only_mid_control); default: the checkpoint's")
 
     def __attrs_post_init__(self) -> None:
         if self.canny_low >= self.canny_high:
@@ -90,6 +90,7 @@ class ControlNetConditioner(nn.Module):
         self.annotator: Any = None  # built on first use (depth_midas loads its weights once)
         self.channel_order = config.channel_order or "rgb"
         self.global_pool = bool(config.global_average_pooling)
+        self.only_mid = bool(config.only_mid_control)
 
     def setup(self, model: Any) -> None:
         """Load the checkpoint (unless a network was given) and check that it fits the model's
@@ -118,6 +119,7 @@ class ControlNetConditioner(nn.Module):
         self.channel_order = self.config.channel_order or loaded.channel_order
         self.global_pool = loaded.global_pool if self.config.global_average_pooling is None \
             else self.config.global_average_pooling
+        self.only_mid = loaded.only_mid_control if self.config.only_mid_control is None else self.config.only_mid_control
         self.annotator = build_annotator(self.config)  # a missing file or package fails here, named
 
     def condition(self, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
@@ -164,4 +166,4 @@ class ControlNetConditioner(nn.Module):
         if self.global_pool:
             down = [r.mean(dim=(2, 3), keepdim=True) for r in down]
             mid = mid.mean(dim=(2, 3), keepdim=True)
-        return Residuals(down=None if self.config.only_mid_control else down, mid=mid)
+        return Residuals(down=None if self.only_mid else down, mid=mid)

@@ -40,7 +40,7 @@ class ControlNetEvalConfig:
     scale: float = option(default=1.0, help="the ControlNet's scale")
     compare_without: bool = option(default=True, help="also sample without the ControlNet (the baseline)")
     grid: str | None = option(default="controlnet-eval-grid.png",
-                              help="rows of hint | with | without for the first 16 samples (none: no grid)")
+                              help="rows of hint | with | without for the first 16 samples (\"\": no grid)")
     iou_target: float = option(default=0.8, help="target mean IoU with the ControlNet")
     colour_target: float = option(default=0.95, help="target colour accuracy with the ControlNet")
     shape_target: float = option(default=0.95, help="target shape accuracy with the ControlNet")

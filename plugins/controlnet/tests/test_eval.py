@@ -74,3 +74,11 @@ def test_eval_needs_the_shapes_hints(sd_controlnets, tmp_path):
     sd, (net, _) = sd_controlnets
     with pytest.raises(ConfigError, match="controlnet-shapes"):
         _run(tmp_path, sd, net, data='type = "shapes"')
+
+
+def test_the_targets_decide_targets_met(sd_controlnets, tmp_path):
+    sd, (net, _) = sd_controlnets
+    low = ("task.iou_target=0.0", "task.colour_target=0.0", "task.shape_target=0.0", "task.compare_without=false")
+    assert _run(tmp_path / "a", sd, net, *low)["targets_met"] is True
+    for key in ("iou_target", "colour_target", "shape_target"):
+        assert _run(tmp_path / key, sd, net, *low, f"task.{key}=1.01")["targets_met"] is False

@@ -122,3 +122,18 @@ def test_outline_hints_are_the_border_of_the_mask():
     inner = torch.zeros_like(square)
     inner[3:7, 3:7] = True
     assert torch.equal(ring, square & ~inner)
+
+
+def test_prompt_json_column_names_are_keys(tmp_path):
+    root = tmp_path / "pairs"
+    root.mkdir()
+    g = torch.Generator().manual_seed(3)
+    (root / "a.png").write_bytes(_png(g, 16, 16))
+    (root / "b.png").write_bytes(_png(g, 16, 16))
+    (root / "pairs.jsonl").write_text(json.dumps({"cond": "a.png", "img": "b.png", "text": "t"}) + "\n")
+    cfg = PromptJsonConfig(root=str(root), resolution=16, prompt_file="pairs.jsonl", source_key="cond",
+                           target_key="img", prompt_key="text")
+    s = PromptJsonPairs(cfg)[0]
+    swapped = PromptJsonPairs(PromptJsonConfig(root=str(root), resolution=16, prompt_file="pairs.jsonl",
+                                               source_key="img", target_key="cond", prompt_key="text"))[0]
+    assert s["caption"] == "t" and torch.equal(s["hint"], swapped["image"]) and torch.equal(s["image"], swapped["hint"])

@@ -45,6 +45,13 @@ def test_the_original_layout_loads_back(net, tmp_path):
     x = torch.rand(1, 3, 64, 96) * 2 - 1
     with torch.no_grad():
         assert torch.equal(loaded(x), net(x))
+    from t2i_plugin_controlnet.annotators import build_annotator
+    from t2i_plugin_controlnet.conditioner import ControlNetConditionerConfig
+
+    image = torch.rand(1, 3, 64, 64)
+    annotator = build_annotator(ControlNetConditionerConfig(checkpoint="-", annotator="depth_midas",
+                                                            midas_weights=str(path)))  # the entry's keys
+    assert torch.equal(annotator(image, inputs={}), midas_depth_hint(net, image))
     torch.save({**state, "scratch.extra.weight": torch.zeros(1)}, path)
     with pytest.raises(CheckpointError, match="scratch.extra.weight"):
         load_midas(str(path))

@@ -204,3 +204,13 @@ def test_core_component_errors(tmp_path: Path, snippet: str, expected: str) -> N
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), pm)
     assert expected in str(info.value) and "job.toml:" in str(info.value)
+
+
+def test_a_task_may_change_the_train_tables_defaults(tmp_path: Path, pm: EnginePluginManager, monkeypatch) -> None:
+    """A task class's ``train_defaults`` replace [train]'s defaults; keys the job gives win."""
+    factory = pm.get("task", "demo-hello").factory
+    monkeypatch.setattr(factory, "train_defaults", {"lr": 1e-5, "batch_size": 3}, raising=False)
+    config = load_config(write(tmp_path, GOOD + "[train]\nbatch_size = 5\n"), pm)
+    assert config.train.lr == 1e-5 and config.train.batch_size == 5
+    monkeypatch.delattr(factory, "train_defaults")
+    assert load_config(write(tmp_path, GOOD + "[train]\nbatch_size = 5\n"), pm).train.lr == 1e-4

@@ -64,3 +64,15 @@ def test_largest_component_matches_scipy() -> None:
             expected = mask if n <= 1 else labelled == 1 + int(np.bincount(labelled.ravel())[1:].argmax())
             assert np.array_equal(_largest_component(mask), expected)
     assert not _largest_component(np.zeros((5, 5), dtype=bool)).any()
+
+
+def test_foreground_mask_is_where_the_shape_was_drawn() -> None:
+    from t2i_engine.data.shapes import shape_mask
+    from t2i_engine.data.shapes_eval import foreground_mask
+
+    ds = ShapesDataset(size=64, count=40, seed=5)
+    for i in range(len(ds)):
+        s = ds[i]
+        truth = shape_mask(ds.shapes[s["shape_label"]], size=64, cx=s["cx"], cy=s["cy"], radius=s["radius"])
+        assert (foreground_mask(s["image"], colours=ds.colours) == truth.numpy()).all()
+    assert not foreground_mask(torch.full((3, 16, 16), -1.0), colours=["red", "black"]).any()

@@ -251,7 +251,11 @@ def resolve_config(data: dict[str, Any], pm: EnginePluginManager, *, source: Pat
         if "train" in data:
             from t2i_engine.training.config import TrainConfig
 
-            train = structure(TrainConfig, data["train"], "train", locate)
+            table = data["train"]
+            # a task may change [train]'s defaults (ControlNet: lr 1e-5); keys the job gives win
+            defaults = getattr(pm.get("task", parts["task"].name).factory, "train_defaults", None) \
+                if "task" in parts and isinstance(table, dict) else None
+            train = structure(TrainConfig, {**defaults, **table} if defaults else table, "train", locate)
         guidance = None
         if "guidance" in data:
             from t2i_engine.diffusion.guidance import GuidanceConfig

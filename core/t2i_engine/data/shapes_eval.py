@@ -22,7 +22,7 @@ from torch import Tensor
 
 from t2i_engine.data.shapes import COLOURS, SHAPES, render_shape
 
-__all__ = ["ShapeLabels", "accuracy", "classify", "classify_batch", "format_table"]
+__all__ = ["ShapeLabels", "accuracy", "classify", "classify_batch", "foreground_mask", "format_table"]
 
 
 @attrs.frozen
@@ -80,18 +80,30 @@ def _shape_of(mask: np.ndarray, shapes: Sequence[str]) -> int:
     return int(np.argmax(ious))
 
 
+def _read(image: Tensor, colours: Sequence[str]) -> tuple[Tensor, int, np.ndarray]:
+    """``(nearest palette index per pixel (H, W), background index, shape mask (H, W) bool)``."""
+    palette = _palette(colours)  # (K, 3)
+    pixels = image.detach().float().cpu().permute(1, 2, 0)  # (H, W, 3)
+    nearest = torch.cdist(pixels.reshape(-1, 3), palette).argmin(dim=1).reshape(pixels.shape[:2])  # (H, W)
+    border = torch.cat([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
+    background = int(torch.bincount(border, minlength=len(colours)).argmax())
+    return nearest, background, _largest_component((nearest != background).numpy())
+
+
+def foreground_mask(image: Tensor, *, colours: Sequence[str]) -> np.ndarray:
+    """Where :func:`classify` finds the shape in ``image`` ``(3, H, W)`` in [-1, 1]: the largest
+    connected region of pixels not of the background's palette colour, ``(H, W)`` bool (all
+    False when there is none); to compare with where it should be (intersection over union)."""
+    return _read(image, colours)[2]
+
+
 def classify(image: Tensor, *, colours: Sequence[str], shapes: Sequence[str] = SHAPES) -> ShapeLabels:
     """Read ``(colour, shape, background)`` from one image ``(3, H, W)`` in [-1, 1].
 
     ``colours`` and ``shapes`` are the dataset's lists (``ShapesDataset.colours``/``.shapes``);
     the returned indices point into them, as the dataset's ``*_label`` fields do.
     """
-    palette = _palette(colours)  # (K, 3)
-    pixels = image.detach().float().cpu().permute(1, 2, 0)  # (H, W, 3)
-    nearest = torch.cdist(pixels.reshape(-1, 3), palette).argmin(dim=1).reshape(pixels.shape[:2])  # (H, W)
-    border = torch.cat([nearest[0], nearest[-1], nearest[1:-1, 0], nearest[1:-1, -1]])
-    background = int(torch.bincount(border, minlength=len(colours)).argmax())
-    mask = _largest_component((nearest != background).numpy())
+    nearest, background, mask = _read(image, colours)
     if not mask.any():
         return ShapeLabels(-1, -1, background)
     colour = int(torch.bincount(nearest[torch.from_numpy(mask)], minlength=len(colours)).argmax())

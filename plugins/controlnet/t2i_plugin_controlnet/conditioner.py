@@ -21,7 +21,7 @@ from typing import Any, Literal
 import attrs
 from torch import Tensor, nn
 
-from t2i_plugin_controlnet.annotators import annotate
+from t2i_plugin_controlnet.annotators import ANNOTATORS, build_annotator
 from t2i_sdk import ConditionInputs, Conditioning, ConfigError, Residuals, existing_path, option
 
 __all__ = ["ControlNetConditioner", "ControlNetConditionerConfig"]
@@ -30,6 +30,11 @@ HINT_INPUT = "image"
 """The name of the hint in the entry's ``inputs`` table."""
 
 _ids = itertools.count()
+
+
+def _known_annotator(name: str) -> None:
+    if name not in ANNOTATORS:
+        raise ValueError(f"'annotator' must be one of {', '.join(ANNOTATORS)}, got {name!r}")
 _unit = [attrs.validators.gt(0.0), attrs.validators.le(1.0)]
 
 
@@ -47,10 +52,15 @@ class ControlNetConditionerConfig:
         default=None, help="average every residual over H and W (shuffle models); default: the checkpoint's")
     channel_order: Literal["rgb", "bgr"] | None = option(
         default=None, help="channel order the network expects the hint in; default: the checkpoint's")
-    annotator: Literal["none", "canny"] = option(
-        default="none", help="hint maker applied to the image: none (it is the hint) or canny (edges)")
+    annotator: str = option(default="none", validator=lambda _i, _a, v: _known_annotator(v),
+                            help="hint maker applied to the image: none (it is the hint), canny (edges), inpaint "
+                                 "(masked pixels -1), depth_midas (MiDaS DPT-Hybrid depth)")
+    midas_weights: str | None = existing_path(default=None, help="depth_midas: the dpt_hybrid-midas-501f0c75.pt "
+                                                                 "file (nothing is downloaded)")
     canny_low: float = option(default=0.1, validator=_unit, help="canny: low hysteresis threshold (kornia's units)")
     canny_high: float = option(default=0.2, validator=_unit, help="canny: high hysteresis threshold (kornia's units)")
+    only_mid_control: bool | None = option(default=None, help="add only the middle block's residual, none to the "
+                                           "skips (the original code's only_mid_control); default: the checkpoint's")
 
     def __attrs_post_init__(self) -> None:
         if self.canny_low >= self.canny_high:
@@ -60,22 +70,31 @@ class ControlNetConditionerConfig:
 class ControlNetConditioner(nn.Module):
     """A ControlNet as a conditioner (:class:`t2i_sdk.Conditioner`): ``condition()`` adds the
     hint (RGB in [0, 1]) to the conditioning, ``residuals()`` runs the network on the noisy
-    latents, the timestep and the text context. Its weights are frozen (training it is not
-    there yet)."""
+    latents, the timestep and the text context.
+
+    As a job's entry its weights are frozen and come from ``checkpoint``; the ``controlnet-train``
+    task gives it a network (``loaded``) and ``trainable=True``, and its training batches carry
+    the hint under ``batch_key``."""
 
     Config = ControlNetConditionerConfig
 
-    def __init__(self, config: ControlNetConditionerConfig) -> None:
+    def __init__(self, config: ControlNetConditionerConfig, *, loaded: Any = None, trainable: bool = False,
+                 batch_key: str = "hint") -> None:
         super().__init__()
         self.config = config
         self.key = f"controlnet_hint_{next(_ids)}"  # one extras key per entry: several may run together
         self.net: Any = None  # loaded by setup(model): original-layout files take the base UNet's architecture
+        self.loaded = loaded  # a LoadedControlNet given by a training task, used instead of the checkpoint
+        self.trainable = trainable
+        self.batch_key = batch_key
+        self.annotator: Any = None  # built on first use (depth_midas loads its weights once)
         self.channel_order = config.channel_order or "rgb"
         self.global_pool = bool(config.global_average_pooling)
+        self.only_mid = bool(config.only_mid_control)
 
     def setup(self, model: Any) -> None:
-        """Load the checkpoint and check that it fits the model's UNet (levels, context width,
-        latent factor)."""
+        """Load the checkpoint (unless a network was given) and check that it fits the model's
+        UNet (levels, context width, latent factor)."""
         from t2i_plugin_controlnet.formats import load_controlnet
 
         unet = model.denoiser
@@ -83,7 +102,7 @@ class ControlNetConditioner(nn.Module):
         if cfg is None or not hasattr(cfg, "channels"):
             raise ConfigError(f"{self.config.checkpoint}: ControlNet needs the core UNet as the model's denoiser, "
                               f"got {type(unet).__name__}")
-        loaded = load_controlnet(self.config.checkpoint, base=unet)
+        loaded = self.loaded if self.loaded is not None else load_controlnet(self.config.checkpoint, base=unet)
         own = loaded.net.config
         for what, mine, theirs in (("channels per level", own.unet.channels, cfg.channels),
                                    ("ResBlocks per level", own.unet.layers_per_block, cfg.layers_per_block),
@@ -96,14 +115,22 @@ class ControlNetConditioner(nn.Module):
             raise ConfigError(f"{self.config.checkpoint}: the hint encoder shrinks images {own.hint_factor}x but the "
                               f"model's autoencoder {factor}x; the ControlNet does not fit this model")
         param = next(unet.parameters(), None)
-        self.net = loaded.net.requires_grad_(False).to(param.device if param is not None else "cpu")
+        self.net = loaded.net.requires_grad_(self.trainable).to(param.device if param is not None else "cpu")
         self.channel_order = self.config.channel_order or loaded.channel_order
         self.global_pool = loaded.global_pool if self.config.global_average_pooling is None \
             else self.config.global_average_pooling
+        self.only_mid = loaded.only_mid_control if self.config.only_mid_control is None else self.config.only_mid_control
+        self.annotator = build_annotator(self.config)  # a missing file or package fails here, named
 
     def condition(self, cond: Conditioning, inputs: ConditionInputs) -> Conditioning:
         """Add the hint ``(B, 3, H, W)`` in [0, 1] (from the entry's ``inputs.image``, loaded in [-1, 1])."""
         image = inputs.images.get(HINT_INPUT)
+        if image is None and inputs.batch is not None and self.batch_key in inputs.batch:  # training
+            image = inputs.batch[self.batch_key].to(inputs.device, inputs.dtype)
+        if image is None and inputs.batch is not None:
+            fields = ", ".join(sorted(str(k) for k in inputs.batch)) or "none"
+            raise ConfigError(f"controlnet: the training batch has no hint '{self.batch_key}' (its fields: {fields}); "
+                              "name the dataset's hint field with the task's hint_key")
         if image is None:
             given = ", ".join(sorted(inputs.images)) or "none"
             raise ConfigError(f"controlnet: the hint image is missing: give it as inputs = {{ {HINT_INPUT} = "
@@ -111,8 +138,9 @@ class ControlNetConditioner(nn.Module):
         if image.shape[1] != self.net.config.hint_channels:
             raise ConfigError(f"controlnet: the hint has {image.shape[1]} channels, the network takes "
                               f"{self.net.config.hint_channels}")
-        hint = annotate((image + 1) / 2, self.config.annotator, canny_low=self.config.canny_low,
-                        canny_high=self.config.canny_high)
+        if self.annotator is None:
+            self.annotator = build_annotator(self.config)
+        hint = self.annotator((image + 1) / 2, inputs=inputs.images)
         if self.channel_order == "bgr":
             hint = hint.flip(1)
         return cond.with_extras(**{self.key: hint})
@@ -138,4 +166,4 @@ class ControlNetConditioner(nn.Module):
         if self.global_pool:
             down = [r.mean(dim=(2, 3), keepdim=True) for r in down]
             mid = mid.mean(dim=(2, 3), keepdim=True)
-        return Residuals(down=down, mid=mid)
+        return Residuals(down=None if self.only_mid else down, mid=mid)

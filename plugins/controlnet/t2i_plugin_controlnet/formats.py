@@ -45,6 +45,7 @@ class LoadedControlNet:
     net: ControlNet
     channel_order: str = "rgb"  # controlnet_conditioning_channel_order
     global_pool: bool = False  # global_pool_conditions (shuffle models)
+    only_mid_control: bool = False  # only the middle residual is added (NeMo's only_mid_control)
     source: str = ""
 
 
@@ -111,7 +112,8 @@ def load_diffusers_folder(path: str) -> LoadedControlNet:
 
 
 def load_single_file(path: str, base: Any) -> LoadedControlNet:
-    """A ControlNet from one of lllyasviel's files (:mod:`t2i_plugin_controlnet.ldm`) for the
+    """A ControlNet from one of lllyasviel's files (:mod:`t2i_plugin_controlnet.ldm`) or a NeMo
+    ``.nemo`` archive (:mod:`t2i_plugin_controlnet.nemo`) for the
     core UNet ``base``, whose architecture the encoder copy takes."""
     from t2i_plugin_controlnet.ldm import from_ldm
     from t2i_plugin_sd.formats import read_state_dict
@@ -119,10 +121,16 @@ def load_single_file(path: str, base: Any) -> LoadedControlNet:
     if base is None or not hasattr(getattr(base, "config", None), "channels"):
         raise CheckpointError(f"{path}: an original-layout ControlNet file takes its architecture from the base "
                               "model's UNet; load it with one")
-    unet, widths, channels, state = from_ldm(read_state_dict(path), base.config, base_weights=base.state_dict(),
-                                             source=path)
+    from t2i_plugin_controlnet.nemo import is_nemo_archive, read_nemo_controlnet
+
+    only_mid = False
+    if is_nemo_archive(path):
+        raw, only_mid = read_nemo_controlnet(path, base)
+    else:
+        raw = read_state_dict(path)
+    unet, widths, channels, state = from_ldm(raw, base.config, base_weights=base.state_dict(), source=path)
     arch = ControlNetConfig(unet, hint_channels=channels, hint_widths=widths)
-    return LoadedControlNet(_build(arch, state, source=path), source=path)
+    return LoadedControlNet(_build(arch, state, source=path), only_mid_control=only_mid, source=path)
 
 
 def load_controlnet(path: str, *, base: Any = None) -> LoadedControlNet:

@@ -24,7 +24,7 @@ from t2i_engine.nn import ops
 from t2i_engine.nn.embeddings import TimestepEmbedding, timestep_embedding
 from t2i_engine.nn.unet import DownBlock, MidBlock, UNetConfig
 
-__all__ = ["ControlNet", "ControlNetConfig", "HintEncoder"]
+__all__ = ["ENCODER_PREFIXES", "ControlNet", "ControlNetConfig", "HintEncoder", "controlnet_from_unet"]
 
 
 def _ints(value: tuple[int, ...] | list[int]) -> tuple[int, ...]:
@@ -112,6 +112,28 @@ class ControlNet(nn.Module):
         h = self.mid_block(h, temb, context, mask)
         down = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         return down, self.controlnet_mid_block(h)
+
+
+ENCODER_PREFIXES = ("conv_in.", "time_embedding.", "down_blocks.", "mid_block.")
+"""The parameters a ControlNet shares (by name) with the UNet it copies: its encoder."""
+
+
+def controlnet_from_unet(unet: nn.Module, *, hint_channels: int = 3,
+                         hint_widths: tuple[int, ...] = (16, 32, 96, 256)) -> ControlNet:
+    """A fresh ControlNet for the core UNet ``unet`` (the paper's initialisation, diffusers'
+    ``ControlNetModel.from_unet``): the encoder (``conv_in``, time embedding, down blocks, mid
+    block) a copy of the UNet's weights, the hint encoder random but its last conv zero, every
+    zero conv zero, so its first residuals are exactly 0."""
+    net = ControlNet(ControlNetConfig(unet.config, hint_channels=hint_channels,  # type: ignore[arg-type]
+                                      hint_widths=hint_widths))
+    encoder = {k: v for k, v in unet.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+    missing, unexpected = net.load_state_dict(encoder, strict=False)
+    own = [k for k in missing if k.startswith(ENCODER_PREFIXES)]
+    if own or unexpected:  # the encoder copy must take every UNet encoder weight, and only those
+        raise ValueError(f"the ControlNet encoder does not match the UNet's: missing {own[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    param = next(unet.parameters(), None)
+    return net.to(param.device if param is not None else "cpu")
 
 
 def guess_mode_scales(n: int, *, law: str) -> Tensor:

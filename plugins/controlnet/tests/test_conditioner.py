@@ -173,3 +173,45 @@ def test_a_hint_of_the_wrong_size_is_an_error_saying_the_sizes(sd_controlnets, m
     cond = Conditioning(text=TextEmbedding(tokens=torch.zeros(1, 77, 32)), extras={conditioner.key: torch.zeros(1, 3, 12, 12)})
     with pytest.raises(ConfigError, match=r"the hint is \(12, 12\) pixels but the latents \(8, 8\) need \(16, 16\)"):
         conditioner.residuals(torch.zeros(1, 4, 8, 8), torch.tensor([10.0]), cond)
+
+
+def test_the_inpaint_annotator_sets_masked_pixels_to_minus_one():
+    """diffusers' make_inpaint_condition: the image in [0, 1], -1 where the mask is white."""
+    from t2i_plugin_controlnet.annotators import ANNOTATORS
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(2, 3, 8, 8, generator=g)
+    mask = -torch.ones(2, 3, 8, 8)
+    mask[:, :, 2:5, 3:7] = 1.0  # white: repaint
+    cfg = type("Cfg", (), {"annotator": "inpaint"})()
+    hint = ANNOTATORS["inpaint"](cfg)(image, inputs={"mask": mask})
+    ref = image.clone()
+    ref[:, :, 2:5, 3:7] = -1.0
+    assert torch.equal(hint, ref)
+    with pytest.raises(ConfigError, match="mask = "):
+        ANNOTATORS["inpaint"](cfg)(image, inputs={})
+
+
+def test_annotators_are_a_registry():
+    from t2i_plugin_controlnet.annotators import ANNOTATORS, register_annotator
+
+    assert {"none", "canny", "inpaint", "depth_midas"} <= set(ANNOTATORS)
+    with pytest.raises(ValueError, match="twice"):
+        register_annotator("canny")(lambda cfg: None)
+    try:
+        register_annotator("test-invert")(lambda cfg: (lambda image, *, inputs: 1 - image))
+        from t2i_plugin_controlnet.conditioner import ControlNetConditionerConfig
+
+        assert ControlNetConditionerConfig(checkpoint="-", annotator="test-invert").annotator == "test-invert"
+    finally:
+        ANNOTATORS.pop("test-invert", None)
+    with pytest.raises(ValueError, match="one of none, canny"):
+        ControlNetConditionerConfig(checkpoint="-", annotator="sobel")
+
+
+def test_depth_midas_without_weights_names_the_file():
+    from t2i_plugin_controlnet.annotators import build_annotator
+    from t2i_plugin_controlnet.conditioner import ControlNetConditionerConfig
+
+    with pytest.raises(ConfigError, match=r"midas_weights = \"path/to/dpt_hybrid-midas-501f0c75.pt\""):
+        build_annotator(ControlNetConditionerConfig(checkpoint="-", annotator="depth_midas"))

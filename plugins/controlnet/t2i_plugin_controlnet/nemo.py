@@ -17,28 +17,17 @@ training settings.
 
 from __future__ import annotations
 
-import tarfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
 
+from t2i_engine.checkpoint.nemo import is_nemo_archive, read_archive_weights
 from t2i_engine.errors import CheckpointError
 
 __all__ = ["is_nemo_archive", "read_nemo_controlnet"]
 
-WEIGHTS_MEMBER = "model_weights.ckpt"
 CONTROL = "control_model."
-
-
-def is_nemo_archive(path: str) -> bool:
-    """Whether ``path`` is a tar holding ``model_weights.ckpt`` (a ``.nemo`` archive)."""
-    p = Path(path)
-    if not p.is_file() or not tarfile.is_tarfile(p):
-        return False
-    with tarfile.open(p) as tar:
-        return any(Path(m.name).name == WEIGHTS_MEMBER for m in tar.getmembers())
 
 
 def _control_keys(sd: Mapping[str, Tensor], source: str) -> dict[str, Tensor]:
@@ -76,10 +65,10 @@ def read_nemo_controlnet(path: str, base: Any) -> tuple[dict[str, Tensor], bool]
     """``(state dict in the original layout with control_model.* keys, only_mid_control)`` of a
     NeMo ControlNet archive; ``base`` is the job's core UNet (checked against the yaml)."""
     from t2i_plugin_controlnet.ldm import from_ldm
-    from t2i_plugin_sd.nemo import _read_weights, read_config
+    from t2i_plugin_sd.nemo import read_config
 
     cfg = read_config(path)
-    control = _control_keys(_read_weights(path), path)
+    control = _control_keys(read_archive_weights(path), path)
     _, _, _, ours = from_ldm({CONTROL + k: v for k, v in control.items()}, base.config, base_weights=None, source=path)
     _check_architecture(cfg, ours, base, path)
     only_mid = cfg.get("only_mid_control", False)

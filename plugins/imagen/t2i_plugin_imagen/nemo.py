@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import io
 import tarfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict
+from t2i_engine.checkpoint.nemo import CONFIG_MEMBER, WEIGHTS_MEMBER, archive_member, read_archive_weights
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_imagen.imagen_unet import build_unet, unet_options
 from t2i_plugin_imagen.precond import Preconditioning
 from t2i_plugin_imagen.stage import ImagenStage
 from t2i_plugin_imagen.text_encoder import T5TextEncoder
 
-WEIGHTS_MEMBER = "model_weights.ckpt"
-CONFIG_MEMBER = "model_config.yaml"
 UNET_PREFIX = "model.model.unet."
 # unet: keys NeMo reads that do not change the forward pass (memory, kernels, backward numerics)
 NEUTRAL_UNET_KEYS = ("gradient_checkpointing", "stable_attention", "flash_attention")
@@ -37,13 +35,10 @@ _OBJECTIVES = {"noise": "eps", "x_start": "x0"}
 
 
 def _member(path: str, name: str) -> bytes:
-    with tarfile.open(path) as tar:
-        for m in tar.getmembers():
-            if m.isfile() and Path(m.name).name == name:
-                f = tar.extractfile(m)
-                if f is not None:
-                    return f.read()
-    raise CheckpointError(f"{path}: the .nemo archive has no {name}")
+    data = archive_member(path, name)
+    if data is None:
+        raise CheckpointError(f"{path}: the .nemo archive has no {name}")
+    return data
 
 
 def read_nemo(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -54,12 +49,7 @@ def read_nemo(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise CheckpointError(f"{path}: not a .nemo archive (a tar file)")
     cfg = yaml.safe_load(_member(path, CONFIG_MEMBER)) or {}
     cfg = cfg.get("model", cfg)
-    try:
-        state = torch.load(io.BytesIO(_member(path, WEIGHTS_MEMBER)), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"refusing to load {path}/{WEIGHTS_MEMBER}: it cannot be read with "
-                              f"torch.load(weights_only=True) ({e})") from e
-    return cfg, state.get("state_dict", state)
+    return cfg, read_archive_weights(path)
 
 
 def _precond(cfg: dict[str, Any], path: str) -> Preconditioning:

@@ -9,9 +9,7 @@ a :class:`CheckpointError` naming the field. docs/stable-diffusion.md ("NeMo .ne
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,14 +17,13 @@ from typing import Any
 from t2i_plugin_sd.ldm_config import read_yaml_config
 from torch import Tensor
 
+from t2i_engine.checkpoint.nemo import CONFIG_MEMBER, archive_member, is_nemo_archive, read_archive_weights
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_sd import keymaps
 from t2i_plugin_sd import nemo_keymaps as nk
 from t2i_plugin_sd.model import Weights
 from t2i_plugin_sd.presets import ScheduleConfig
 
-WEIGHTS_MEMBER = "model_weights.ckpt"
-CONFIG_MEMBER = "model_config.yaml"
 HF_TEXT = "cond_stage_model.transformer."
 TEXT_PAD_MULTIPLE = 8
 """NeMo's text embedders zero-pad the embedding sequence to a multiple of 8 tokens (77 -> 80)."""
@@ -47,62 +44,27 @@ class NemoArchive:
     name = "nemo"
 
     def detect(self, path: str) -> bool:
-        p = Path(path)
-        if not p.is_file() or not tarfile.is_tarfile(path):
-            return False
-        return WEIGHTS_MEMBER in _members(path)
+        return is_nemo_archive(path)
 
     def load(self, path: str) -> Weights:
         """Read the archive into our layout; the yaml's fields become hints or errors."""
         cfg = read_config(path)
-        sd = _read_weights(path)
+        sd = read_archive_weights(path)
         return nemo_to_weights(sd, cfg, source=path, base_dir=Path(path).parent)
 
 
 # --- reading the archive ----------------------------------------------------------------------
 
 
-def _members(path: str) -> dict[str, str]:
-    with tarfile.open(path) as tar:
-        return {Path(m.name).name: m.name for m in tar.getmembers() if m.isfile()}
-
-
-def _member_bytes(path: str, member: str) -> bytes | None:
-    name = _members(path).get(member)
-    if name is None:
-        return None
-    with tarfile.open(path) as tar:
-        f = tar.extractfile(name)
-        return f.read() if f is not None else None
-
-
 def read_config(path: str) -> dict[str, Any]:
     """The archive's ``model_config.yaml`` (``{}`` when absent), its ``model:`` level unwrapped."""
-    raw = _member_bytes(path, CONFIG_MEMBER)
+    raw = archive_member(path, CONFIG_MEMBER)
     if raw is None:
         return {}
     cfg = read_yaml_config(raw, source=f"{path}:{CONFIG_MEMBER}")
     if "unet_config" not in cfg and isinstance(cfg.get("model"), Mapping):
         cfg = cfg["model"]
     return dict(cfg)
-
-
-def _read_weights(path: str) -> dict[str, Tensor]:
-    import torch
-
-    raw = _member_bytes(path, WEIGHTS_MEMBER)
-    if raw is None:
-        raise CheckpointError(f"{path}: no {WEIGHTS_MEMBER} in the archive")
-    try:
-        sd = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"refusing {path}: its {WEIGHTS_MEMBER} cannot be read with "
-                              f"torch.load(weights_only=True) ({e})") from e
-    if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
-        sd = sd["state_dict"]
-    if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path}: {WEIGHTS_MEMBER} does not hold a flat state dict of tensors")
-    return dict(sd)
 
 
 # --- NeMo layout -> Weights -------------------------------------------------------------------

@@ -32,9 +32,11 @@ def instance_folder(root: Path, n: int = 3) -> Path:
     return root
 
 
-def job(tmp_path: Path, *, task: str = "", train: str = "", extra: str = "", name: str = "job") -> Path:
-    """A dreambooth job on the tiny random SD preset; ``task``/``train``/``extra`` add TOML lines."""
-    inst = instance_folder(tmp_path / "inst") if not (tmp_path / "inst").exists() else tmp_path / "inst"
+def job(tmp_path: Path, *, task: str = "", train: str = "", extra: str = "", name: str = "job",
+        instances: Path | None = None) -> Path:
+    """A dreambooth job on the tiny random SD preset; ``task``/``train``/``extra`` add TOML lines;
+    the instance images are ``instances`` (default: three captioned ones in ``tmp_path/inst``)."""
+    inst = instances or (tmp_path / "inst" if (tmp_path / "inst").exists() else instance_folder(tmp_path / "inst"))
     text = f"""
 [engine]
 plugins = ["sd", "dreambooth"]
@@ -45,7 +47,7 @@ output_dir = "{tmp_path / ('out-' + name)}"
 [task]
 name = "dreambooth"
 instance_data = "{inst}"
-resolution = {SIZE}
+{"" if "resolution" in task else f"resolution = {SIZE}"}
 {task}
 
 [model]

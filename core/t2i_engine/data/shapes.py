@@ -39,7 +39,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 EXTRA_SHAPES: tuple[str, ...] = ("plus", "star")
 """Shapes a ``shapes`` list may name beside :data:`SHAPES`; never in the default dataset, so a
 model trained on it has not seen them. ``plus``: a Greek cross, arms as wide as they are long
-(the DreamBooth demo teaches it); ``star``: a regular five-pointed star, one point up."""
+(the DreamBooth demo teaches it); ``star``: a regular five-pointed star, one point up (its points
+need a radius of about 8 pixels or more to be told from a triangle)."""
 
 ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
 

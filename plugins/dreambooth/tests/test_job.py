@@ -57,7 +57,7 @@ def _adapter(got: dict) -> Any:
 
 
 def test_lora_two_steps_writes_a_kohya_file_that_loads(tmp_path):
-    from t2i_engine.adapters import load_lora, read_lora_file
+    from t2i_engine.adapters import load_lora
     from t2i_plugin_sd.model import build_model
     from t2i_plugin_sd.presets import PRESETS
 

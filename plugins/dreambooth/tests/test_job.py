@@ -7,6 +7,7 @@ they check) so that the job runs in a second; the exports still run after it.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +253,20 @@ def test_uncaptioned_instance_without_prompt_and_missing_folder(tmp_path, captur
     (tmp_path / "gone.toml").write_text(text.replace(str(tmp_path / "inst"), str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match="instance_data"):
         _run(tmp_path / "gone.toml")
+
+
+def test_resume_continues_the_run_and_reuses_the_class_images(tmp_path):
+    """The core loop's resume through the DreamBooth wrapper: the checkpoint (model + adapter) loads
+    strictly, the step count continues, and no class image is sampled again."""
+    from safetensors.torch import load_file
+
+    task = 'class_prompt = "a circle"\nnum_class_images = 2\nlora_rank = 2'
+    first = _run(job(tmp_path, task=task, train="lr = 0.01", extra=PRIOR), "train.checkpoint_every=1")
+    lora_2 = load_file(first["lora"])
+    again = _run(job(tmp_path, task=task, train="lr = 0.01\nresume = true", extra=PRIOR),
+                 "train.checkpoint_every=1", "train.max_steps=3")
+    assert again["step"] == 3 and again["class_images_sampled"] == 0 and again["class_images_reused"] == 2
+    lora_3 = load_file(again["lora"])
+    assert lora_3.keys() == lora_2.keys() and any(not torch.equal(lora_3[k], lora_2[k]) for k in lora_2)
+    metrics = (tmp_path / "out-job" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in metrics] == [2, 3]  # each run logs its last step, once

@@ -64,7 +64,7 @@ class DreamBoothTask:
                 raise ConfigError(f"{unused[0]}: only prior preservation uses it, and prior_preservation = false; "
                                   "remove it or turn prior preservation on")
         train = ctx.config.train
-        if train is not None and train.strategy == "fsdp" and (c.export or c.method == "lora"):
+        if train is not None and train.strategy == "fsdp":
             raise ConfigError("train.strategy: 'fsdp' shards the weights; DreamBooth exports need them whole "
                               "(use 'ddp')")
 

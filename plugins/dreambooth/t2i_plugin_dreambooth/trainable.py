@@ -49,6 +49,8 @@ class DreamBoothTrainable(nn.Module):
             self._params = list(adapter.parameters())
         else:
             self._params = list(inner.trainable_parameters())  # type: ignore[operator]
+        if not callable(getattr(inner, "sample_images", None)):
+            self.sample_images = None  # the loop then skips its sample grids, as for the model alone
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """The adapter's parameters (LoRA), or the model's trainable ones (full fine-tune)."""
@@ -75,10 +77,7 @@ class DreamBoothTrainable(nn.Module):
     @torch.no_grad()
     def sample_images(self, prompts: list[str], *, generator: torch.Generator | None) -> Tensor:
         """The model's own TensorBoard samples (with the adapter applied), when it has them."""
-        fn = getattr(self.inner, "sample_images", None)
-        if fn is None:
-            raise AttributeError(f"{type(self.inner).__name__} cannot sample images")
-        return fn(prompts, generator=generator)
+        return self.inner.sample_images(prompts, generator=generator)  # type: ignore[operator]
 
     def enable_gradient_checkpointing(self) -> None:
         """The model's own switch when it has one, else the shared blocks it is built of."""

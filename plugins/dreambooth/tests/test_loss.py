@@ -74,6 +74,19 @@ def test_full_trains_the_models_own_parameters_and_lora_only_the_adapter():
     assert list(lora.trainable_parameters()) == params  # asked twice (optimizer, EMA): the same list
 
 
+def test_sample_grids_only_when_the_model_can_sample():
+    from t2i_engine.training.protocol import sample_method
+
+    assert sample_method(DreamBoothTrainable(Quadratic())) is None  # the loop skips its grids
+
+    class Sampling(Quadratic):
+        def sample_images(self, prompts, *, generator):
+            return torch.zeros(len(prompts), 3, 4, 4)
+
+    fn = sample_method(DreamBoothTrainable(Sampling()))
+    assert fn is not None and fn(["a", "b"], generator=None).shape == (2, 3, 4, 4)
+
+
 def test_dataset_pairs_instance_and_class_images_cyclically(tmp_path):
     inst = [ImageEntry(str(write_image(tmp_path / f"i{k}.png", fg=c)), f"a {c} sks", r)
             for k, (c, r) in enumerate([("red", 2), ("green", 1)])]

@@ -76,3 +76,52 @@ def test_foreground_mask_is_where_the_shape_was_drawn() -> None:
         truth = shape_mask(ds.shapes[s["shape_label"]], size=64, cx=s["cx"], cy=s["cy"], radius=s["radius"])
         assert (foreground_mask(s["image"], colours=ds.colours) == truth.numpy()).all()
     assert not foreground_mask(torch.full((3, 16, 16), -1.0), colours=["red", "black"]).any()
+
+
+def test_every_shape_at_random_sizes_and_places_is_detected() -> None:
+    """The detector test of the extra shapes: circle, square, triangle, plus and star rendered at
+    random radii and centres (and with noise) are each classified as themselves among all five.
+    (A star's points need a radius of about 8 pixels: its radius starts there.)"""
+    from t2i_engine.data.shapes import ALL_SHAPES, COLOURS, render_shape
+
+    g = torch.Generator().manual_seed(7)
+    colours = ["red", "green", "blue", "yellow", "purple", "white"]
+    for size in (32, 64):
+        for k, shape in enumerate(ALL_SHAPES):
+            for _ in range(12):
+                u = torch.rand(5, generator=g).tolist()
+                low = 8.0 / size if shape == "star" else 0.18
+                radius = size * (low + (0.35 - low) * u[0])
+                cx, cy = radius + (size - 2 * radius) * u[1], radius + (size - 2 * radius) * u[2]
+                fg, bg = int(u[3] * 6), (int(u[3] * 6) + 1 + int(u[4] * 5)) % 6
+                image = render_shape(shape, COLOURS[colours[fg]], COLOURS[colours[bg]], size=size, cx=cx, cy=cy,
+                                     radius=radius)
+                image = (image + 0.1 * torch.randn(image.shape, generator=g)).clamp(-1, 1)
+                assert classify(image, colours=colours, shapes=ALL_SHAPES) == ShapeLabels(fg, k, bg), (shape, size)
+
+
+def test_shape_bounds_are_the_bounding_boxes_of_large_renders() -> None:
+    """``shape_bounds`` (what the classifier fits) against the rendered masks' own extent."""
+    from t2i_engine.data.shapes import ALL_SHAPES, shape_bounds, shape_mask
+
+    size, radius = 400, 150.0
+    for shape in ALL_SHAPES:
+        ys, xs = torch.nonzero(shape_mask(shape, size=size, cx=200.0, cy=200.0, radius=radius), as_tuple=True)
+        left, top, right, bottom = shape_bounds(shape)
+        measured = ((xs.min() - 200) / radius, (ys.min() - 200) / radius, (xs.max() + 1 - 200) / radius,
+                    (ys.max() + 1 - 200) / radius)
+        # 3.5 px: a star's sharp tips lose about 2 px of pixel centres
+        assert all(abs(float(m) - b) <= 3.5 / radius for m, b in zip(measured, (left, top, right, bottom))), shape
+
+
+def test_extra_shapes_stay_out_of_the_default_dataset() -> None:
+    """The shipped shapes-64 model was trained on the default list: it must stay the three."""
+    from t2i_engine.data.shapes import EXTRA_SHAPES, SHAPES
+
+    assert ShapesDataset().shapes == list(SHAPES) == ["circle", "square", "triangle"]
+    assert {"plus", "star"} <= set(EXTRA_SHAPES) and not set(EXTRA_SHAPES) & set(SHAPES)
+    ds = ShapesDataset(size=32, count=4, shapes=["plus"], colours=["red", "blue"])
+    assert ds[0]["caption"] in ("a red plus on a blue background", "a blue plus on a red background")
+    assert ds.caption_of(0, 0, 1, words={"plus": "sks"}) == "a red sks on a blue background"
+    with pytest.raises(ValueError, match="hexagon"):
+        ShapesDataset(shapes=["hexagon"])

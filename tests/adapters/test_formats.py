@@ -174,6 +174,20 @@ def test_export_round_trip(tmp_path, save):
     torch.testing.assert_close(run(fresh), want, rtol=1e-6, atol=1e-6)
 
 
+def test_kohya_extra_metadata_is_written_but_cannot_replace_the_derived_keys(tmp_path):
+    from safetensors import safe_open
+
+    adapter = create_adapter(Toy(), ["to_q"], rank=2)
+    path = str(tmp_path / "meta.safetensors")
+    save_kohya(adapter, path, KEYMAP, metadata={"ss_num_train_images": "5", "ss_training_comment": "a trainer"})
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_num_train_images"] == "5" and meta["ss_training_comment"] == "a trainer"
+    assert meta["ss_network_dim"] == "2" and meta["ss_base_model_version"] == "toy"
+    with pytest.raises(ValueError, match="ss_network_dim"):
+        save_kohya(adapter, path, KEYMAP, metadata={"ss_network_dim": "64"})
+
+
 def test_adapters_entry_path_multiplier_partial(tmp_path):
     down, up = random_weights()
     save_file({"lora_unet_block_to_q.lora_down.weight": down, "lora_unet_block_to_q.lora_up.weight": up,

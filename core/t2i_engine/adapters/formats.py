@@ -245,11 +245,14 @@ def _common(values: list[Any]) -> Any:
     return Counter(values).most_common(1)[0][0]
 
 
-def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None) -> None:
+def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None,
+               metadata: Mapping[str, str] | None = None) -> None:
     """Write ``adapter`` as a kohya-ss LoRA (``lora_unet_*``/``lora_te_*`` with ``.lora_down``,
     ``.lora_up`` and ``.alpha``) with the ``ss_*`` metadata kohya's tools and A1111 read.
     ``ss_network_dim``/``ss_network_alpha`` say ``Dynamic`` where layers differ, as kohya's
-    ``resize_lora`` does. The multiplier is a load-time choice and is not written."""
+    ``resize_lora`` does. The multiplier is a load-time choice and is not written. ``metadata``
+    adds further header entries (a trainer's ``ss_num_train_images``, ``ss_max_train_steps`` ...);
+    it cannot replace the ones describing the weights."""
     tensors: dict[str, Tensor] = {}
     unknown = [name for name in adapter.names() if name not in keymap.targets]
     if unknown:
@@ -266,7 +269,10 @@ def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype
             "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
             "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
             "ss_base_model_version": keymap.base_model_version, "ss_v2": str(bool(keymap.v2))}
-    save_safetensors(tensors, url, metadata=meta, dtype=dtype)
+    clash = sorted(set(metadata or {}) & set(meta))
+    if clash:
+        raise ValueError(f"save_kohya: metadata {', '.join(clash)} is derived from the weights; leave it out")
+    save_safetensors(tensors, url, metadata={**meta, **{k: str(v) for k, v in (metadata or {}).items()}}, dtype=dtype)
 
 
 def save_peft(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None) -> str:

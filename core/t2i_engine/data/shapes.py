@@ -1,7 +1,7 @@
 """A procedural dataset of coloured shapes: "a red circle on a blue background".
 
-Every sample is a pure function of ``(seed, split, index)``: a shape (circle, square, triangle)
-of one colour, at a random position and size, on a background of another colour. The
+Every sample is a pure function of ``(seed, split, index)``: a shape (circle, square, triangle;
+or one of :data:`EXTRA_SHAPES` when the ``shapes`` key names it) of one colour, at a random position and size, on a background of another colour. The
 ``(colour, shape, background)`` combinations can be split so that a held-out set of captions
 never appears in training (an evaluation then prompts with unseen combinations). Each sample
 carries its ground-truth labels for pixel-classifier evaluation.
@@ -9,6 +9,8 @@ carries its ground-truth labels for pixel-classifier evaluation.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import attrs
@@ -20,7 +22,8 @@ from torch.utils.data import Dataset
 from t2i_engine.config.fields import option
 from t2i_engine.config.limits import image_side, seed_value
 
-__all__ = ["COLOURS", "SHAPES", "ShapesDataset", "render_shape", "shape_mask"]
+__all__ = ["ALL_SHAPES", "COLOURS", "EXTRA_SHAPES", "SHAPES", "ShapesDataset", "render_shape", "shape_bounds",
+           "shape_mask"]
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
@@ -31,6 +34,52 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 """Colour names and RGB values in [0, 1]."""
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+"""The shapes of the dataset by default (what the shipped shapes-64 model was trained on)."""
+
+EXTRA_SHAPES: tuple[str, ...] = ("plus", "star")
+"""Shapes a ``shapes`` list may name beside :data:`SHAPES`; never in the default dataset, so a
+model trained on it has not seen them. ``plus``: a Greek cross, arms as wide as they are long
+(the DreamBooth demo teaches it); ``star``: a regular five-pointed star, one point up (its points
+need a radius of about 8 pixels or more to be told from a triangle)."""
+
+ALL_SHAPES: tuple[str, ...] = SHAPES + EXTRA_SHAPES
+
+_STAR_INNER = math.sin(math.radians(18)) / math.sin(math.radians(54))
+"""Inner to outer radius of a regular five-pointed star (a pentagram's outline), about 0.382."""
+
+
+def _star_vertices(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    """The 10 corners of a five-pointed star, one point straight up, outer radius ``radius``."""
+    out = []
+    for k in range(10):
+        r = radius if k % 2 == 0 else radius * _STAR_INNER
+        angle = math.pi / 5 * k  # from "up", clockwise (y grows downwards)
+        out.append((cx + r * math.sin(angle), cy - r * math.cos(angle)))
+    return out
+
+
+def _inside_polygon(xs: Tensor, ys: Tensor, vertices: list[tuple[float, float]]) -> Tensor:
+    """Even-odd rule: a point is inside when a ray to its right crosses the outline an odd
+    number of times (works for the star's non-convex outline)."""
+    inside = torch.zeros(xs.shape, dtype=torch.bool)
+    for (x0, y0), (x1, y1) in zip(vertices, vertices[1:] + vertices[:1]):
+        if y0 == y1:
+            continue  # a horizontal edge is never crossed by a horizontal ray
+        straddles = (ys >= min(y0, y1)) & (ys < max(y0, y1))
+        x_cross = x0 + (ys - y0) * (x1 - x0) / (y1 - y0)
+        inside ^= straddles & (xs < x_cross)
+    return inside
+
+
+def shape_bounds(shape: str) -> tuple[float, float, float, float]:
+    """The bounding box ``(left, top, right, bottom)`` of a shape of radius 1 centred at 0
+    (y down): what :mod:`~t2i_engine.data.shapes_eval` fits into a region's bounding box."""
+    if shape in SHAPES or shape == "plus":
+        return (-1.0, -1.0, 1.0, 1.0)
+    if shape == "star":
+        xs, ys = zip(*_star_vertices(0.0, 0.0, 1.0))
+        return (min(xs), min(ys), max(xs), max(ys))
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
 
 
 def shape_mask(shape: str, *, size: int, cx: float, cy: float, radius: float) -> Tensor:
@@ -45,7 +94,12 @@ def shape_mask(shape: str, *, size: int, cx: float, cy: float, radius: float) ->
     if shape == "triangle":  # apex up, base at cy + radius, half-width radius at the base
         t = (dy + radius) / (2 * radius)  # 0 at the apex, 1 at the base
         return (t >= 0) & (t <= 1) & (dx.abs() <= t * radius)
-    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if shape == "plus":  # a Greek cross: arms of width 2/3 radius reaching `radius` from the centre
+        arm = radius / 3
+        return ((dx.abs() <= arm) & (dy.abs() <= radius)) | ((dy.abs() <= arm) & (dx.abs() <= radius))
+    if shape == "star":  # five points, one straight up; outer radius `radius`
+        return _inside_polygon(xs, ys, _star_vertices(cx, cy, radius))
+    raise ValueError(f"unknown shape {shape!r}; known: {', '.join(ALL_SHAPES)}")
 
 
 def render_shape(shape: str, fg: tuple[float, float, float], bg: tuple[float, float, float], *,
@@ -79,8 +133,8 @@ class ShapesConfig:
     seed: int = option(default=0, validator=seed_value, help="seed of the whole dataset")
     colours: list[str] = option(factory=_default_colours, validator=_known(tuple(COLOURS)),
                                 help="colour names used for shapes and backgrounds")
-    shapes: list[str] = option(factory=lambda: list(SHAPES), validator=_known(SHAPES),
-                               help="shape names used")
+    shapes: list[str] = option(factory=lambda: list(SHAPES), validator=_known(ALL_SHAPES),
+                               help="shape names used (default circle, square, triangle; also: plus, star)")
     split: Literal["all", "train", "heldout"] = option(
         default="all", validator=in_(("all", "train", "heldout")),
         help="which combinations: all, the training ones, or the held-out ones")
@@ -122,9 +176,11 @@ class ShapesDataset(Dataset):
             raise ValueError(f"split {config.split!r} is empty (heldout_fraction="
                              f"{config.heldout_fraction})")
 
-    def caption_of(self, colour: int, shape: int, background: int) -> str:
-        """The caption of a label triple."""
-        return f"a {self.colours[colour]} {self.shapes[shape]} on a {self.colours[background]} background"
+    def caption_of(self, colour: int, shape: int, background: int, *, words: Mapping[str, str] | None = None) -> str:
+        """The caption of a label triple; ``words`` spells shapes otherwise (``{"plus": "sks"}``:
+        a DreamBooth identifier in place of the shape's name)."""
+        name = self.shapes[shape]
+        return f"a {self.colours[colour]} {(words or {}).get(name, name)} on a {self.colours[background]} background"
 
     def __len__(self) -> int:
         return self.config.count

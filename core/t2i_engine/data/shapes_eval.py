@@ -7,8 +7,10 @@ scored exactly:
 * background colour: the palette colour most of the image border is nearest to;
 * shape mask: the largest connected region of pixels nearest to another palette colour;
 * shape colour: the palette colour most of the mask's pixels are nearest to;
-* shape class: the ideal shape (rendered by :func:`~t2i_engine.data.shapes.render_shape` into the
-  mask's bounding box) that overlaps the mask best (intersection over union).
+* shape class: the ideal shape (rendered by :func:`~t2i_engine.data.shapes.render_shape` so that
+  its own bounding box, :func:`~t2i_engine.data.shapes.shape_bounds`, fills the mask's) that
+  overlaps the mask best (intersection over union). The candidates are the ``shapes`` given:
+  the dataset's three, or with :data:`~t2i_engine.data.shapes.EXTRA_SHAPES` such as the star.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from t2i_engine.data.shapes import COLOURS, SHAPES, render_shape
+from t2i_engine.data.shapes import COLOURS, SHAPES, render_shape, shape_bounds
 
 __all__ = ["ShapeLabels", "accuracy", "classify", "classify_batch", "foreground_mask", "format_table"]
 
@@ -70,9 +72,12 @@ def _shape_of(mask: np.ndarray, shapes: Sequence[str]) -> int:
     if len(ys) == 0:
         return -1
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    cx, cy, radius = (x0 + x1) / 2, (y0 + y1) / 2, ((x1 - x0) + (y1 - y0)) / 4
     ious = []
     for name in shapes:
+        left, top, right, bottom = shape_bounds(name)  # radius 1, centred at 0
+        radius = ((x1 - x0) / (right - left) + (y1 - y0) / (bottom - top)) / 2
+        cx = (x0 + x1) / 2 - (left + right) / 2 * radius
+        cy = (y0 + y1) / 2 - (top + bottom) / 2 * radius
         ideal = render_shape(name, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), size=max(mask.shape), cx=float(cx),
                              cy=float(cy), radius=float(radius))[0].numpy() > 0  # (S, S) bool
         ideal = ideal[: mask.shape[0], : mask.shape[1]]

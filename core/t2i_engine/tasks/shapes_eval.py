@@ -30,6 +30,10 @@ class ShapesEvalConfig:
     grid: str | None = option(default="eval-grid.png", help="a grid of the first 64 images (none: no grid)")
     colour_target: float = option(default=0.97, help="target accuracy of shape and background colour")
     shape_target: float = option(default=0.90, help="target accuracy of the shape class")
+    shape_words: dict[str, str] = option(factory=dict, help="prompt word for a shape, e.g. { plus = \"sks\" } "
+                                         "(a DreamBooth identifier); default: the shape's name")
+    classifier_shapes: list[str] | None = option(default=None, help="shapes the classifier chooses among "
+                                                 "(default: the dataset's); must include the dataset's")
 
 
 class ShapesEvalTask:
@@ -51,18 +55,25 @@ class ShapesEvalTask:
         data = ctx.plugins.build(ctx.config.data)
         if not isinstance(data, ShapesDataset):
             raise ConfigError(f"shapes-eval: [data] type {ctx.config.data.name!r} is not the shapes dataset")
-        truth = [ShapeLabels(*combo) for combo in data.combinations for _ in range(c.images_per_prompt)]
+        unknown = sorted(set(c.shape_words) - set(data.shapes))
+        if unknown:
+            raise ConfigError(f"task.shape_words: {', '.join(unknown)} is not a shape of [data] "
+                              f"({', '.join(data.shapes)})")
+        candidates = self._candidates(data.shapes)
+        truth = [ShapeLabels(colour, candidates.index(data.shapes[shape]), background)
+                 for colour, shape, background in data.combinations for _ in range(c.images_per_prompt)]
         side = data.config.size
         require_image_memory("task.batch_size", width=side, height=side, batch=min(c.batch_size, len(truth)),
                              device=ctx.device)  # one sampler batch on the device ...
         require_image_memory("task.images_per_prompt", width=side, height=side, batch=len(truth),
                              device=torch.device("cpu"))  # ... and every image, gathered on the CPU
         model, sampler, precision = model_and_sampler(ctx, task="shapes-eval")
-        prompts = [data.caption_of(t.colour, t.shape, t.background) for t in truth]
+        prompts = [data.caption_of(*combo, words=c.shape_words) for combo in data.combinations
+                   for _ in range(c.images_per_prompt)]
         seeds = [ctx.seed + i for i in range(len(prompts))]
         images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance,
                                 size=data.config.size, batch_size=c.batch_size, desc="eval", precision=precision)
-        scores = accuracy(classify_batch(images, colours=data.colours, shapes=data.shapes), truth)
+        scores = accuracy(classify_batch(images, colours=data.colours, shapes=candidates), truth)
         targets = {"colour": c.colour_target, "background": c.colour_target, "shape": c.shape_target}
         print(format_table(scores, count=len(truth), targets=targets))
         summary: dict[str, Any] = {"images": len(truth), "prompts": len(data.combinations), **scores,
@@ -72,3 +83,15 @@ class ShapesEvalTask:
             save_png(make_grid(images[:64], nrow=8), path, metadata={"prompts": "\n".join(prompts[:64])})
             summary["grid"] = path
         return summary
+
+    def _candidates(self, shapes: list[str]) -> list[str]:
+        from t2i_engine.data.shapes import ALL_SHAPES
+
+        chosen = self.config.classifier_shapes
+        if chosen is None:
+            return list(shapes)
+        bad = sorted(set(chosen) - set(ALL_SHAPES)) or sorted(set(shapes) - set(chosen))
+        if bad or len(set(chosen)) != len(chosen):
+            raise ConfigError(f"task.classifier_shapes: {chosen} must name known shapes ({', '.join(ALL_SHAPES)}) "
+                              f"once each and include every shape of [data] ({', '.join(shapes)})")
+        return list(chosen)

@@ -8,6 +8,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.t2i-installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
+# each model plugin's embedded demo (a tiny model it trained itself on the shapes data)
+DEMOS   := $(wildcard examples/*-demo.toml)
 # pytest-xdist workers for `make test`: in one process the suite takes about 10 minutes on the
 # 2-core development machine; override with `make test TEST_WORKERS=4` (or 0 for one process).
 # --dist loadfile keeps a test file on one worker, so its module-scoped fixtures are built once.
@@ -30,6 +32,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/t2i-engine run examples/quickstart.toml
+	@set -e; for job in $(DEMOS); do echo "== $$job"; $(VENV)/bin/t2i-engine run $$job; done
 
 # the web page and REST API on http://127.0.0.1:7860/ over the shipped shapes model (docs/serving.md)
 serve: $(STAMP)

@@ -36,6 +36,19 @@ class ShapesEvalConfig:
                                                  "(default: the dataset's); must include the dataset's")
 
 
+def shapes_data(ctx: RunContext, *, task: str) -> Any:
+    """The job's ``[data]`` as a :class:`~t2i_engine.data.shapes.ShapesDataset`, for an evaluation
+    task named ``task``; a ConfigError when the table is missing or of another type."""
+    from t2i_engine.data.shapes import ShapesDataset
+
+    if ctx.config.data is None:
+        raise ConfigError(f"{task} needs a [data] table (type = \"shapes\", split = \"heldout\")")
+    data = ctx.plugins.build(ctx.config.data)
+    if not isinstance(data, ShapesDataset):
+        raise ConfigError(f"{task}: [data] type {ctx.config.data.name!r} is not the shapes dataset")
+    return data
+
+
 class ShapesEvalTask:
     """Sample every prompt of a shapes split and score the images with the pixel classifier."""
 
@@ -45,16 +58,11 @@ class ShapesEvalTask:
         self.config = config
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
-        from t2i_engine.data.shapes import ShapesDataset
         from t2i_engine.data.shapes_eval import ShapeLabels, accuracy, classify_batch, format_table
         from t2i_engine.utils.images import make_grid, save_png
 
         c = self.config
-        if ctx.config.data is None:
-            raise ConfigError("shapes-eval needs a [data] table (type = \"shapes\", split = \"heldout\")")
-        data = ctx.plugins.build(ctx.config.data)
-        if not isinstance(data, ShapesDataset):
-            raise ConfigError(f"shapes-eval: [data] type {ctx.config.data.name!r} is not the shapes dataset")
+        data = shapes_data(ctx, task="shapes-eval")
         unknown = sorted(set(c.shape_words) - set(data.shapes))
         if unknown:
             raise ConfigError(f"task.shape_words: {', '.join(unknown)} is not a shape of [data] "

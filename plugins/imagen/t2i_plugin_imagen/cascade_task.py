@@ -177,16 +177,12 @@ class CascadeEvalTask:
         self.config = config
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
-        from t2i_engine.data.shapes import ShapesDataset
         from t2i_engine.data.shapes_eval import ShapeLabels, accuracy, classify_batch, format_table
+        from t2i_engine.tasks.shapes_eval import shapes_data
         from t2i_engine.utils.images import make_grid, save_png
 
         c = self.config
-        if ctx.config.data is None:
-            raise ConfigError("imagen-shapes-eval needs a [data] table (type = \"shapes\", split = \"heldout\")")
-        data = ctx.plugins.build(ctx.config.data)
-        if not isinstance(data, ShapesDataset):
-            raise ConfigError(f"imagen-shapes-eval: [data] type {ctx.config.data.name!r} is not the shapes dataset")
+        data = shapes_data(ctx, task="imagen-shapes-eval")
         stages = build_stages(ctx, c.stages)
         if stages[-1].stage.image_size != data.config.size:
             raise ConfigError(f"data.size: the cascade ends at {stages[-1].stage.image_size} px, not {data.config.size}")

@@ -179,7 +179,7 @@ def run_batch(config: Any, ctx: RunContext) -> Mapping[str, Any]:
     from t2i_engine.diffusion.guidance import GuidanceConfig
     from t2i_engine.pipeline import sampling_sigmas_for
     from t2i_engine.tasks.common import build_model, inference_precision, output_path
-    from t2i_engine.tasks.sample import image_metadata, sample_batch, steps_run
+    from t2i_engine.tasks.sample import check_output_size, image_metadata, sample_batch, steps_run
     from t2i_engine.utils.images import save_png, to_pil
 
     _check(config)
@@ -192,10 +192,7 @@ def run_batch(config: Any, ctx: RunContext) -> Mapping[str, Any]:
     out_dir = Path(ctx.output_dir)
     sampler = ctx.plugins.build(ctx.config.sampler)
     model = build_model(ctx, task="sample")
-    f = model.autoencoder.downsample_factor
-    if config.width % f or config.height % f:
-        raise ConfigError(f"task.width/height: must be multiples of {f} (the autoencoder's factor), "
-                          f"got {config.width}x{config.height}")
+    check_output_size(model, width=config.width, height=config.height)
     autocast, dtype = inference_precision(ctx, model)
     conditioners = build_conditioners(ctx, model, dtype=dtype)
     init = None

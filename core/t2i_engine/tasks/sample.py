@@ -22,7 +22,7 @@ from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, StepCallback
 from t2i_engine.tasks.common import build_model, inference_precision
 
-__all__ = ["SampleConfig", "SampleTask", "image_metadata", "sample_batch", "steps_run"]
+__all__ = ["SampleConfig", "SampleTask", "check_output_size", "image_metadata", "sample_batch", "steps_run"]
 
 
 @attrs.frozen
@@ -72,6 +72,14 @@ def steps_run(sigmas: torch.Tensor, *, img2img: bool, strength: float) -> int:
     from t2i_engine.diffusion.samplers import img2img_start
 
     return len(img2img_start(torch.zeros(1), sigmas.cpu(), strength=strength, noise=torch.zeros(1))[0]) - 1
+
+
+def check_output_size(model: LatentDiffusionModel, *, width: int, height: int) -> None:
+    """A ConfigError unless ``width`` x ``height`` are multiples of the autoencoder's factor."""
+    f = model.autoencoder.downsample_factor
+    if width % f or height % f:
+        raise ConfigError(f"task.width/height: must be multiples of {f} (the autoencoder's factor), "
+                          f"got {width}x{height}")
 
 
 def sample_batch(model: LatentDiffusionModel, prompts: list[str], seeds: list[int], *, config: SampleConfig,
@@ -158,10 +166,7 @@ class SampleTask:
                              batch=min(c.batch_size, len(prompts)), device=ctx.device)
         sampler = ctx.plugins.build(ctx.config.sampler)
         model: LatentDiffusionModel = build_model(ctx, task="sample")
-        f = model.autoencoder.downsample_factor
-        if c.width % f or c.height % f:
-            raise ConfigError(f"task.width/height: must be multiples of {f} (the autoencoder's factor), "
-                              f"got {c.width}x{c.height}")
+        check_output_size(model, width=c.width, height=c.height)
         autocast, dtype = inference_precision(ctx, model)
         conditioners = build_conditioners(ctx, model, dtype=dtype)
         init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height).to(dtype)

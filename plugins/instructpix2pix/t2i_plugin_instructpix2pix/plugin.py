@@ -11,12 +11,15 @@ from t2i_sdk import hookimpl
 def register_tasks() -> dict[str, Any]:
     """``edit``: source images edited by instructions with an 8-channel SD model;
     ``edit-train``: train one from any SD checkpoint on edit triplets;
-    ``edit-shapes-eval``: the shapes demo's edit success and preservation."""
+    ``edit-shapes-eval``: the shapes demo's edit success and preservation;
+    ``edit-export``: a checkpoint (timbrooks .ckpt, A1111 file, ...) to a diffusers folder or single file."""
+    from t2i_plugin_instructpix2pix.export_task import EditExportTask
     from t2i_plugin_instructpix2pix.shapes_eval import EditShapesEvalTask
     from t2i_plugin_instructpix2pix.task import EditTask
     from t2i_plugin_instructpix2pix.train_task import EditTrainTask
 
-    return {"edit": EditTask, "edit-train": EditTrainTask, "edit-shapes-eval": EditShapesEvalTask}
+    return {"edit": EditTask, "edit-train": EditTrainTask, "edit-shapes-eval": EditShapesEvalTask,
+            "edit-export": EditExportTask}
 
 
 @hookimpl

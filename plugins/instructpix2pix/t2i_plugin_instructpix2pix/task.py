@@ -30,7 +30,8 @@ IMAGE_GUIDANCE_DEFAULT = 1.5  # the reference edit_cli.py's cfg-image and diffus
 class EditConfig:
     """``[task] name = "edit"``."""
 
-    sources: list[str] = option(help="source images (paths or fsspec URLs), one per instruction")
+    sources: list[str] = option(help="source images (paths or fsspec URLs), one per instruction; relative "
+                                     "paths are relative to the config file")
     prompts: list[str] = option(help="the edit instructions, one per source image")
     negative_prompt: str = option(default="", help="text of the two text-free guidance branches ('' = unconditional)")
     seeds: list[int] | None = option(default=None, validator=seeds_value,
@@ -51,6 +52,14 @@ def _scales(ctx: RunContext) -> tuple[float, float]:
         raise ConfigError(f"guidance.{unused[0]}: task 'edit' (InstructPix2Pix) does not apply it")
     s_i = IMAGE_GUIDANCE_DEFAULT if g.image_guidance_scale is None else g.image_guidance_scale
     return g.guidance_scale, s_i
+
+
+def source_url(ctx: RunContext, url: str) -> str:
+    """``url`` as given when it is a URL or an absolute path, else relative to the config file's
+    folder (as ``[model] checkpoint`` is)."""
+    if "://" in url or Path(url).expanduser().is_absolute() or ctx.config.source is None:
+        return str(Path(url).expanduser()) if "://" not in url else url
+    return str(Path(ctx.config.source).parent / url)
 
 
 class EditTask:
@@ -103,7 +112,7 @@ class EditTask:
                 "guidance_scale": str(s_t), "image_guidance_scale": str(s_i)}
         written: list[str] = []
         for i, (url, prompt, seed) in enumerate(zip(c.sources, c.prompts, seeds)):
-            source = load_source(url, factor=f, key=f"task.sources[{i}]").to(dtype)
+            source = load_source(source_url(ctx, url), factor=f, key=f"task.sources[{i}]").to(dtype)
             noise = seeded_noise([seed], (model.autoencoder.latent_channels, source.shape[-2] // f,
                                           source.shape[-1] // f), dtype=dtype)
             with autocast:

@@ -22,7 +22,7 @@ from t2i_engine.config.fields import option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 
-__all__ = ["CachedEditLatents", "EditTrainConfig", "EditTrainTask", "cache_edit_latents", "edit_model_for_training"]
+__all__ = ["CachedEditLatents", "cached_latents_file", "EditTrainConfig", "EditTrainTask", "cache_edit_latents", "edit_model_for_training"]
 
 
 def _dropout_value(_inst: Any, attribute: attrs.Attribute, value: float) -> None:
@@ -41,7 +41,8 @@ class EditTrainConfig:
     ema: bool = option(default=True, help="a checkpoint with model_ema.* keys: start from its EMA weights "
                                           "(false: from its trained ones)")
     cache_latents: int = option(default=0, validator=attrs.validators.ge(0),
-                                help="encode the first N samples of a map-style dataset once and train on them "
+                                help="encode the first N samples of a map-style dataset once (kept in "
+                                     "output_dir/edit-latents.safetensors for resumed runs) and train on them "
                                      "(targets: posterior mean, scaled); 0: encode every batch")
     export: str | None = option(default=None, help="after training write the model here (relative: inside "
                                                    "engine.output_dir)")
@@ -80,6 +81,40 @@ def cache_edit_latents(vae: Any, dataset: Any, *, count: int, batch_size: int = 
         sources.append(mean[len(samples):])
         captions += [s["caption"] for s in samples]
     return CachedEditLatents(torch.cat(targets), torch.cat(sources), captions)
+
+
+def _fingerprint(vae: Any, data_config: Any, count: int) -> str:
+    """What the cached latents depend on: the autoencoder's weights, the [data] table and the count."""
+    import hashlib
+
+    h = hashlib.sha256(f"{data_config!r}|{count}|{vae.scaling_factor!r}".encode())
+    for name, t in sorted(vae.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cached_latents_file(vae: Any, dataset: Any, *, count: int, data_config: Any, url: str) -> CachedEditLatents:
+    """:func:`cache_edit_latents`, kept in the safetensors file ``url``: read back when it was
+    written for the same autoencoder weights, ``[data]`` table and count (a resumed run does not
+    encode again), else encoded and written."""
+    import json
+
+    from t2i_engine.checkpoint.io import load_safetensors, save_safetensors
+
+    key = _fingerprint(vae, data_config, count)
+    try:
+        t = load_safetensors(url)
+        if bytes(t["fingerprint"].tolist()).decode() == key:
+            return CachedEditLatents(t["latents"], t["source_latents"],
+                                     json.loads(bytes(t["captions"].tolist()).decode()))
+    except Exception:  # noqa: BLE001 - no file, another layout, a torn write: encode again
+        pass
+    cache = cache_edit_latents(vae, dataset, count=count)
+    save_safetensors({"latents": cache.latents, "source_latents": cache.sources,
+                      "captions": torch.tensor(list(json.dumps(cache.captions).encode()), dtype=torch.uint8),
+                      "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}, url)
+    return cache
 
 
 def edit_model_for_training(model: Any, *, ema: bool) -> Any:
@@ -126,6 +161,7 @@ class EditTrainTask:
         from t2i_engine.tasks.common import build_model, output_path
         from t2i_engine.training.loop import fit
         from t2i_plugin_instructpix2pix.ema import has_ema
+        from t2i_plugin_instructpix2pix.formats import save_edit_model
         from t2i_plugin_instructpix2pix.trainable import EditTrainable
 
         c = self.config
@@ -139,12 +175,13 @@ class EditTrainTask:
                                   train_text_encoder=c.train_text_encoder)
         dataset = ctx.plugins.build(ctx.config.data)
         if c.cache_latents:
-            dataset = cache_edit_latents(model.vae, dataset, count=c.cache_latents)
+            dataset = cached_latents_file(model.vae, dataset, count=c.cache_latents, data_config=ctx.config.data,
+                                          url=str(ctx.output_dir / "edit-latents.safetensors"))
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                       hooks=ctx.plugins.hook, copy_ema=True)
         if c.export:
             url = output_path(ctx, c.export)
             dtype = torch.float16 if c.export_dtype == "float16" else None
-            model.save(url, format=c.export_format, dtype=dtype)
+            save_edit_model(model, url, format=c.export_format, dtype=dtype)
             summary = {**summary, "exported": url}
         return summary

@@ -85,3 +85,21 @@ def test_a_four_channel_model_and_grids_refused(sd1_folder, edit_model):
         EditTrainable(build_model(DiffusersFolder().load(str(folder)), PRESETS["sd-1"]))
     with pytest.raises(ConfigError, match="sample_every"):
         EditTrainable(edit_model).sample_images(["x"], generator=None)
+
+
+def test_latent_cache_file_is_reused_only_when_it_fits(edit_model, tmp_path, monkeypatch):
+    from t2i_plugin_instructpix2pix import train_task
+
+    batch = _batch(4)
+    samples = [{"image": batch["image"][i], "source": batch["source"][i], "caption": batch["caption"][i]}
+               for i in range(4)]
+    url = str(tmp_path / "cache.safetensors")
+    first = train_task.cached_latents_file(edit_model.vae, samples, count=4, data_config="A", url=url)
+    calls = []
+    real = train_task.cache_edit_latents
+    monkeypatch.setattr(train_task, "cache_edit_latents", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = train_task.cached_latents_file(edit_model.vae, samples, count=4, data_config="A", url=url)
+    assert not calls and again.captions == first.captions and torch.equal(again.latents, first.latents)
+    train_task.cached_latents_file(edit_model.vae, samples, count=3, data_config="A", url=url)
+    train_task.cached_latents_file(edit_model.vae, samples, count=3, data_config="B", url=url)
+    assert len(calls) == 2

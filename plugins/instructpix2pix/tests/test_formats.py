@@ -119,6 +119,7 @@ def test_export_refuses_a_plain_sd_model(sd1_folder, tmp_path):
 
 
 def _export_job(tmp_path, ckpt, extra=""):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     job = tmp_path / "job.toml"
     job.write_text(f"""[engine]
 plugins = ["sd", "instructpix2pix"]

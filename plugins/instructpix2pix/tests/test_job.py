@@ -132,3 +132,12 @@ def test_sample_with_image_guidance_points_to_edit(ip2p_folder, tmp_path):
     job.write_text(text.replace(f'sources = ["{tmp_path / "src.png"}"]\n', ""))
     with pytest.raises(ConfigError, match="task 'edit' of t2i-plugin-instructpix2pix"):
         _run(job)
+
+
+def test_relative_sources_are_relative_to_the_config(ip2p_folder, tmp_path, monkeypatch):
+    src = source_png(tmp_path / "src.png", seed=2)
+    base = _run(_job(tmp_path / "abs", ip2p_folder, src))
+    job = _job(tmp_path, ip2p_folder, src)
+    job.write_text(job.read_text().replace(f'sources = ["{src}"]', 'sources = ["src.png"]'))
+    monkeypatch.chdir(ip2p_folder)  # anywhere but the config's folder
+    assert np.array_equal(_run(job), base)

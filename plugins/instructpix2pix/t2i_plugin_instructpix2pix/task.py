@@ -36,6 +36,8 @@ class EditConfig:
     negative_prompt: str = option(default="", help="text of the two text-free guidance branches ('' = unconditional)")
     seeds: list[int] | None = option(default=None, validator=seeds_value,
                                      help="one seed per image; default engine.seed + index")
+    grid: str | None = option(default=None, help="also write one PNG of this name in output_dir: the sources in "
+                                                 "a row above their edits, each instruction under its edit")
     ema: bool = option(default=True, validator=attrs.validators.instance_of(bool),
                        help="a checkpoint with model_ema.* keys (timbrooks' .ckpt): edit with the EMA "
                             "weights (the reference's); false: the trained ones")
@@ -111,6 +113,7 @@ class EditTask:
         meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,
                 "guidance_scale": str(s_t), "image_guidance_scale": str(s_i)}
         written: list[str] = []
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (url, prompt, seed) in enumerate(zip(c.sources, c.prompts, seeds)):
             source = load_source(source_url(ctx, url), factor=f, key=f"task.sources[{i}]").to(dtype)
             noise = seeded_noise([seed], (model.autoencoder.latent_channels, source.shape[-2] // f,
@@ -122,4 +125,18 @@ class EditTask:
             path = out_dir / f"{i:05d}-{seed}.png"
             save_png(to_pil(image)[0], str(path), metadata={"prompt": prompt, "seed": str(seed), "source": url, **meta})
             written.append(str(path))
-        return {"images": written}
+            pairs.append((source.float().cpu(), image.float().cpu()))
+        summary: dict[str, Any] = {"images": written}
+        if c.grid:
+            summary["grid"] = self._grid(pairs, str(out_dir / c.grid), meta)
+        return summary
+
+    def _grid(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], path: str, meta: dict[str, str]) -> str:
+        from t2i_engine.utils.images import make_grid, save_png
+
+        if len({tuple(s.shape) for s, _ in pairs}) != 1:
+            raise ConfigError("task.grid: the sources have different sizes; a grid needs one size (leave grid out)")
+        n = len(pairs)
+        images = torch.cat([s for s, _ in pairs] + [e for _, e in pairs])
+        grid = make_grid(images, nrow=n, captions=["source"] * n + list(self.config.prompts))
+        return save_png(grid, path, metadata={"prompts": "\n".join(self.config.prompts), **meta})

@@ -30,11 +30,14 @@ IMAGE_GUIDANCE_DEFAULT = 1.5  # the reference edit_cli.py's cfg-image and diffus
 class EditConfig:
     """``[task] name = "edit"``."""
 
-    sources: list[str] = option(help="source images (paths or fsspec URLs), one per instruction")
+    sources: list[str] = option(help="source images (paths or fsspec URLs), one per instruction; relative "
+                                     "paths are relative to the config file")
     prompts: list[str] = option(help="the edit instructions, one per source image")
     negative_prompt: str = option(default="", help="text of the two text-free guidance branches ('' = unconditional)")
     seeds: list[int] | None = option(default=None, validator=seeds_value,
                                      help="one seed per image; default engine.seed + index")
+    grid: str | None = option(default=None, help="also write one PNG of this name in output_dir: the sources in "
+                                                 "a row above their edits, each instruction under its edit")
     ema: bool = option(default=True, validator=attrs.validators.instance_of(bool),
                        help="a checkpoint with model_ema.* keys (timbrooks' .ckpt): edit with the EMA "
                             "weights (the reference's); false: the trained ones")
@@ -51,6 +54,14 @@ def _scales(ctx: RunContext) -> tuple[float, float]:
         raise ConfigError(f"guidance.{unused[0]}: task 'edit' (InstructPix2Pix) does not apply it")
     s_i = IMAGE_GUIDANCE_DEFAULT if g.image_guidance_scale is None else g.image_guidance_scale
     return g.guidance_scale, s_i
+
+
+def source_url(ctx: RunContext, url: str) -> str:
+    """``url`` as given when it is a URL or an absolute path, else relative to the config file's
+    folder (as ``[model] checkpoint`` is)."""
+    if "://" in url or Path(url).expanduser().is_absolute() or ctx.config.source is None:
+        return str(Path(url).expanduser()) if "://" not in url else url
+    return str(Path(ctx.config.source).parent / url)
 
 
 class EditTask:
@@ -102,8 +113,9 @@ class EditTask:
         meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,
                 "guidance_scale": str(s_t), "image_guidance_scale": str(s_i)}
         written: list[str] = []
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (url, prompt, seed) in enumerate(zip(c.sources, c.prompts, seeds)):
-            source = load_source(url, factor=f, key=f"task.sources[{i}]").to(dtype)
+            source = load_source(source_url(ctx, url), factor=f, key=f"task.sources[{i}]").to(dtype)
             noise = seeded_noise([seed], (model.autoencoder.latent_channels, source.shape[-2] // f,
                                           source.shape[-1] // f), dtype=dtype)
             with autocast:
@@ -113,4 +125,18 @@ class EditTask:
             path = out_dir / f"{i:05d}-{seed}.png"
             save_png(to_pil(image)[0], str(path), metadata={"prompt": prompt, "seed": str(seed), "source": url, **meta})
             written.append(str(path))
-        return {"images": written}
+            pairs.append((source.float().cpu(), image.float().cpu()))
+        summary: dict[str, Any] = {"images": written}
+        if c.grid:
+            summary["grid"] = self._grid(pairs, str(out_dir / c.grid), meta)
+        return summary
+
+    def _grid(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], path: str, meta: dict[str, str]) -> str:
+        from t2i_engine.utils.images import make_grid, save_png
+
+        if len({tuple(s.shape) for s, _ in pairs}) != 1:
+            raise ConfigError("task.grid: the sources have different sizes; a grid needs one size (leave grid out)")
+        n = len(pairs)
+        images = torch.cat([s for s, _ in pairs] + [e for _, e in pairs])
+        grid = make_grid(images, nrow=n, captions=["source"] * n + list(self.config.prompts))
+        return save_png(grid, path, metadata={"prompts": "\n".join(self.config.prompts), **meta})

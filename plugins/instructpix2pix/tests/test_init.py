@@ -35,3 +35,30 @@ def test_grown_unet_ignores_the_source(sd1_folder):
 def test_only_four_channels_grow(ip2p_folder):
     with pytest.raises(ValueError, match="has 8"):
         grow_to_edit_model(build_model(DiffusersFolder().load(str(ip2p_folder)), PRESETS["sd-1"]))
+
+
+def test_same_init_as_diffusers_training_script(sd1_folder):
+    """diffusers' examples/instruct_pix2pix/train_instruct_pix2pix.py grows the UNet it loaded with
+    from_pretrained: a new Conv2d(8, ...), weight zeroed, [:, :4] copied from the old conv. Every
+    tensor of our grown UNet equals that UNet's, except conv_in.bias: the script leaves the new
+    Conv2d's fresh random bias, the reference (ddpm_edit.py init_from_ckpt, which only rewrites
+    input_blocks.0.0.weight) keeps the SD bias, and so do we."""
+    from diffusers import UNet2DConditionModel
+
+    _, folder = sd1_folder
+    unet = UNet2DConditionModel.from_pretrained(str(folder), subfolder="unet")
+    old_bias = unet.conv_in.bias.detach().clone()
+    unet.register_to_config(in_channels=8)
+    with torch.no_grad():  # the script's lines
+        new_conv_in = torch.nn.Conv2d(8, unet.conv_in.out_channels, unet.conv_in.kernel_size, unet.conv_in.stride,
+                                      unet.conv_in.padding)
+        new_conv_in.weight.zero_()
+        new_conv_in.weight[:, :4, :, :].copy_(unet.conv_in.weight)
+        unet.conv_in = new_conv_in
+    theirs = unet.state_dict()
+    ours = grow_to_edit_model(build_model(DiffusersFolder().load(str(folder)), PRESETS["sd-1"])).denoiser.state_dict()
+    assert set(ours) == set(theirs)
+    for key, value in ours.items():
+        if key != "conv_in.bias":
+            assert torch.equal(value, theirs[key]), key
+    assert torch.equal(ours["conv_in.bias"], old_bias)

@@ -132,3 +132,29 @@ def test_sample_with_image_guidance_points_to_edit(ip2p_folder, tmp_path):
     job.write_text(text.replace(f'sources = ["{tmp_path / "src.png"}"]\n', ""))
     with pytest.raises(ConfigError, match="task 'edit' of t2i-plugin-instructpix2pix"):
         _run(job)
+
+
+def test_relative_sources_are_relative_to_the_config(ip2p_folder, tmp_path, monkeypatch):
+    src = source_png(tmp_path / "src.png", seed=2)
+    base = _run(_job(tmp_path / "abs", ip2p_folder, src))
+    job = _job(tmp_path, ip2p_folder, src)
+    job.write_text(job.read_text().replace(f'sources = ["{src}"]', 'sources = ["src.png"]'))
+    monkeypatch.chdir(ip2p_folder)  # anywhere but the config's folder
+    assert np.array_equal(_run(job), base)
+
+
+def test_grid_key_writes_sources_above_edits(ip2p_folder, tmp_path):
+    src = source_png(tmp_path / "src.png", seed=2)
+    pm = _pm()
+    summary = run_config(load_config(_job(tmp_path, ip2p_folder, src), pm, overrides=['task.grid="grid.png"']), pm)
+    grid = np.array(Image.open(summary["grid"]).convert("RGB")).astype(np.int16)
+    edit = np.array(Image.open(summary["images"][0]).convert("RGB")).astype(np.int16)
+    source = np.array(Image.open(src).convert("RGB")).astype(np.int16)
+    assert np.abs(grid[2:18, 2:18] - source).max() <= 1  # the source tile, top left (padding 2)
+    assert any(np.abs(grid[y:y + 16, 2:18] - edit).max() <= 1 for y in range(18, grid.shape[0] - 15))
+    assert "grid" not in _run_summary(_job(tmp_path / "n", ip2p_folder, src))
+
+
+def _run_summary(job: Path) -> dict:
+    pm = _pm()
+    return dict(run_config(load_config(job, pm), pm))

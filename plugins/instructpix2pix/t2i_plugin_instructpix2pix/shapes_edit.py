@@ -16,16 +16,16 @@ source kind still appears in training, with other partners). Every sample is a p
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import attrs
 import torch
-from attrs.validators import ge, in_, le
+from attrs.validators import ge, le
 from torch.utils.data import Dataset
 
 from t2i_engine.config.fields import option
-from t2i_engine.config.limits import image_side, seed_value
-from t2i_engine.data.shapes import COLOURS, SHAPES, render_shape
+from t2i_engine.config.limits import image_side
+from t2i_engine.data.shapes import COLOURS, SHAPES, ShapesConfig, render_shape
 
 __all__ = ["EDIT_KINDS", "Edit", "ShapesEditDataset"]
 
@@ -51,26 +51,16 @@ def _known(values: tuple[str, ...]) -> Any:
 
 
 @attrs.frozen(kw_only=True)
-class ShapesEditConfig:
-    """Keys of ``[data]`` with ``type = "shapes-edit"``."""
+class ShapesEditConfig(ShapesConfig):
+    """Keys of ``[data]`` with ``type = "shapes-edit"``: those of ``type = "shapes"`` (size,
+    count, seed, colours, radii, split) with the three original shapes only, plus ``kinds``."""
 
     size: int = option(default=64, validator=image_side, help="image side in pixels")
-    count: int = option(default=10000, validator=ge(1), help="samples in the split")
-    seed: int = option(default=0, validator=seed_value, help="seed of the whole dataset (and of the held-out split)")
-    colours: list[str] = option(factory=lambda: ["red", "green", "blue", "yellow", "purple", "white"],
-                                validator=_known(tuple(COLOURS)), help="colour names of shapes and backgrounds")
     shapes: list[str] = option(factory=lambda: list(SHAPES), validator=_known(SHAPES), help="shape names used")
     kinds: list[str] = option(factory=lambda: list(EDIT_KINDS), validator=_known(EDIT_KINDS),
                               help="which edits: colour, shape, background")
-    split: Literal["all", "train", "heldout"] = option(
-        default="all", validator=in_(("all", "train", "heldout")),
-        help="which (source, instruction) combinations: all, the training ones, or the held-out ones")
     heldout_fraction: float = option(default=0.0, validator=[ge(0.0), le(0.9)],
                                      help="fraction of (source, instruction) combinations held out")
-    min_radius: float = option(default=0.18, validator=[ge(0.05), le(0.5)],
-                               help="smallest shape radius, as a fraction of size")
-    max_radius: float = option(default=0.35, validator=[ge(0.05), le(0.5)],
-                               help="largest shape radius, as a fraction of size")
 
 
 class ShapesEditDataset(Dataset):

@@ -54,18 +54,26 @@ def submit(client: TestClient, params: dict[str, Any], files: dict[str, Any] | N
     return client.post("/api/generations", data={"params": json.dumps(params)}, files=files)
 
 
-def test_submit_streams_events_in_order_and_the_png_records_the_request(client, served):
+def test_submit_streams_events_in_order_and_the_png_records_the_request(client, served, gate):
     request = {"prompt": "a red square", "negative_prompt": "blurry", "width": 24, "height": 16, "steps": 3,
                "sampler": "euler", "guidance_scale": 5.0, "seed": 1234}
+    gate.hold, gate.release = True, type(gate.release)()
+    gate.waiting.clear()
     r = submit(client, request)
     assert r.status_code == 202, r.text
     job = r.json()["id"]
+    # held inside step 1, after its event was logged: a finished job's log drops its previews
+    # (the image replaces them), so the preview is read while the job runs
+    assert gate.waiting.wait(60)
+    live = [dict(e["data"]) for e in served[0].board.get(job).events if e["event"] == "step"]  # copies
+    gate.hold = False
+    gate.release.set()
     got = events(client, job)
     kinds = [k for k, _ in got]
     assert kinds == ["queued", "started", "step", "step", "step", "done"]
     steps = [d for k, d in got if k == "step"]
     assert [(d["step"], d["total"]) for d in steps] == [(1, 3), (2, 3), (3, 3)]
-    preview = steps[0]["preview"]  # preview_every = 1: every step but the last, which the PNG shows
+    preview = live[0]["preview"]  # preview_every = 1: every step but the last, which the PNG shows
     assert preview.startswith("data:image/png;base64,")
     import base64
 

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from t2i_engine.config.fields import option
 from t2i_engine.config.limits import image_side, seed_value
 
-__all__ = ["ALL_SHAPES", "COLOURS", "EXTRA_SHAPES", "SHAPES", "ShapesDataset", "render_shape", "shape_bounds",
+__all__ = ["ALL_SHAPES", "COLOURS", "EXTRA_SHAPES", "SHAPES", "ShapesDataset", "placement", "render_shape", "shape_bounds",
            "shape_mask"]
 
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -146,6 +146,20 @@ class ShapesConfig:
                                help="largest shape radius, as a fraction of size")
 
 
+def placement(config: ShapesConfig, index: int) -> tuple[float, float, float, float]:
+    """The draws of sample ``index`` of a shapes split, a pure function of ``(seed, split, index)``:
+    ``(pick, cx, cy, radius)``, ``pick`` in [0, 1) choosing the sample's labels, and a centre and
+    radius (pixels) that keep the shape inside the image. Datasets built on the shapes (edit
+    triplets, hints) use it so that their index ``i`` places the shape as :class:`ShapesDataset` does."""
+    split_id = ("all", "train", "heldout").index(config.split)
+    # modulo 2**64: large seeds wrap instead of overflowing manual_seed (small ones are unchanged)
+    g = torch.Generator().manual_seed(((config.seed * 1_000_003 + split_id) * 10_000_019 + index) % 2**64)
+    u = torch.rand(4, generator=g).tolist()
+    size = config.size
+    radius = size * (config.min_radius + (config.max_radius - config.min_radius) * u[1])
+    return u[0], radius + (size - 2 * radius) * u[2], radius + (size - 2 * radius) * u[3], radius
+
+
 class ShapesDataset(Dataset):
     """Map-style dataset of shape images; see the module docstring.
 
@@ -189,14 +203,8 @@ class ShapesDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(index)
         cfg = self.config
-        split_id = ("all", "train", "heldout").index(cfg.split)
-        # modulo 2**64: large seeds wrap instead of overflowing manual_seed (small ones are unchanged)
-        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + split_id) * 10_000_019 + index) % 2**64)
-        u = torch.rand(4, generator=g).tolist()
-        c, s, b = self.combinations[int(u[0] * len(self.combinations)) % len(self.combinations)]
-        radius = cfg.size * (cfg.min_radius + (cfg.max_radius - cfg.min_radius) * u[1])
-        cx = radius + (cfg.size - 2 * radius) * u[2]
-        cy = radius + (cfg.size - 2 * radius) * u[3]
+        pick, cx, cy, radius = placement(cfg, index)
+        c, s, b = self.combinations[int(pick * len(self.combinations)) % len(self.combinations)]
         image = render_shape(self.shapes[s], COLOURS[self.colours[c]], COLOURS[self.colours[b]],
                              size=cfg.size, cx=cx, cy=cy, radius=radius)
         return {"image": image, "caption": self.caption_of(c, s, b), "index": index,

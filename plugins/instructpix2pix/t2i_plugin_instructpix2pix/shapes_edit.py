@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from t2i_engine.config.fields import option
 from t2i_engine.config.limits import image_side
-from t2i_engine.data.shapes import COLOURS, SHAPES, ShapesConfig, render_shape
+from t2i_engine.data.shapes import COLOURS, SHAPES, ShapesConfig, placement, render_shape
 
 __all__ = ["EDIT_KINDS", "Edit", "ShapesEditDataset"]
 
@@ -126,15 +126,8 @@ class ShapesEditDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        cfg = self.config
-        split_id = ("all", "train", "heldout").index(cfg.split)
-        g = torch.Generator().manual_seed(((cfg.seed * 1_000_003 + split_id) * 10_000_019 + index) % 2**64)
-        u = torch.rand(4, generator=g).tolist()
-        edit = self.edits[int(u[0] * len(self.edits)) % len(self.edits)]
-        # the placement rule of t2i_engine.data.shapes.ShapesDataset: the shape lies inside the image
-        radius = cfg.size * (cfg.min_radius + (cfg.max_radius - cfg.min_radius) * u[1])
-        cx = radius + (cfg.size - 2 * radius) * u[2]
-        cy = radius + (cfg.size - 2 * radius) * u[3]
+        pick, cx, cy, radius = placement(self.config, index)  # the shapes set's rule
+        edit = self.edits[int(pick * len(self.edits)) % len(self.edits)]
         return {"source": self.render(edit.source, cx=cx, cy=cy, radius=radius),
                 "image": self.render(edit.target, cx=cx, cy=cy, radius=radius),
                 "caption": self.instruction(edit), "index": index, "kind": EDIT_KINDS.index(edit.kind),

@@ -73,3 +73,22 @@ def sd2v_controlnet(tmp_path_factory):
     pipe.save_pretrained(root / "sd")
     tiny_controlnet(pipe.unet, seed=12).save_pretrained(root / "cn")
     return root / "sd", root / "cn"
+
+
+def reference_in_ldm_layout(sd: Path, root: Path, *, seed: int):
+    """``(our SD UNet, a diffusers ControlNetModel with SD's hint encoder (f = 8), its state in the
+    original control_model layout)`` for files of the lllyasviel/NeMo kinds; the model is saved by
+    diffusers in ``root / "folder"``."""
+    from diffusers import UNet2DConditionModel
+    from t2i_plugin_controlnet.formats import load_controlnet
+    from t2i_plugin_controlnet.ldm import to_ldm
+    from t2i_plugin_sd.formats import DiffusersFolder
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    reference = tiny_controlnet(UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet"), seed=seed,
+                                conditioning_embedding_out_channels=(16, 32, 96, 256))
+    reference.save_pretrained(root / "folder")
+    unet = build_model(DiffusersFolder().load(str(sd)), PRESETS["sd-1"]).unet
+    loaded = load_controlnet(str(root / "folder"))
+    return unet, reference, to_ldm(loaded.net.state_dict(), loaded.net.config.unet, widths=4)

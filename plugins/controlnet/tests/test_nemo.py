@@ -14,12 +14,8 @@ import yaml
 
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_controlnet.formats import load_controlnet
-from t2i_plugin_controlnet.ldm import to_ldm
-from t2i_plugin_sd.formats import DiffusersFolder
-from t2i_plugin_sd.model import build_model
-from t2i_plugin_sd.presets import PRESETS
 
-from .conftest import tiny_controlnet
+from .conftest import reference_in_ldm_layout
 
 # CompVis name -> NeMo name (NeMo's UNet blocks: GroupNorm fused with SiLU, LayerNorms inside the
 # attention and feed-forward modules), as NeMo's openaimodel.py and attention.py name them
@@ -44,16 +40,9 @@ def _to_nemo(key: str) -> str:
 
 @pytest.fixture(scope="module")
 def setup(sd_controlnets, tmp_path_factory):
-    from diffusers import UNet2DConditionModel
-
     sd, _ = sd_controlnets
     root = tmp_path_factory.mktemp("nemo")
-    reference = tiny_controlnet(UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet"), seed=4,
-                                conditioning_embedding_out_channels=(16, 32, 96, 256))
-    reference.save_pretrained(root / "folder")
-    unet = build_model(DiffusersFolder().load(str(sd)), PRESETS["sd-1"]).unet
-    loaded = load_controlnet(str(root / "folder"))
-    ldm = to_ldm(loaded.net.state_dict(), loaded.net.config.unet, widths=4)  # control_model.* in CompVis names
+    unet, reference, ldm = reference_in_ldm_layout(sd, root, seed=4)  # control_model.* in CompVis names
     state = {"model." + _to_nemo(k): v for k, v in ldm.items()}
     state["model.model.diffusion_model.out.2.weight"] = torch.zeros(4, 32, 3, 3)  # the archive's SD (a token of it)
     return unet, reference, root, state

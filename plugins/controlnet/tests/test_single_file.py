@@ -10,28 +10,17 @@ from safetensors.torch import save_file
 
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_controlnet.formats import load_controlnet
-from t2i_plugin_controlnet.ldm import to_ldm
 from t2i_plugin_sd import keymaps
-from t2i_plugin_sd.formats import DiffusersFolder
-from t2i_plugin_sd.model import build_model
-from t2i_plugin_sd.presets import PRESETS
 
-from .conftest import tiny_controlnet
+from .conftest import reference_in_ldm_layout
 
 
 @pytest.fixture(scope="module")
 def setup(sd_controlnets, tmp_path_factory):
     """(our UNet, the diffusers ControlNetModel, its folder, its v1.1 file) with SD's hint encoder (f = 8)."""
-    from diffusers import UNet2DConditionModel
-
     sd, _ = sd_controlnets
     root = tmp_path_factory.mktemp("ldm")
-    reference = tiny_controlnet(UNet2DConditionModel.from_pretrained(str(sd), subfolder="unet"), seed=3,
-                                conditioning_embedding_out_channels=(16, 32, 96, 256))
-    reference.save_pretrained(root / "folder")
-    unet = build_model(DiffusersFolder().load(str(sd)), PRESETS["sd-1"]).unet
-    loaded = load_controlnet(str(root / "folder"))
-    state = to_ldm(loaded.net.state_dict(), loaded.net.config.unet, widths=4)
+    unet, reference, state = reference_in_ldm_layout(sd, root, seed=3)
     save_file(state, root / "control_v11p_sd15_tiny.safetensors")
     return unet, reference, root
 

@@ -48,3 +48,47 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     manifest = (tmp_path / "one" / "made.jsonl").read_text(encoding="utf-8")
     assert manifest == (tmp_path / "two" / "made.jsonl").read_text(encoding="utf-8")
     assert [json.loads(line)["prompt"] for line in manifest.splitlines()] == PROMPTS
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_two_nodes_write_what_one_process_writes(tmp_path):
+    """``num_nodes = 2``, ``devices = 1``, simulated on localhost: one process per "node", started
+    by hand with the variables Lightning's LightningEnvironment reads (MASTER_ADDR, MASTER_PORT,
+    NODE_RANK; LOCAL_RANK set, so Fabric launches no processes itself), as torchrun or a cluster
+    script would on each machine. The files, their pixels and the manifest are the 1-process run's."""
+    prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
+    job = _job(tmp_path, prompts)
+    pm = EnginePluginManager().load()
+    one = run_config(load_config(job, pm, overrides=["engine.output_dir='one'"]), pm)
+    assert (one["world_size"], one["images"]) == (1, 5)
+    port = str(_free_port())
+    nodes = []
+    for node in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "NODE_RANK": str(node), "LOCAL_RANK": "0"}
+        nodes.append(subprocess.Popen(
+            [sys.executable, "-m", "t2i_engine.cli", "run", str(job), "--set", "engine.output_dir='nodes'",
+             "--set", "task.num_nodes=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    outs = []
+    for proc in nodes:
+        out, _ = proc.communicate(timeout=600)
+        outs.append(out)
+        assert proc.returncode == 0, out
+    # node 0 is rank 0 (batches 0 and 2: 3 images, and the manifest), node 1 rank 1 (batch 1: 2 images)
+    assert re.search(r"written: 3\b", outs[0]) and re.search(r"rank: 0\b", outs[0]), outs[0]
+    assert re.search(r"written: 2\b", outs[1]) and re.search(r"rank: 1\b", outs[1]), outs[1]
+    assert all("world_size: 2" in out for out in outs)
+    a, b = _pixels(tmp_path / "one"), _pixels(tmp_path / "nodes")
+    assert list(a) == list(b) == ["000000-5.png", "000001-6.png", "000002-7.png", "000003-8.png", "000004-9.png"]
+    assert all(np.array_equal(a[name], b[name]) for name in a)
+    manifest = (tmp_path / "nodes" / "manifest.jsonl").read_text(encoding="utf-8")
+    assert manifest == (tmp_path / "one" / "manifest.jsonl").read_text(encoding="utf-8")
+    assert [json.loads(line)["prompt"] for line in manifest.splitlines()] == PROMPTS

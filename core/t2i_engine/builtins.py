@@ -1,4 +1,4 @@
-"""The core's own plugin: built-in samplers, schedules, datasets and tasks.
+"""The core's own plugin: built-in samplers, schedules, datasets, tasks and the serve generator.
 
 It registers through the same hooks as any third-party plugin (see :mod:`t2i_engine.hookspecs`);
 the imports sit inside the hooks so that importing the engine stays cheap.
@@ -39,3 +39,11 @@ def register_tasks() -> Registry:
     from t2i_engine.tasks import TASKS
 
     return TASKS
+
+
+@hookimpl
+def register_generators() -> Registry:
+    """``text-to-image``: the serve worker's default (prompt to image as the ``sample`` task does)."""
+    from t2i_engine.serve.generators import DEFAULT_GENERATOR, TextToImage
+
+    return {DEFAULT_GENERATOR: TextToImage}

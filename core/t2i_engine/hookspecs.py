@@ -134,6 +134,21 @@ def register_datasets() -> Registry:
     """
 
 
+@hookspec
+def register_generators() -> Registry:
+    """Register serve generators (``t2i-engine serve``: what makes one served image).
+
+    Returns:
+        ``name -> factory``; ``factory()`` returns a generator
+        (:class:`~t2i_engine.serve.generators.Generator`: the request keys and uploads it takes,
+        ``accepts(model)``, ``setup``, ``prepare`` and ``generate``). The server uses the one
+        ``[task] generator`` names, else the one whose ``accepts(model)`` claims the served model,
+        else the core's ``text-to-image`` (docs/serving.md).
+
+    Combining: merged across plugins; a duplicate name is an error.
+    """
+
+
 # --- lifecycle ----------------------------------------------------------------------------
 
 
@@ -187,6 +202,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "register_tasks": "task",
     "register_checkpoint_formats": "checkpoint_format",
     "register_datasets": "dataset",
+    "register_generators": "generator",
 }
 """Registration hook name -> the component kind it fills."""
 

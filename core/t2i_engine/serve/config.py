@@ -50,6 +50,9 @@ class ServeConfig:
                                help="longest side of a preview image in pixels")
     history: int = option(default=200, validator=_ge1,
                           help="finished generations the gallery lists (older ones stay on disk only)")
+    generator: str | None = option(default=None, help="the registered generator that makes the images "
+                                   "(text-to-image, edit ...); unset: the one made for the model (an "
+                                   "InstructPix2Pix UNet: edit), else text-to-image")
 
 
 @attrs.frozen

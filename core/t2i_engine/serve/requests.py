@@ -1,10 +1,11 @@
 """From an HTTP request's parameters and uploads to a :class:`~t2i_engine.serve.jobs.Job`.
 
 Every key goes through the validators a job file's keys go through
-(:func:`~t2i_engine.config.structure.structure` and the loader's component lookup), so a request
-gets the message a job file would, naming the key. The result is a one-image ``sample`` job:
-its PNG carries the same metadata as the ``sample`` task's, and ``t2i-engine run --from-png``
-re-runs it.
+(:func:`~t2i_engine.config.structure.structure` of the generator's ``Request`` class and the
+loader's component lookup), so a request gets the message a job file would, naming the key. The
+served generator (:mod:`t2i_engine.serve.generators`) turns the validated request into a
+one-image job (for the core's ``text-to-image``: a ``sample`` job, whose PNG carries the
+``sample`` task's metadata and re-runs with ``t2i-engine run --from-png``).
 
 Uploads are decoded and re-encoded as PNG under ``<output>/inputs/`` with names the server makes
 (the job id and an index); nothing the client sends is ever used as a path.
@@ -24,13 +25,11 @@ from t2i_engine.checkpoint.io import atomic_write_bytes
 from t2i_engine.config.loader import _component
 from t2i_engine.config.structure import structure, unstructure
 from t2i_engine.errors import ConfigError
-from t2i_engine.serve.config import GenerationRequest, ServeConfig
+from t2i_engine.serve.config import ServeConfig
+from t2i_engine.serve.generators import INIT_IMAGE, Draft, upload_fields
 from t2i_engine.serve.jobs import Job
 
 __all__ = ["INIT_IMAGE", "RequestBuilder", "RequestError", "upload_fields"]
-
-INIT_IMAGE = "init_image"
-"""The upload field of an img2img source image."""
 
 _IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
@@ -43,24 +42,18 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
-def upload_fields(config: Any) -> dict[str, tuple[int, str]]:
-    """The upload fields a job accepts: ``conditioners.<i>.<name>`` for each input an entry of
-    its ``[[conditioners]]`` names (the job's file is the default), -> (entry index, input name)."""
-    return {f"conditioners.{i}.{name}": (i, name)
-            for i, entry in enumerate(config.conditioners) for name in sorted(entry.keys.inputs)}
-
-
 def _no_location(_: str) -> str:
     return ""
 
 
 class RequestBuilder:
-    """Validates requests against the served job and turns them into jobs."""
+    """Validates requests against the served job and turns them into jobs through ``generator``
+    (set up: :mod:`t2i_engine.serve.generators`)."""
 
-    def __init__(self, ctx: Any, serve: ServeConfig, *, factor: int) -> None:
-        self.ctx, self.serve, self.factor = ctx, serve, factor
-        self.fields = upload_fields(ctx.config)
-        self.sample_plugin = ctx.plugins.get("task", "sample").plugin
+    def __init__(self, ctx: Any, serve: ServeConfig, *, factor: int, generator: Any) -> None:
+        self.ctx, self.serve, self.factor, self.generator = ctx, serve, factor, generator
+        self.fields = upload_fields(ctx.config)  # conditioner inputs -> (entry, name)
+        self.uploads = {u.field: u for u in generator.uploads(ctx.config)}
         self.inputs_dir = Path(ctx.output_dir) / "inputs"
         self._check_defaults()
 
@@ -79,36 +72,38 @@ class RequestBuilder:
 
     # --- parameters -----------------------------------------------------------------------
 
-    def parse(self, raw: Any) -> GenerationRequest:
-        """The request's keys, validated (a ConfigError naming ``request.<key>``)."""
+    def parse(self, raw: Any) -> Any:
+        """The request's keys, validated against the generator's ``Request`` class (a ConfigError
+        naming ``request.<key>``)."""
         if not isinstance(raw, Mapping):
             raise RequestError(400, f"request: expected a JSON object, got {type(raw).__name__}")
-        request: GenerationRequest = structure(GenerationRequest, raw, "request")
+        request = structure(self.generator.Request, raw, "request")
         for key in ("width", "height"):
-            side = getattr(request, key)
+            side = getattr(request, key, None)
             if side is not None and side > self.serve.max_side:
                 raise ConfigError(f"request.{key}: at most {self.serve.max_side} pixels on this server "
                                   f"(task.max_side): {side}")
-        if request.steps is not None and request.steps > self.serve.max_steps:
+        steps = getattr(request, "steps", None)
+        if steps is not None and steps > self.serve.max_steps:
             raise ConfigError(f"request.steps: at most {self.serve.max_steps} on this server (task.max_steps): "
-                              f"{request.steps}")
+                              f"{steps}")
         return request
 
-    def _sampler(self, request: GenerationRequest) -> Any:
+    def _sampler(self, request: Any) -> Any:
         base = self.ctx.config.sampler
-        name = request.sampler or base.name
+        name = getattr(request, "sampler", None) or base.name
         table: dict[str, Any] = dict(unstructure(base.options) or {}) if name == base.name else {}
         table = {k: v for k, v in table.items() if v is not None}
-        if request.steps is not None:
+        if getattr(request, "steps", None) is not None:
             table["steps"] = request.steps
         return _component(self.ctx.plugins, "sampler", {"name": name, **table}, _no_location,
                           kind="sampler", selector="name")
 
-    def _guidance(self, request: GenerationRequest) -> Any:
+    def _guidance(self, request: Any) -> Any:
         from t2i_engine.diffusion.guidance import GuidanceConfig
 
         base = self.ctx.config.guidance or GuidanceConfig()
-        if request.guidance_scale is None:
+        if getattr(request, "guidance_scale", None) is None:
             return self.ctx.config.guidance
         return structure(GuidanceConfig, {**unstructure(base), "guidance_scale": request.guidance_scale}, "guidance")
 
@@ -133,10 +128,14 @@ class RequestBuilder:
     def _save_uploads(self, job_id: str, files: Mapping[str, bytes]) -> dict[str, str]:
         from t2i_engine.utils.images import png_bytes
 
-        unknown = [f for f in files if f not in self.fields and f != INIT_IMAGE]
+        unknown = [f for f in files if f not in self.uploads]
         if unknown:
-            valid = ", ".join([*self.fields, INIT_IMAGE])
+            valid = ", ".join(self.uploads) or "none"
             raise ConfigError(f"{unknown[0]}: not an upload this server takes; valid fields: {valid}")
+        missing = [u for u in self.uploads.values() if u.required and u.field not in files]
+        if missing:
+            raise ConfigError(f"{missing[0].field}: this server needs this upload ({missing[0].label}); send it as "
+                              f"the multipart field '{missing[0].field}'")
         images = {field: self._image(field, data) for field, data in files.items()}  # all checked before any write
         saved: dict[str, str] = {}
         try:
@@ -152,44 +151,42 @@ class RequestBuilder:
     # --- the job ------------------------------------------------------------------------------
 
     def build(self, raw: Any, files: Mapping[str, bytes]) -> Job:
-        """A queued-to-be :class:`Job` for the request (uploads written); ConfigError or
-        :class:`RequestError` when it is refused (nothing is left written then)."""
-        from t2i_engine.config.schema import ComponentConfig
+        """A queued-to-be :class:`Job` for the request (uploads written), made by the
+        generator's ``prepare``; ConfigError or :class:`RequestError` when it is refused (nothing
+        is left written then)."""
         from t2i_engine.diffusion.guidance import GuidanceConfig
-        from t2i_engine.tasks.sample import SampleConfig
 
         request = self.parse(raw)
         sampler, guidance = self._sampler(request), self._guidance(request)
-        width = request.width or self.serve.width
-        height = request.height or self.serve.height
+        width = getattr(request, "width", None) or self.serve.width
+        height = getattr(request, "height", None) or self.serve.height
         if width % self.factor or height % self.factor:
             raise ConfigError(f"request.width/height: must be multiples of {self.factor} (the autoencoder's "
                               f"factor), got {width}x{height}")
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**32)
-        negative = self.serve.negative_prompt if request.negative_prompt is None else request.negative_prompt
+        seed = request.seed if getattr(request, "seed", None) is not None else secrets.randbelow(2**32)
+        negative = getattr(request, "negative_prompt", None)
+        negative = self.serve.negative_prompt if negative is None else negative
         job = Job(params={}, config=None)
         inputs = self._save_uploads(job.id, files)
         try:
-            options = SampleConfig(prompts=[request.prompt], negative_prompt=negative, width=width, height=height,
-                                   seeds=[seed], init_image=inputs.get(INIT_IMAGE), strength=request.strength)
-        except (TypeError, ValueError) as exc:
+            conditioners = list(self.ctx.config.conditioners)
+            for field, path in inputs.items():
+                if field in self.fields:
+                    i, name = self.fields[field]
+                    keys = conditioners[i].keys
+                    conditioners[i] = attrs.evolve(conditioners[i], keys=attrs.evolve(keys, inputs={**keys.inputs,
+                                                                                                       name: path}))
+            base = attrs.evolve(self.ctx.config, sampler=sampler, guidance=guidance, conditioners=conditioners)
+            config, shown = self.generator.prepare(Draft(request=request, config=base, inputs=inputs, seed=seed,
+                                                         negative_prompt=negative, width=width, height=height,
+                                                         max_side=self.serve.max_side))
+        except BaseException:
             self.discard(inputs)
-            raise ConfigError(f"request: {exc}") from exc
-        conditioners = list(self.ctx.config.conditioners)
-        for field, path in inputs.items():
-            if field in self.fields:
-                i, name = self.fields[field]
-                keys = conditioners[i].keys
-                conditioners[i] = attrs.evolve(conditioners[i], keys=attrs.evolve(keys, inputs={**keys.inputs,
-                                                                                                   name: path}))
-        task = ComponentConfig(kind="task", name="sample", options=options, plugin=self.sample_plugin)
-        job.config = attrs.evolve(self.ctx.config, task=task, sampler=sampler, guidance=guidance,
-                                  conditioners=conditioners)
-        job.inputs = inputs
-        job.params = {"prompt": request.prompt, "negative_prompt": negative, "width": width, "height": height,
-                      "sampler": sampler.name, "steps": getattr(sampler.options, "steps", None),
-                      "guidance_scale": (guidance or GuidanceConfig()).guidance_scale,
-                      "seed": seed, **({"strength": request.strength} if INIT_IMAGE in inputs else {})}
+            raise
+        job.config, job.inputs = config, inputs
+        job.params = {"prompt": request.prompt, "negative_prompt": negative, "sampler": sampler.name,
+                      "steps": getattr(sampler.options, "steps", None),
+                      "guidance_scale": (guidance or GuidanceConfig()).guidance_scale, "seed": seed, **shown}
         return job
 
     def discard(self, inputs: Mapping[str, str]) -> None:

@@ -39,19 +39,27 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def _info(ctx: RunContext, serve: ServeConfig, worker: Any, builder: Any) -> dict[str, Any]:
+    import attrs
+
+    from t2i_engine.config.fields import HELP_META
     from t2i_engine.config.structure import unstructure
     from t2i_engine.diffusion.guidance import GuidanceConfig
+    from t2i_engine.serve.config import GenerationRequest
 
     sampler = ctx.config.sampler
     guidance = ctx.config.guidance or GuidanceConfig()
-    uploads = [{"field": field, "label": f"conditioners[{i}] {ctx.config.conditioners[i].name}: {name}"}
-               for field, (i, name) in builder.fields.items()]
-    uploads.append({"field": "init_image", "label": "img2img source image (optional)"})
+    generator = worker.generator
+    uploads = [{"field": u.field, "label": u.label, "required": u.required} for u in builder.uploads.values()]
+    fields = attrs.fields(generator.Request)
+    common = {f.name for f in attrs.fields(GenerationRequest)}
     return {
         "model": worker.model_name,
+        "generator": worker.generator_name,
+        "keys": [f.name for f in fields],  # the request keys this server takes
+        "extra": [{"key": f.name, "label": f.metadata.get(HELP_META, f.name)} for f in fields if f.name not in common],
         "defaults": {"negative_prompt": serve.negative_prompt, "width": serve.width, "height": serve.height,
                      "sampler": sampler.name, "steps": (unstructure(sampler.options) or {}).get("steps"),
-                     "guidance_scale": guidance.guidance_scale, "strength": 0.8},
+                     "guidance_scale": guidance.guidance_scale, **generator.defaults(ctx.config)},
         "limits": {"max_side": serve.max_side, "max_steps": serve.max_steps, "multiple_of": worker.factor,
                    "max_upload_bytes": serve.max_upload_bytes},
         "samplers": sorted(ctx.plugins.registry("sampler")),
@@ -72,7 +80,7 @@ def build_service(ctx: RunContext, serve: ServeConfig) -> tuple[Any, Any]:
     token = _token(serve)
     board = JobBoard(queue_size=serve.queue_size, history=serve.history)
     worker = Worker(ctx, serve, board)
-    builder = RequestBuilder(ctx, serve, factor=worker.factor)
+    builder = RequestBuilder(ctx, serve, factor=worker.factor, generator=worker.generator)
     return Service(board=board, builder=builder, info=_info(ctx, serve, worker, builder), token=token), worker
 
 

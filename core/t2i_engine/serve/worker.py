@@ -2,9 +2,12 @@
 
 One model is built when the server starts (:func:`~t2i_engine.tasks.common.build_model`, the
 job's ``[[adapters]]`` applied, ``engine.precision`` prepared once) with the job's
-``[[conditioners]]`` around it. Each job samples one image exactly as the ``sample`` task does with
+``[[conditioners]]`` around it, and one generator (:mod:`t2i_engine.serve.generators`) makes each
+image with it: the core's ``text-to-image`` samples exactly as the ``sample`` task does with
 ``batch_size = 1`` (its seed's noise, a generator seeded by it, the same plan), so the PNG it writes
-re-runs to the same pixels with ``t2i-engine run --from-png``.
+re-runs to the same pixels with ``t2i-engine run --from-png``; a plugin's (InstructPix2Pix's
+``edit``) samples its own way. The worker owns the thread, cancellation, progress events and
+previews, and writes the PNG.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Worker:
 
     def __init__(self, ctx: Any, serve: ServeConfig, board: JobBoard) -> None:
         from t2i_engine.conditioning.build import build_conditioners
+        from t2i_engine.serve.generators import Resident, choose_generator
         from t2i_engine.tasks.common import build_model, inference_precision
 
         if ctx.config.sampler is None:
@@ -46,6 +50,9 @@ class Worker:
         self.autocast, self.dtype = inference_precision(ctx, self.model)
         self.conditioners = build_conditioners(ctx, self.model, dtype=self.dtype)
         self.factor = int(self.model.autoencoder.downsample_factor)
+        self.generator_name, self.generator = choose_generator(ctx, self.model, serve.generator)
+        self.generator.setup(Resident(ctx=ctx, model=self.model, dtype=self.dtype, autocast=self.autocast,
+                                      conditioners=self.conditioners))
         self._thread: threading.Thread | None = None
         self._samplers: dict[Any, Any] = {}
 
@@ -134,30 +141,17 @@ class Worker:
         return report
 
     def _generate(self, job: Job) -> tuple[str, dict[str, str]]:
-        from t2i_engine.conditioning.inputs import load_image
-        from t2i_engine.diffusion.guidance import GuidanceConfig
-        from t2i_engine.pipeline import sampling_sigmas_for
-        from t2i_engine.tasks.sample import image_metadata, sample_batch, steps_run
-        from t2i_engine.utils.images import save_png, to_pil
+        from t2i_engine.utils.images import save_png
 
-        config, c = job.config, job.config.task.options
-        ctx = dataclasses.replace(self.ctx, config=config)
+        config = job.config
         sampler = self._sampler(config.sampler)
-        sigmas = sampling_sigmas_for(sampler, self.model.schedule)
-        total = steps_run(sigmas, img2img=c.init_image is not None, strength=c.strength)
-        job.emit("started", total=total)
-        init = None if c.init_image is None else \
-            load_image(c.init_image, width=c.width, height=c.height, key="init_image").to(self.dtype)
-        seed = c.seeds[0]
         self._use_inputs(config)
-        images = sample_batch(self.model, list(c.prompts), [seed], config=c, sampler=sampler, sigmas=sigmas,
-                              guidance=config.guidance or GuidanceConfig(), device=self.ctx.device, dtype=self.dtype,
-                              autocast=self.autocast, init=init, conditioners=self.conditioners,
-                              callback=self._callback(job, total))
-        pil = to_pil(images)[0]
-        metadata = image_metadata(ctx, self.model, prompt=c.prompts[0], seed=seed, size=pil.size,
-                                  steps=len(sigmas) - 1, batch_prompts=list(c.prompts), batch_seeds=[seed])
+
+        def progress(total: int) -> Any:
+            job.emit("started", total=total)
+            return self._callback(job, total)
+
+        pil, metadata = self.generator.generate(dataclasses.replace(self.ctx, config=config), sampler, progress)
         path = str(self.ctx.output_dir / f"{job.id}.png")  # server-made: the job id
         save_png(pil, path, metadata=metadata)  # atomic
         return path, metadata
-

@@ -30,3 +30,11 @@ def register_datasets() -> dict[str, Any]:
     from t2i_plugin_instructpix2pix.shapes_edit import ShapesEditDataset
 
     return {"ip2p-folder": EditFolderDataset, "ip2p-webdataset": EditWebDataset, "shapes-edit": ShapesEditDataset}
+
+
+@hookimpl
+def register_generators() -> dict[str, Any]:
+    """``edit``: ``t2i-engine serve`` of an 8-channel editor (a ``source`` upload, s_T and s_I)."""
+    from t2i_plugin_instructpix2pix.serving import EditGenerator
+
+    return {"edit": EditGenerator}

@@ -21,7 +21,7 @@ from t2i_engine.config.limits import seeds_value
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 
-__all__ = ["EditConfig", "EditTask", "IMAGE_GUIDANCE_DEFAULT"]
+__all__ = ["EditConfig", "EditTask", "IMAGE_GUIDANCE_DEFAULT", "edit_one", "settle_model"]
 
 IMAGE_GUIDANCE_DEFAULT = 1.5  # the reference edit_cli.py's cfg-image and diffusers' image_guidance_scale
 
@@ -64,6 +64,40 @@ def source_url(ctx: RunContext, url: str) -> str:
     return str(Path(ctx.config.source).parent / url)
 
 
+def settle_model(ctx: RunContext, model: Any, *, ema: bool) -> None:
+    """Make a built model ready to edit: its EMA or trained UNet chosen (``ema``), checked to be
+    an 8-channel editor; ConfigError naming the key otherwise."""
+    from t2i_plugin_instructpix2pix.edit import check_edit_model
+    from t2i_plugin_instructpix2pix.ema import choose_weights, has_ema
+
+    if ema and has_ema(model) and ctx.config.adapters:
+        # adapters are applied by build_model before the EMA UNet could be swapped in
+        raise ConfigError("adapters: [[adapters]] on a checkpoint with EMA weights (model_ema.*) are not "
+                          "supported yet; set [task] ema = false or use a file without model_ema.* keys")
+    choose_weights(model, ema=ema)
+    try:
+        check_edit_model(model)
+    except ValueError as exc:
+        raise ConfigError(f"model.checkpoint: {exc}") from exc
+
+
+def edit_one(ctx: RunContext, model: Any, source: torch.Tensor, prompt: str, seed: int, *, sampler: Any,
+             scales: tuple[float, float], negative_prompt: str, dtype: torch.dtype, autocast: Any,
+             callback: Any = None) -> torch.Tensor:
+    """One edit ``(1, 3, H, W)`` in [-1, 1] of ``source`` (:func:`~t2i_plugin_instructpix2pix.edit.load_source`)
+    as the ``edit`` task makes it: ``seed``'s noise, a generator seeded by it, ``scales`` = (s_T, s_I)."""
+    from t2i_engine.pipeline import seeded_noise
+    from t2i_plugin_instructpix2pix.edit import edit_images
+
+    f = model.autoencoder.downsample_factor
+    noise = seeded_noise([seed], (model.autoencoder.latent_channels, source.shape[-2] // f, source.shape[-1] // f),
+                         dtype=dtype)
+    with autocast:
+        return edit_images(model, [prompt], source, noise, sampler=sampler, text_scale=scales[0],
+                           image_scale=scales[1], negative_prompts=[negative_prompt],
+                           generator=torch.Generator(device=ctx.device).manual_seed(seed), callback=callback)
+
+
 class EditTask:
     """Write one edited PNG per (source, instruction) into ``engine.output_dir``."""
 
@@ -83,11 +117,9 @@ class EditTask:
         return seeds
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
-        from t2i_engine.pipeline import seeded_noise
         from t2i_engine.tasks.common import build_model, inference_precision
         from t2i_engine.utils.images import save_png, to_pil
-        from t2i_plugin_instructpix2pix.edit import check_edit_model, edit_images, load_source
-        from t2i_plugin_instructpix2pix.ema import choose_weights, has_ema
+        from t2i_plugin_instructpix2pix.edit import load_source
 
         c = self.config
         if ctx.config.sampler is None:
@@ -97,15 +129,7 @@ class EditTask:
         seeds = self._seeds(ctx)
         sampler = ctx.plugins.build(ctx.config.sampler)
         model = build_model(ctx, task="edit")
-        if c.ema and has_ema(model) and ctx.config.adapters:
-            # adapters are applied by build_model before the EMA UNet could be swapped in
-            raise ConfigError("adapters: [[adapters]] on a checkpoint with EMA weights (model_ema.*) are not "
-                              "supported yet; set [task] ema = false or use a file without model_ema.* keys")
-        choose_weights(model, ema=c.ema)
-        try:
-            check_edit_model(model)
-        except ValueError as exc:
-            raise ConfigError(f"model.checkpoint: {exc}") from exc
+        settle_model(ctx, model, ema=c.ema)
         autocast, dtype = inference_precision(ctx, model)
         f = model.autoencoder.downsample_factor
         out_dir = Path(ctx.output_dir)
@@ -116,12 +140,8 @@ class EditTask:
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (url, prompt, seed) in enumerate(zip(c.sources, c.prompts, seeds)):
             source = load_source(source_url(ctx, url), factor=f, key=f"task.sources[{i}]").to(dtype)
-            noise = seeded_noise([seed], (model.autoencoder.latent_channels, source.shape[-2] // f,
-                                          source.shape[-1] // f), dtype=dtype)
-            with autocast:
-                image = edit_images(model, [prompt], source, noise, sampler=sampler, text_scale=s_t,
-                                    image_scale=s_i, negative_prompts=[c.negative_prompt],
-                                    generator=torch.Generator(device=ctx.device).manual_seed(seed))
+            image = edit_one(ctx, model, source, prompt, seed, sampler=sampler, scales=(s_t, s_i),
+                             negative_prompt=c.negative_prompt, dtype=dtype, autocast=autocast)
             path = out_dir / f"{i:05d}-{seed}.png"
             save_png(to_pil(image)[0], str(path), metadata={"prompt": prompt, "seed": str(seed), "source": url, **meta})
             written.append(str(path))

@@ -86,6 +86,44 @@ inputs = { hint = "hint.png" }
     return job
 
 
+def write_edit_job(folder: Path, model: Path, *, steps: int, text_scale: float, image_scale: float) -> Path:
+    """A serve job over an InstructPix2Pix folder ``model`` (no ``generator`` key: chosen for the model)."""
+    job = folder / "serve.toml"
+    job.write_text(f"""[engine]
+plugins = ["sd", "instructpix2pix"]
+device = "cpu"
+output_dir = "out"
+[task]
+name = "serve"
+width = 16
+height = 16
+max_side = 32
+[model]
+type = "stable-diffusion"
+checkpoint = "{model}"
+preset = "sd-1"
+[sampler]
+name = "ddim"
+steps = {steps}
+[guidance]
+guidance_scale = {text_scale}
+image_guidance_scale = {image_scale}
+""")
+    return job
+
+
+def edit_plugin_manager() -> EnginePluginManager:
+    """The SD and InstructPix2Pix plugins under test, whether or not they are installed."""
+    import t2i_plugin_instructpix2pix.plugin
+    import t2i_plugin_sd.plugin
+
+    pm = EnginePluginManager()
+    pm.load(autoload=False)
+    pm.register(t2i_plugin_sd.plugin, name="sd")
+    pm.register(t2i_plugin_instructpix2pix.plugin, name="instructpix2pix")
+    return pm
+
+
 def plugin_manager(gate: Gate | None = None) -> EnginePluginManager:
     pm = EnginePluginManager().load()
     module = types.ModuleType("serve_test_conditioners")

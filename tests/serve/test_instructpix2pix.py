@@ -21,24 +21,12 @@ pytest.importorskip("diffusers")
 pytest.importorskip("t2i_plugin_instructpix2pix")
 from fastapi.testclient import TestClient  # noqa: E402
 from plugins.instructpix2pix.tests.conftest import source_png, tiny_ip2p_folder  # noqa: E402
-from tests.serve.support import start_service  # noqa: E402
+from tests.serve.support import edit_plugin_manager, start_service, write_edit_job  # noqa: E402
 
 from t2i_engine.pipeline import seeded_noise  # noqa: E402
-from t2i_engine.plugins.manager import EnginePluginManager  # noqa: E402
 from t2i_engine.serve.app import create_app  # noqa: E402
 
 STEPS, S_T, JOB_S_I = 6, 5.0, 1.8
-
-
-def _pm() -> EnginePluginManager:
-    import t2i_plugin_instructpix2pix.plugin
-    import t2i_plugin_sd.plugin
-
-    pm = EnginePluginManager()
-    pm.load(autoload=False)  # the plugins under test, whether or not they are installed
-    pm.register(t2i_plugin_sd.plugin, name="sd")
-    pm.register(t2i_plugin_instructpix2pix.plugin, name="instructpix2pix")
-    return pm
 
 
 @pytest.fixture(scope="module")
@@ -46,28 +34,8 @@ def editor(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``(client, service, folder, root)``: a served tiny editor (no ``generator`` key: chosen for the model)."""
     root = tmp_path_factory.mktemp("ip2p-serve")
     folder = tiny_ip2p_folder(root)
-    job = root / "serve.toml"
-    job.write_text(f"""[engine]
-plugins = ["sd", "instructpix2pix"]
-device = "cpu"
-output_dir = "out"
-[task]
-name = "serve"
-width = 16
-height = 16
-max_side = 32
-[model]
-type = "stable-diffusion"
-checkpoint = "{folder}"
-preset = "sd-1"
-[sampler]
-name = "ddim"
-steps = {STEPS}
-[guidance]
-guidance_scale = {S_T}
-image_guidance_scale = {JOB_S_I}
-""")
-    service, worker, _ = start_service(job, _pm())
+    job = write_edit_job(root, folder, steps=STEPS, text_scale=S_T, image_scale=JOB_S_I)
+    service, worker, _ = start_service(job, edit_plugin_manager())
     try:
         yield TestClient(create_app(service)), service, folder, root
     finally:
@@ -125,7 +93,8 @@ def test_a_served_edit_is_diffusers_edit(editor, monkeypatch):
         return made[-1]
 
     monkeypatch.setattr(task_module, "edit_one", recording)
-    r = _submit(client, {"prompt": "make it red", "seed": 7, "image_guidance_scale": 1.2}, {"source": source.read_bytes()})
+    r = _submit(client, {"prompt": "make it red", "seed": 7, "image_guidance_scale": 1.2},
+                {"source": source.read_bytes()})
     assert r.status_code == 202, r.text
     assert r.json()["params"]["image_guidance_scale"] == 1.2 and r.json()["params"]["width"] == 16
     job = _done(client, r.json()["id"])
@@ -155,10 +124,11 @@ def test_the_png_re_runs_as_an_edit_job(editor):
 
     client, service, _, root = editor
     source = source_png(root / "src3.png", seed=3)
-    r = _submit(client, {"prompt": "make it blue", "seed": 4, "image_guidance_scale": 1.1}, {"source": source.read_bytes()})
+    r = _submit(client, {"prompt": "make it blue", "seed": 4, "image_guidance_scale": 1.1},
+                {"source": source.read_bytes()})
     job = _done(client, r.json()["id"])
     served = service.board.get(job["id"]).image
-    pm = _pm()
+    pm = edit_plugin_manager()
     summary = run_config(load_png_job(served, pm), pm)
     assert np.array_equal(np.asarray(Image.open(summary["images"][0])), np.asarray(Image.open(served)))
 

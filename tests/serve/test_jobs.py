@@ -50,12 +50,12 @@ def test_request_defaults_come_from_the_task_keys(served):
 
     _, worker, ctx = served
     serve = attrs.evolve(ctx.config.task.options, negative_prompt="ugly", width=24, height=8)
-    job = RequestBuilder(ctx, serve, factor=worker.factor, generator=worker.generator).build({"prompt": "x", "seed": 1}, {})
+    builder = RequestBuilder(ctx, serve, factor=worker.factor, generator=worker.generator)
+    job = builder.build({"prompt": "x", "seed": 1}, {})
     options = job.config.task.options
     assert (options.negative_prompt, options.width, options.height) == ("ugly", 24, 8)
     assert (job.params["negative_prompt"], job.params["width"], job.params["height"]) == ("ugly", 24, 8)
-    given = RequestBuilder(ctx, serve, factor=worker.factor, generator=worker.generator).build(
-        {"prompt": "x", "negative_prompt": "", "width": 16}, {})
+    given = builder.build({"prompt": "x", "negative_prompt": "", "width": 16}, {})
     assert (given.config.task.options.negative_prompt, given.config.task.options.width) == ("", 16)
 
 

@@ -10,7 +10,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from tests.serve.support import HintRecorder, LiveServer, plugin_manager, start_service, write_job
+from tests.serve.support import (
+    HintRecorder,
+    LiveServer,
+    edit_plugin_manager,
+    plugin_manager,
+    start_service,
+    write_edit_job,
+    write_job,
+)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the page test drives Chromium with selenium")
 
@@ -134,3 +142,50 @@ def test_with_a_token_the_page_asks_for_it(served_page):
         wait.until(lambda d: d.find_element(By.ID, "model").text != "")
         assert driver.find_element(By.ID, "error").text == ""
         driver.execute_script("sessionStorage.clear()")
+
+
+@pytest.fixture(scope="module")
+def edit_page(served_page: tuple[Any, Any], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, str]]:
+    """The browser on a served tiny InstructPix2Pix editor (the plugin's ``edit`` generator)."""
+    pytest.importorskip("diffusers", reason="the tiny editor is made with diffusers")
+    pytest.importorskip("t2i_plugin_instructpix2pix")
+    from plugins.instructpix2pix.tests.conftest import tiny_ip2p_folder
+
+    from t2i_engine.serve.app import create_app
+
+    root = tmp_path_factory.mktemp("edit-page")
+    job = write_edit_job(root, tiny_ip2p_folder(root), steps=2, text_scale=5.0, image_scale=1.5)
+    service, worker, _ = start_service(job, edit_plugin_manager())
+    try:
+        with LiveServer(create_app(service)) as server:
+            yield served_page[0], server.url
+    finally:
+        worker.stop()
+
+
+def test_an_editor_page_asks_for_the_source_and_s_i(edit_page, tmp_path):
+    from plugins.instructpix2pix.tests.conftest import source_png
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver, url = edit_page
+    source = source_png(tmp_path / "source.png", seed=1)
+    driver.get(url + "/")
+    wait = WebDriverWait(driver, 60)
+    wait.until(lambda d: d.find_element(By.ID, "model").text != "")
+    assert not driver.find_element(By.ID, "width").is_displayed()  # an edit has the source's size
+    uploads = driver.find_elements(By.CSS_SELECTOR, "#uploads input[type=file]")
+    assert [u.get_attribute("data-field") for u in uploads] == ["source"]
+    assert uploads[0].get_attribute("required") is not None
+    s_i = driver.find_element(By.CSS_SELECTOR, "#extra input[data-key=image_guidance_scale]")
+    assert s_i.get_attribute("value") == "1.5"
+    s_i.clear()
+    s_i.send_keys("1.25")
+    driver.find_element(By.ID, "prompt").send_keys("make it red in the browser")
+    uploads[0].send_keys(str(source))
+    driver.find_element(By.ID, "submit").click()
+    card = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#gallery .card[data-state=done]")))
+    assert card.find_element(By.CSS_SELECTOR, ".inputs img").get_attribute("title") == "source"
+    assert "make it red in the browser" in card.text and "1.25" in card.text
+    assert driver.find_element(By.ID, "error").text == ""

@@ -43,13 +43,26 @@ async function loadInfo() {
   for (const id of ["width", "height"]) { $(id).max = info.limits.max_side; $(id).step = info.limits.multiple_of; }
   $("steps").max = info.limits.max_steps;
   $("sampler").replaceChildren(...info.samplers.map((name) => new Option(name, name, false, name === d.sampler)));
+  // only the inputs of the request keys this server's generator takes (an editor has no width/height)
+  for (const key of PARAMS) $(key).closest("label").hidden = !info.keys.includes(key);
+  const extra = $("extra");
+  extra.hidden = info.extra.length === 0;
+  for (const { key, label: help } of info.extra) { // the generator's own keys, e.g. image_guidance_scale
+    const label = document.createElement("label");
+    label.textContent = key + " ";
+    label.title = help;
+    const input = document.createElement("input");
+    input.type = "number"; input.step = "any"; input.dataset.key = key; input.value = d[key] ?? "";
+    label.append(input);
+    extra.append(label);
+  }
   const box = $("uploads");
   box.hidden = info.uploads.length === 0;
   for (const upload of info.uploads) {
     const label = document.createElement("label");
     label.textContent = upload.label + " ";
     const input = document.createElement("input");
-    input.type = "file"; input.accept = "image/*"; input.dataset.field = upload.field;
+    input.type = "file"; input.accept = "image/*"; input.dataset.field = upload.field; input.required = !!upload.required;
     if (upload.field === "init_image") input.addEventListener("change", () => { $("strength-row").hidden = !input.files.length; });
     label.append(input);
     box.append(label);
@@ -61,8 +74,11 @@ function requestBody() {
   const params = {};
   for (const key of PARAMS) {
     const value = $(key).value;
-    if (value === "") continue;
+    if (value === "" || !info.keys.includes(key)) continue;
     params[key] = NUMBERS.has(key) ? Number(value) : value;
+  }
+  for (const input of $("extra").querySelectorAll("input")) {
+    if (input.value !== "") params[input.dataset.key] = Number(input.value);
   }
   const form = new FormData();
   let hasInit = false;

@@ -2,7 +2,8 @@
 
 Everything named in ``__all__`` is stable API (docs/plugins.md lists it): the contracts, the
 ``hookimpl`` marker, config field helpers, the engine's error types, generation (``generate``,
-``seeded_noise``, ``GuidanceConfig``), image helpers (``load_image``, ``to_pil``, ``from_pil``,
+``seeded_noise``, ``GuidanceConfig``), serve generators (``Generator``, ``GenerationRequest``,
+``Upload``, ``Draft``, ``Resident``), image helpers (``load_image``, ``to_pil``, ``from_pil``,
 ``save_png``), the conditioning helpers, and :mod:`t2i_sdk.testing` (a conformance kit).
 
 A plugin is a module with hook implementations, declared in its distribution's metadata::
@@ -39,6 +40,8 @@ from t2i_engine.interfaces import (
     TextEncoder,
 )
 from t2i_engine.pipeline import generate, seeded_noise
+from t2i_engine.serve.config import GenerationRequest
+from t2i_engine.serve.generators import Draft, Generator, Resident, Upload
 from t2i_engine.utils.images import from_pil, save_png, to_pil
 
 __all__ = [
@@ -53,12 +56,16 @@ __all__ = [
     "DataError",
     "Denoiser",
     "DenoiserNet",
+    "Draft",
+    "GenerationRequest",
+    "Generator",
     "GuidanceConfig",
     "LatentDiffusionModel",
     "NoiseSchedule",
     "PluginError",
     "Prediction",
     "Residuals",
+    "Resident",
     "RunContext",
     "Sampler",
     "SamplingPlan",
@@ -67,6 +74,7 @@ __all__ = [
     "Task",
     "TextEmbedding",
     "TextEncoder",
+    "Upload",
     "build_conditioners",
     "default_plan",
     "existing_path",

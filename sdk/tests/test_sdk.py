@@ -70,6 +70,10 @@ def test_sdk_exports_what_a_conditioner_plugin_needs() -> None:
     assert t2i_sdk.unet_residual_shapes is conditioning.unet_residual_shapes
     for name in ("ConditionInputs", "Residuals", "Branch"):
         assert getattr(t2i_sdk, name) is getattr(interfaces, name)
+    import t2i_engine.serve.generators as generators
+
+    for name in ("Generator", "Upload", "Draft", "Resident"):  # a serve generator's plugin needs these
+        assert getattr(t2i_sdk, name) is getattr(generators, name)
     assert sorted(t2i_sdk.__all__) == sorted(set(t2i_sdk.__all__))
     for name in t2i_sdk.__all__:
         assert hasattr(t2i_sdk, name), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,9 @@ def writable_output_dir(output_dir: Path) -> Path:
         raise ConfigError(f"engine.output_dir: '{output_dir}' is a file; a folder is expected here")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".t2i-write-test-{os.getpid()}"
+        # unique across machines: ranks of a multi-node job share this folder, and processes in
+        # containers on different nodes often have the same pid
+        probe = output_dir / f".t2i-write-test-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         probe.touch()
         probe.unlink()
     except OSError as exc:

@@ -92,3 +92,23 @@ def test_two_nodes_write_what_one_process_writes(tmp_path):
     manifest = (tmp_path / "nodes" / "manifest.jsonl").read_text(encoding="utf-8")
     assert manifest == (tmp_path / "one" / "manifest.jsonl").read_text(encoding="utf-8")
     assert [json.loads(line)["prompt"] for line in manifest.splitlines()] == PROMPTS
+
+
+def test_the_output_dir_probe_is_unique_across_nodes(tmp_path, monkeypatch):
+    """Every rank of a multi-node job checks the one shared output_dir with a probe file; two
+    nodes' processes may have the same pid (containers), so the probe's name must not rest on it."""
+    from t2i_engine import runner
+
+    names: list[str] = []
+    touch = Path.touch
+
+    def recording(self: Path, *args, **kwargs):
+        names.append(self.name)
+        return touch(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.os, "getpid", lambda: 7)
+    monkeypatch.setattr(Path, "touch", recording)
+    runner.writable_output_dir(tmp_path / "shared")
+    runner.writable_output_dir(tmp_path / "shared")
+    assert len(names) == 2 and names[0] != names[1] and all(n.startswith(".t2i-write-test-7-") for n in names)
+    assert list((tmp_path / "shared").iterdir()) == []

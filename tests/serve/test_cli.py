@@ -35,6 +35,7 @@ def test_serve_command_listens_generates_and_stops_on_ctrl_c(tmp_path):
         assert proc.stdout is not None
         line = proc.stdout.readline()  # printed once the model is resident and the port bound
         assert line.startswith("t2i-engine serve: model ") and f"http://{host}:" in line, line
+        assert "generator 'text-to-image'" in line, line
         url = line.split(" on ", 1)[1].split("/ ", 1)[0]
         assert url == f"http://{host}:{port}"
         with pytest.raises(httpx.ConnectError):  # not bound on the default address

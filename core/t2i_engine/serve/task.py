@@ -108,7 +108,8 @@ class ServeTask:
         worker.start()
         server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="info", access_log=False,
                                                timeout_graceful_shutdown=5))  # open event streams: 5 s, then closed
-        print(f"t2i-engine serve: model '{worker.model_name}' on http://{host}:{port}/ "
+        print(f"t2i-engine serve: model '{worker.model_name}', generator '{worker.generator_name}' on "
+              f"http://{host}:{port}/ "
               f"(output: {ctx.output_dir})", flush=True)
         try:
             server.run(sockets=[sock])

@@ -95,9 +95,7 @@ device = "cpu"
 output_dir = "out"
 [task]
 name = "serve"
-width = 16
-height = 16
-max_side = 32
+max_side = 32             # below the default width/height (512), which an edit does not use
 [model]
 type = "stable-diffusion"
 checkpoint = "{model}"

@@ -62,8 +62,11 @@ class RequestBuilder:
         steps = getattr(self.ctx.config.sampler.options, "steps", None)
         if isinstance(steps, int) and steps > self.serve.max_steps:
             raise ConfigError(f"task.max_steps: {self.serve.max_steps} is below the job's own sampler.steps ({steps})")
-        for key in ("width", "height"):
+        taken = {field.name for field in attrs.fields(self.generator.Request)}
+        for key in ("width", "height"):  # an editor's output has the source's size: no default to check
             side = getattr(self.serve, key)
+            if key not in taken:
+                continue
             if side > self.serve.max_side:
                 raise ConfigError(f"task.{key}: {side} is above task.max_side ({self.serve.max_side})")
             if side % self.factor:

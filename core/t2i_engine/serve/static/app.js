@@ -44,7 +44,9 @@ async function loadInfo() {
   $("steps").max = info.limits.max_steps;
   $("sampler").replaceChildren(...info.samplers.map((name) => new Option(name, name, false, name === d.sampler)));
   // only the inputs of the request keys this server's generator takes (an editor has no width/height)
-  for (const key of PARAMS) $(key).closest("label").hidden = !info.keys.includes(key);
+  // a hidden input is also disabled: the browser would otherwise refuse the form over its value
+  // (the job's default 512 above max_side) without saying why
+  for (const key of PARAMS) $(key).disabled = $(key).closest("label").hidden = !info.keys.includes(key);
   const extra = $("extra");
   extra.hidden = info.extra.length === 0;
   for (const { key, label: help } of info.extra) { // the generator's own keys, e.g. image_guidance_scale

@@ -61,7 +61,7 @@ class ConditionerChain(nn.Module):
         self.entries = list(entries)
         self.modules_ = nn.ModuleList(e.conditioner for e in self.entries if isinstance(e.conditioner, nn.Module))
         self.clock = StepClock()
-        self._loaded: dict[tuple[int, str, int, int], Tensor] = {}  # files of the entries' inputs, by (entry, name, h, w)
+        self._loaded: dict[tuple[int, str, int, int], Tensor] = {}  # inputs' files, by (entry, name, h, w)
         self._given: dict[tuple[int, str], Tensor] = {}  # set_images(): tensors by (entry, name)
         self._composed: dict[int, ConditionedNet] = {}
 

@@ -77,9 +77,9 @@ class ControlNetTrainable(SDTrainable):
         self.eval()
         self.conditioners.set_images(0, HINT_INPUT, hints)
         try:
-            images = sample_batched(self.model, prompts, seeds, sampler=SAMPLERS["ddim"](DDIMConfig(steps=self.sample_steps)),
-                                    guidance=GuidanceConfig(), size=h * f, batch_size=len(prompts), progress=False,
-                                    conditioners=self.conditioners)
+            sampler = SAMPLERS["ddim"](DDIMConfig(steps=self.sample_steps))
+            images = sample_batched(self.model, prompts, seeds, sampler=sampler, guidance=GuidanceConfig(), size=h * f,
+                                    batch_size=len(prompts), progress=False, conditioners=self.conditioners)
         finally:
             self.conditioners.set_images(0, HINT_INPUT, None)  # training batches bring their own hints
             self.train(was_training)

@@ -119,10 +119,10 @@ def test_per_sample_hints_are_each_sample_alone_with_its_hint(sd_controlnets, mo
     batch = generate(model, PROMPTS, _noise(), negative_prompts=NEGATIVE, conditioners=chain, **run) / 2 + 0.5
     for i, hint in enumerate(hints):
         alone = _ours(model, [(net, ConditionerKeys(scale=0.8, inputs={"image": str(hint)}), {})], _noise())
+        own = ConditionerChain([Entry(chain.entries[0].conditioner,
+                                      keys=ConditionerKeys(scale=0.8, inputs={"image": str(hint)}))])
         single = generate(model, PROMPTS[i:i + 1], _noise()[i:i + 1], negative_prompts=NEGATIVE[i:i + 1],
-                          conditioners=ConditionerChain([Entry(
-                              chain.entries[0].conditioner, keys=ConditionerKeys(scale=0.8, inputs={"image": str(hint)}))]),
-                          **run) / 2 + 0.5
+                          conditioners=own, **run) / 2 + 0.5
         assert (batch[i] - single[0]).abs().max() <= 1e-5
         assert (batch[i] - alone[i]).abs().max() <= 1e-5 and (batch[1 - i] - alone[1 - i]).abs().max() > 1e-3
     ref = _reference(sd, [net], hints, _noise(), controlnet_conditioning_scale=0.8)  # a list: one hint per prompt

@@ -316,7 +316,7 @@ def test_sample_images_draw_each_prompt_with_its_hint(sd_controlnets, sd, tmp_pa
         trainable.sample_steps = 3
         grids.append(trainable.sample_images(["a red square"] * 2, generator=torch.Generator().manual_seed(0)))
         assert not trainable.conditioners._given  # the hints are gone again: training batches bring theirs
-    assert grids[0].shape == (2, 3, 16, 32)  # no batch seen yet: 8x8 latents, the tiny factor 2: hint and image side by side
+    assert grids[0].shape == (2, 3, 16, 32)  # no batch seen: 8x8 latents, factor 2; hint and image side by side
     assert torch.equal(grids[0][0], grids[1][0]) and (grids[0][1] - grids[1][1]).abs().max() > 1e-2
 
 

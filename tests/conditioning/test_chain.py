@@ -143,3 +143,43 @@ def test_inputs_named_in_the_job_reach_condition_as_images_and_tensors(tmp_path)
     save_file({"a": torch.zeros(1), "b": torch.zeros(1)}, str(tmp_path / "two.safetensors"))
     with pytest.raises(ConfigError, match=r"conditioners\[0\]\.inputs\.two: .* holds 2 tensors"):
         conditioned(chain((ExtraOffset(), {"inputs": {"two": str(tmp_path / "two.safetensors")}})))
+
+
+def test_set_images_gives_every_sample_its_own_input_and_replaces_the_file(tmp_path) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(tmp_path / "hint.png")
+    extra = ExtraOffset()
+    ch = chain((ExtraOffset(key="first"), {}), (extra, {"inputs": {"hint": str(tmp_path / "hint.png")}}))
+    ch.entries[1].label = "net"
+    per_sample = torch.arange(3.0).view(3, 1, 1, 1).expand(3, 3, 8, 8)
+    ch.set_images("net", "hint", per_sample)  # by label; replaces the file
+    ch.set_images(1, "extra", per_sample[:1])  # by index; a new input, one for every sample
+    conditioned(ch, b=3)
+    for seen in extra.seen:  # both guidance branches
+        assert torch.equal(seen.images["hint"], per_sample)
+        assert torch.equal(seen.images["extra"], per_sample[:1].expand(3, -1, -1, -1))
+    ch.set_images(1, "hint", None)  # removed: the file again
+    extra.seen.clear()
+    conditioned(ch, b=3)
+    assert torch.equal(extra.seen[0].images["hint"], torch.ones(3, 3, 8, 8)) and "extra" in extra.seen[0].images
+    ch.clear_inputs()
+    extra.seen.clear()
+    conditioned(ch, b=3)
+    assert set(extra.seen[0].images) == {"hint"}
+
+
+def test_set_images_is_checked_for_count_size_and_entry() -> None:
+    ch = chain((ExtraOffset(), {}))
+    ch.set_images(0, "hint", torch.zeros(3, 3, 8, 8))
+    with pytest.raises(ConfigError, match=r"toy\[0\]: inputs.hint was given 3 images of \(8, 8\) .* batch of 2"):
+        conditioned(ch, b=2)
+    ch.set_images(0, "hint", torch.zeros(2, 3, 16, 16))
+    with pytest.raises(ConfigError, match=r"\(16, 16\) pixels .* at \(8, 8\)"):
+        conditioned(ch, b=2)
+    with pytest.raises(ValueError, match="no entry 1"):
+        ch.set_images(1, "hint", torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="0 entries are labelled 'other'"):
+        ch.set_images("other", "hint", torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\) tensor, got a 3-d"):
+        ch.set_images(0, "hint", torch.zeros(3, 8, 8))

@@ -140,6 +140,7 @@ def test_logging_hooks_grids_and_jsonl(tmp_path):
     assert {"train/loss", "train/lr", "train/grad_norm", "train/samples_per_sec", "train/step_time",
             "train/peak_memory_mb"} <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Images("samples")] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["samples-000002.png", "samples-000004.png"]
 
 
 def test_ema_matches_closed_form_and_swaps_back():

@@ -61,8 +61,49 @@ class ConditionerChain(nn.Module):
         self.entries = list(entries)
         self.modules_ = nn.ModuleList(e.conditioner for e in self.entries if isinstance(e.conditioner, nn.Module))
         self.clock = StepClock()
-        self.images: dict[tuple[int, str, int, int], Tensor] = {}  # loaded inputs, by (entry, name, h, w)
+        self._loaded: dict[tuple[int, str, int, int], Tensor] = {}  # inputs' files, by (entry, name, h, w)
+        self._given: dict[tuple[int, str], Tensor] = {}  # set_images(): tensors by (entry, name)
         self._composed: dict[int, ConditionedNet] = {}
+
+    def entry_index(self, entry: int | str) -> int:
+        """The position of ``entry``: its index, or the label of exactly one entry."""
+        if isinstance(entry, int) and not isinstance(entry, bool):
+            if not 0 <= entry < len(self.entries):
+                raise ValueError(f"conditioners: no entry {entry} (the chain has {len(self.entries)})")
+            return entry
+        found = [i for i, e in enumerate(self.entries) if e.label == entry]
+        if len(found) != 1:
+            labels = ", ".join(repr(e.label) for e in self.entries) or "none"
+            raise ValueError(f"conditioners: {len(found)} entries are labelled {entry!r} (labels: {labels}); "
+                             "give the entry's index")
+        return found[0]
+
+    def set_images(self, entry: int | str, name: str, images: Tensor | None) -> None:
+        """Give ``entry``'s input ``name`` as a tensor instead of a file: ``(B, C, H, W)``, one
+        image per sample of the following generations (or ``(1, C, H, W)`` for every sample), in
+        the range the entry's files load to ([-1, 1]), at the output size (not resized). It
+        replaces the file the entry's ``inputs`` names under ``name``, or adds the input. Checked
+        when a generation (or a training batch) uses it: ``B`` must be its batch size or 1, ``H``
+        and ``W`` its height and width, else a ConfigError. ``None`` removes it again.
+
+        This is how a task gives every sample its own hint (``controlnet-eval``): row ``i`` of
+        ``images`` goes with prompt ``i``, exactly as if that sample were generated alone with
+        that image as its file."""
+        i = self.entry_index(entry)
+        if images is None:
+            self._given.pop((i, name), None)
+            return
+        if not isinstance(images, Tensor) or images.ndim != 4 or not images.is_floating_point():
+            what = f"a {images.ndim}-d {images.dtype} tensor" if isinstance(images, Tensor) else type(images).__name__
+            raise ValueError(f"{self.entries[i].label}: inputs.{name} must be a floating-point (B, C, H, W) "
+                             f"tensor, got {what}")
+        self._given[(i, name)] = images
+
+    def clear_inputs(self) -> None:
+        """Forget every loaded input file and every :meth:`set_images` tensor: the next
+        generation reads the files the entries' ``inputs`` name (now) again."""
+        self._loaded.clear()
+        self._given.clear()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the conditioners that require grad (the train task adds them to the optimizer)."""
@@ -79,12 +120,20 @@ class ConditionerChain(nn.Module):
         from t2i_engine.conditioning.inputs import load_input
 
         out = {}
-        for name, url in entry.keys.inputs.items():
-            cache = (i, name, height, width)
-            if cache not in self.images:
-                self.images[cache] = load_input(url, width=width, height=height,
-                                                key=f"conditioners[{i}].inputs.{name}")
-            value = self.images[cache]
+        names = list(entry.keys.inputs) + [n for (j, n) in self._given if j == i and n not in entry.keys.inputs]
+        for name in names:
+            if (i, name) in self._given:
+                value = self._given[(i, name)]
+                if value.shape[0] not in (1, batch) or tuple(value.shape[-2:]) != (height, width):
+                    raise ConfigError(f"{entry.label}: inputs.{name} was given {value.shape[0]} images of "
+                                      f"{tuple(value.shape[-2:])} pixels (set_images) for a batch of {batch} at "
+                                      f"{(height, width)}: give one per sample (or one for all) at the output size")
+            else:
+                cache = (i, name, height, width)
+                if cache not in self._loaded:
+                    self._loaded[cache] = load_input(entry.keys.inputs[name], width=width, height=height,
+                                                     key=f"conditioners[{i}].inputs.{name}")
+                value = self._loaded[cache]
             value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
             out[name] = value.expand(batch, *value.shape[1:]) if value.shape[0] == 1 else value
         return out

@@ -152,11 +152,16 @@ def structure(cls: type, table: Mapping[str, Any], path: str, locate: Locate = _
             )
         f = fields[key]
         converted = convert(value, hints.get(key, Any), dotted, locate)
-        if f.metadata.get(PATH_META) and isinstance(converted, str):
+        if f.metadata.get(PATH_META) and isinstance(converted, (str, list)):
             from t2i_engine.config.paths import check_exists
 
             kind = f.metadata[PATH_META]
-            converted = check_exists(dotted, converted, locate, kind="any" if kind is True else kind)
+            kind = "any" if kind is True else kind
+            if isinstance(converted, str):
+                converted = check_exists(dotted, converted, locate, kind=kind)
+            else:  # a list of paths (e.g. one image per prompt): each one checked and resolved
+                converted = [check_exists(f"{dotted}[{i}]", v, locate, kind=kind) if isinstance(v, str) else v
+                             for i, v in enumerate(converted)]
         kwargs[f.alias if f.alias else key] = converted
     missing = [f.name for f in fields.values()
                if f.default is attrs.NOTHING and f.name not in table and f.init]

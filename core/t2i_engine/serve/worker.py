@@ -114,7 +114,7 @@ class Worker:
             return
         for entry, component in zip(self.conditioners.entries, config.conditioners):
             entry.keys = component.keys
-        self.conditioners.images.clear()
+        self.conditioners.clear_inputs()
 
     def _preview(self, denoised: torch.Tensor) -> str:
         from t2i_engine.utils.images import png_bytes, to_pil

@@ -64,15 +64,21 @@ class MetricsLogger:
         if self._bar is not None and "loss" in metrics:
             self._bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics.get('lr', 0):.3g}")
 
-    def log_images(self, step: int, tag: str, images: Tensor) -> None:
-        """Log ``(N, 3, H, W)`` images in [-1, 1] as one grid."""
-        if self.enabled:
-            import numpy as np
+    def log_images(self, step: int, tag: str, images: Tensor) -> Path | None:
+        """Log ``(N, 3, H, W)`` images in [-1, 1] as one grid: to TensorBoard and as
+        ``<dir>/samples/<tag>-<step, 6 digits>.png``, whose path is returned (None on ranks > 0)."""
+        if not self.enabled:
+            return None
+        import numpy as np
 
-            from t2i_engine.utils.images import make_grid
+        from t2i_engine.utils.images import make_grid, save_png
 
-            grid = np.asarray(make_grid(images.detach()).convert("RGB"))  # (H, W, 3) uint8
-            self._writer.add_image(tag, grid, step, dataformats="HWC")
+        image = make_grid(images.detach().float().cpu()).convert("RGB")
+        self._writer.add_image(tag, np.asarray(image), step, dataformats="HWC")  # (H, W, 3) uint8
+        path = self.dir / "samples" / f"{tag.replace('/', '-')}-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(image, str(path), metadata={"step": str(step), "tag": tag})
+        return path
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         """Log ``text`` (markdown) at ``step`` to TensorBoard's text tab (the JSONL file keeps

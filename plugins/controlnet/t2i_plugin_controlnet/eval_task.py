@@ -27,7 +27,6 @@ from t2i_engine.interfaces import RunContext
 __all__ = ["ControlNetEvalConfig", "ControlNetEvalTask", "iou"]
 
 _ge1 = attrs.validators.ge(1)
-HINTS_URL = "(the evaluation's hints)"  # the entry's input name: the task sets each chunk's hints itself
 
 
 @attrs.frozen
@@ -68,19 +67,20 @@ class ControlNetEvalTask:
         conditioner = ControlNetConditioner(ControlNetConditionerConfig(checkpoint=self.config.controlnet))
         conditioner.setup(model)
         device = next(model.denoiser.parameters()).device
-        keys = ConditionerKeys(scale=self.config.scale, inputs={"image": HINTS_URL})
+        keys = ConditionerKeys(scale=self.config.scale)  # no input file: each chunk's hints are set per sample
         return ConditionerChain([Entry(conditioner, keys=keys, label="controlnet-eval")]).to(device)
 
     def _sample(self, ctx: RunContext, model: Any, sampler: Any, precision: Any, samples: list[dict[str, Any]],
                 chain: Any) -> Tensor:
         from t2i_engine.tasks.grid import sample_batched
+        from t2i_plugin_controlnet.conditioner import HINT_INPUT
 
         c, size = self.config, int(samples[0]["hint"].shape[-1])
         out = []
         for start in range(0, len(samples), c.batch_size):
             chunk = samples[start:start + c.batch_size]
-            if chain is not None:  # this chunk's hints, where the chain keeps the entry's loaded input
-                chain.images[(0, "image", size, size)] = torch.stack([s["hint"] for s in chunk])
+            if chain is not None:  # every sample its own hint
+                chain.set_images(0, HINT_INPUT, torch.stack([s["hint"] for s in chunk]))
             out.append(sample_batched(model, [s["caption"] for s in chunk], [ctx.seed + s["index"] for s in chunk],
                                       sampler=sampler, guidance=ctx.config.guidance, size=size,
                                       batch_size=len(chunk), progress=False, precision=precision,

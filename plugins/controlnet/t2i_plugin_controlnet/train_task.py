@@ -28,7 +28,7 @@ from attrs.validators import ge, le
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from t2i_engine.config.fields import existing_path, option
+from t2i_engine.config.fields import HELP_META, PATH_META, existing_path, option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
 
@@ -56,6 +56,9 @@ class ControlNetTrainConfig:
     empty_prompt_ratio: float = option(default=0.5, validator=[ge(0.0), le(1.0)],
                                        help="fraction of samples whose prompt is replaced by '' (paper: 0.5)")
     hint_key: str = option(default="hint", help="the batch field holding the hint image")
+    sample_hints: list[str] = attrs.field(factory=list, metadata={
+        PATH_META: "file", HELP_META: "hint images of the sample grids ([train] sample_every), one per "
+        "[train] sample_prompts entry"})
     precache_latents: int = option(default=0, validator=ge(0), help="encode the first N samples once (autoencoder "
                                    "posterior means) and train on those; 0: encode every batch")
     export: str | None = option(default=None, help="write the trained ControlNet here (relative: inside "
@@ -116,8 +119,13 @@ class ControlNetTrainTask:
                               "(type = \"controlnet-pairs\", \"controlnet-shapes\" or a webdataset with paired_keys)")
         train = ctx.config.train or TrainConfig(**self.train_defaults)
         if train.sample_every:
-            raise ConfigError("train.sample_every: controlnet-train draws no sample grids (they would need hints); "
-                              "leave it at 0 and sample with a [[conditioners]] job")
+            if not train.sample_prompts or len(c.sample_hints) != len(train.sample_prompts):
+                raise ConfigError(f"task.sample_hints: the sample grids (train.sample_every) draw each of "
+                                  f"train.sample_prompts with its hint: give one hint image per prompt (got "
+                                  f"{len(c.sample_hints)} hints for {len(train.sample_prompts)} prompts)")
+        elif c.sample_hints:
+            raise ConfigError("task.sample_hints: no sample grids are drawn without train.sample_every (steps between "
+                              "grids) and train.sample_prompts")
         if train.strategy == "fsdp" and c.export:
             raise ConfigError("task.export: not supported with train.strategy = 'fsdp'")
         if not c.sd_locked and c.export and not c.export_model:
@@ -159,7 +167,7 @@ class ControlNetTrainTask:
         conditioner, loaded = self._controlnet(ctx, model)
         chain = ConditionerChain([Entry(conditioner, label="controlnet-train")]).to(ctx.device)
         trainable = ControlNetTrainable(model, chain, empty_prompt_ratio=c.empty_prompt_ratio,  # type: ignore[arg-type]
-                                        sd_locked=c.sd_locked)
+                                        sd_locked=c.sd_locked, sample_hints=c.sample_hints)
         dataset = ctx.plugins.build(ctx.config.data)
         if c.precache_latents:
             dataset = encode_once(model.autoencoder, dataset, count=c.precache_latents, hint_key=c.hint_key)

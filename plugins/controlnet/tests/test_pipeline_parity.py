@@ -37,7 +37,8 @@ def _reference(sd, nets, images, noise, **kwargs):
         requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pil = [Image.open(p).convert("RGB") for p in images]
-    return pipe(PROMPTS, negative_prompt=NEGATIVE, image=pil if len(nets) > 1 else pil[0], latents=noise.clone(),
+    image = pil[0] if len(nets) == 1 and len(pil) == 1 else pil  # one net, several hints: one per prompt
+    return pipe(PROMPTS, negative_prompt=NEGATIVE, image=image, latents=noise.clone(),
                 num_inference_steps=6, guidance_scale=7.5, height=16, width=16, output_type="pt", **kwargs).images
 
 
@@ -101,3 +102,28 @@ def test_sd2_layout_with_v_prediction(sd2v_controlnet, tmp_path):
     got = _ours(model, [(net, ConditionerKeys(scale=0.8, end=0.7, inputs={"image": str(hint)}), {})], _noise())
     assert (got - ref).abs().max() <= 1e-3
     assert (got - _ours(model, [], _noise())).abs().max() > 1e-2  # the ControlNet acts
+
+
+def test_per_sample_hints_are_each_sample_alone_with_its_hint(sd_controlnets, model, tmp_path):
+    """``ConditionerChain.set_images``: one hint per sample in one batch gives every image as a run of
+    that sample alone with its hint file, and diffusers' pipeline given a list of one hint per prompt."""
+    from t2i_engine.conditioning.inputs import load_image
+
+    sd, (net, _) = sd_controlnets
+    hints = [hint_png(tmp_path / f"hint{i}.png", seed=20 + i) for i in range(2)]
+    chain = ConditionerChain([Entry(ControlNetConditioner(ControlNetConditionerConfig(checkpoint=str(net))),
+                                    keys=ConditionerKeys(scale=0.8), label="cn")])
+    chain.entries[0].conditioner.setup(model)
+    chain.set_images("cn", "image", torch.cat([load_image(str(h), width=16, height=16) for h in hints]))
+    run = {"sampler": SAMPLERS["ddim"](DDIMConfig(steps=6)), "guidance": GuidanceConfig(guidance_scale=7.5)}
+    batch = generate(model, PROMPTS, _noise(), negative_prompts=NEGATIVE, conditioners=chain, **run) / 2 + 0.5
+    for i, hint in enumerate(hints):
+        alone = _ours(model, [(net, ConditionerKeys(scale=0.8, inputs={"image": str(hint)}), {})], _noise())
+        own = ConditionerChain([Entry(chain.entries[0].conditioner,
+                                      keys=ConditionerKeys(scale=0.8, inputs={"image": str(hint)}))])
+        single = generate(model, PROMPTS[i:i + 1], _noise()[i:i + 1], negative_prompts=NEGATIVE[i:i + 1],
+                          conditioners=own, **run) / 2 + 0.5
+        assert (batch[i] - single[0]).abs().max() <= 1e-5
+        assert (batch[i] - alone[i]).abs().max() <= 1e-5 and (batch[1 - i] - alone[1 - i]).abs().max() > 1e-3
+    ref = _reference(sd, [net], hints, _noise(), controlnet_conditioning_scale=0.8)  # a list: one hint per prompt
+    assert (batch - ref).abs().max() <= 1e-3

@@ -283,10 +283,52 @@ def test_unlocked_needs_export_model_and_writes_it(sd, tmp_path):
     assert changed and all(k.startswith(DECODER_PREFIXES) for k in changed)
 
 
-def test_a_job_with_conditioners_or_sample_grids_is_refused(sd, tmp_path):
+def test_sample_every_draws_grids_with_the_sample_hints(sd, tmp_path):
+    """``[train] sample_every`` with ``sample_prompts`` and ``[task] sample_hints``: a grid every N
+    steps, as PNG in the output folder and in TensorBoard; none without it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     data = _pairs(tmp_path / "fill")
-    with pytest.raises(ConfigError, match="sample_every"):
-        _run(_job(tmp_path, sd, data), "train.sample_every=1")
+    hints = f'sample_hints = ["{data / "source/0.png"}", "../fill/source/1.png"]\n'  # relative: to the job's folder
+    train = 'max_steps = 4\nsample_every = 2\nsample_prompts = ["a red square", "a blue circle"]\n'
+    out = Path(_run(_job(tmp_path / "a", sd, data, task=hints, train=train))["exported"]).parent
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["samples-000002.png", "samples-000004.png"]
+    grid = np.asarray(Image.open(out / "samples" / "samples-000004.png"))
+    hint = np.asarray(Image.open(data / "source/0.png").convert("RGB").resize((16, 16), Image.Resampling.BICUBIC))
+    assert np.abs(grid[2:18, 2:18].astype(int) - hint).max() <= 1  # each tile: the hint, then its image
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Images("samples")] == [2, 4]
+    plain = Path(_run(_job(tmp_path / "b", sd, data, train="max_steps = 4\n"))["exported"]).parent
+    assert not (plain / "samples").exists()
+
+
+def test_sample_images_draw_each_prompt_with_its_hint(sd_controlnets, sd, tmp_path):
+    model = _model(sd)
+    cond = ControlNetConditioner(ControlNetConditionerConfig(checkpoint="-"), loaded=load_controlnet(
+        str(sd_controlnets[1][0])), trainable=True)
+    cond.setup(model)
+    data = _pairs(tmp_path / "fill")
+    a, b = str(data / "source/0.png"), str(data / "source/1.png")
+    grids = []
+    for hints in ([a, b], [a, a]):
+        trainable = ControlNetTrainable(model, ConditionerChain([Entry(cond)]), sample_hints=hints)
+        trainable.sample_steps = 3
+        grids.append(trainable.sample_images(["a red square"] * 2, generator=torch.Generator().manual_seed(0)))
+        assert not trainable.conditioners._given  # the hints are gone again: training batches bring theirs
+    assert grids[0].shape == (2, 3, 16, 32)  # no batch seen: 8x8 latents, factor 2; hint and image side by side
+    assert torch.equal(grids[0][0], grids[1][0]) and (grids[0][1] - grids[1][1]).abs().max() > 1e-2
+
+
+def test_sample_grids_need_one_hint_per_prompt(sd, tmp_path):
+    data = _pairs(tmp_path / "fill")
+    train = 'sample_every = 1\nsample_prompts = ["a", "b"]\n'
+    with pytest.raises(ConfigError, match="one hint image per prompt .got 1 hints for 2 prompts"):
+        _run(_job(tmp_path, sd, data, task=f'sample_hints = ["{data / "source/0.png"}"]', train=train))
+    with pytest.raises(ConfigError, match="no sample grids are drawn without train.sample_every"):
+        _run(_job(tmp_path, sd, data, task=f'sample_hints = ["{data / "source/0.png"}"]'))
+    with pytest.raises(ConfigError, match=r"task.sample_hints\[1\]: path does not exist"):
+        _run(_job(tmp_path, sd, data, task=f'sample_hints = ["{data / "source/0.png"}", "nope.png"]', train=train))
 
 
 def _captured(monkeypatch) -> dict:

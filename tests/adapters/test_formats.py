@@ -112,7 +112,9 @@ def test_adapter_config_patterns_and_rslora(tmp_path):
     model = Toy()
     load_lora(model, str(tmp_path), KEYMAP)  # the folder: adapter_model.safetensors + adapter_config.json
     want = expected_output({"block.to_q": (d1, u1, 4 / math.sqrt(2)), "attn.out_proj": (d2, u2, 9 / math.sqrt(3))})
-    torch.testing.assert_close(run(model), want, rtol=1e-5, atol=1e-5)
+    # scales up to 5.2 make outputs of ~30: float32 rounding of (W + s up down) x against
+    # W x + s up (down x) reaches 1.4e-5 relative on some CPUs' kernels; a wrong scale is O(1)
+    torch.testing.assert_close(run(model), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("config, message", [({"r": 5}, "rank 5"), ({"use_dora": True}, "use_dora"),

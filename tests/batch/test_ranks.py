@@ -42,11 +42,16 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     # the two ranks print to one pipe: their "written: N" lines may interleave
     written = sorted(int(n) for n in re.findall(r"written: (\d+)", done.stdout))
     assert written == [2, 3]  # batches of 2: rank 0 took batches 0 and 2 (3 images), rank 1 batch 1 (2 images)
-    a, b = _pixels(tmp_path / "one"), _pixels(tmp_path / "two")
+    _assert_same_outputs(tmp_path / "one", tmp_path / "two", "made.jsonl")
+
+
+def _assert_same_outputs(one: Path, many: Path, manifest_name: str) -> None:
+    """The files, their pixels and the manifest of a multi-rank run are the 1-process run's."""
+    a, b = _pixels(one), _pixels(many)
     assert list(a) == list(b) == ["000000-5.png", "000001-6.png", "000002-7.png", "000003-8.png", "000004-9.png"]
     assert all(np.array_equal(a[name], b[name]) for name in a)
-    manifest = (tmp_path / "one" / "made.jsonl").read_text(encoding="utf-8")
-    assert manifest == (tmp_path / "two" / "made.jsonl").read_text(encoding="utf-8")
+    manifest = (one / manifest_name).read_text(encoding="utf-8")
+    assert manifest == (many / manifest_name).read_text(encoding="utf-8")
     assert [json.loads(line)["prompt"] for line in manifest.splitlines()] == PROMPTS
 
 
@@ -86,12 +91,7 @@ def test_two_nodes_write_what_one_process_writes(tmp_path):
     assert re.search(r"written: 3\b", outs[0]) and re.search(r"rank: 0\b", outs[0]), outs[0]
     assert re.search(r"written: 2\b", outs[1]) and re.search(r"rank: 1\b", outs[1]), outs[1]
     assert all("world_size: 2" in out for out in outs)
-    a, b = _pixels(tmp_path / "one"), _pixels(tmp_path / "nodes")
-    assert list(a) == list(b) == ["000000-5.png", "000001-6.png", "000002-7.png", "000003-8.png", "000004-9.png"]
-    assert all(np.array_equal(a[name], b[name]) for name in a)
-    manifest = (tmp_path / "nodes" / "manifest.jsonl").read_text(encoding="utf-8")
-    assert manifest == (tmp_path / "one" / "manifest.jsonl").read_text(encoding="utf-8")
-    assert [json.loads(line)["prompt"] for line in manifest.splitlines()] == PROMPTS
+    _assert_same_outputs(tmp_path / "one", tmp_path / "nodes", "manifest.jsonl")
 
 
 def test_the_output_dir_probe_is_unique_across_nodes(tmp_path, monkeypatch):

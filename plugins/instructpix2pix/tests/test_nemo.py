@@ -113,3 +113,23 @@ def test_inpainting_and_inconsistent_archives_are_refused(ip2p_folder, tmp_path)
         load_checkpoint(str(hf_archive(tmp_path / "b", pipe, **{**IP2P_FIELDS, "unet_config__in_channels": 4})))
     with pytest.raises(CheckpointError, match="conditioning_key.*crossattn needs 4"):
         load_checkpoint(str(hf_archive(tmp_path / "c", pipe, **{**IP2P_FIELDS, "conditioning_key": "crossattn"})))
+
+
+def test_an_edit_job_reads_the_nemo(nemo_file, ip2p_folder, tmp_path):
+    """``[model] checkpoint = "x.nemo"`` in an ``edit`` job: diffusers' image (padded text), 8-bit."""
+    import numpy as np
+    from PIL import Image
+
+    from t2i_engine.pipeline import seeded_noise
+
+    from .conftest import source_png
+    from .test_job import _job, _run
+
+    src = source_png(tmp_path / "src.png", seed=2)
+    got = _run(_job(tmp_path, nemo_file, src))  # DDIM 6 steps, s_T 7.5, s_I 1.5, seed 7
+    pipe = _pipe(ip2p_folder)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config, set_alpha_to_one=True)
+    ref = pipe(image=Image.open(src), prompt_embeds=_padded(pipe, ["make it red"]),
+               negative_prompt_embeds=_padded(pipe, [""]), latents=seeded_noise([7], (4, 8, 8)),
+               num_inference_steps=6, output_type="np").images[0]
+    assert np.abs(got - (ref * 255).round().astype(np.int16)).max() <= 1

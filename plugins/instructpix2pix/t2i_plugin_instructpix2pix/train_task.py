@@ -179,6 +179,8 @@ class EditTrainTask:
                                           url=str(ctx.output_dir / "edit-latents.safetensors"))
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                       hooks=ctx.plugins.hook, copy_ema=True)
+        if summary["interrupted"]:  # a partial model must not replace the export (resume finishes it)
+            return summary
         if c.export:
             url = output_path(ctx, c.export)
             dtype = torch.float16 if c.export_dtype == "float16" else None

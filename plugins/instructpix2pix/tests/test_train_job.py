@@ -146,3 +146,23 @@ def test_refusals(sd1_folder, triplets, tmp_path):
         _run(_job(tmp_path / "i", inpaint, triplets))
     with pytest.raises(ConfigError, match="conditioning_dropout"):
         _run(_job(tmp_path / "d", folder, triplets, task="conditioning_dropout = 0.5"))
+
+
+def test_an_interrupted_run_exports_nothing(sd1_folder, triplets, tmp_path, monkeypatch):
+    """A run stopped early (SIGTERM: the loop checkpoints and returns interrupted) leaves the
+    export alone; the resumed run writes it."""
+    import t2i_engine.training.loop as loop
+
+    real = loop.fit
+
+    def stopped(*args, **kwargs):
+        return {**real(*args, **kwargs), "interrupted": True}
+
+    _, folder = sd1_folder
+    job = _job(tmp_path, folder, triplets)
+    monkeypatch.setattr(loop, "fit", stopped)
+    summary = _run(job)
+    assert summary["interrupted"] and "exported" not in summary
+    assert not (tmp_path / "out" / "edit").exists()
+    monkeypatch.setattr(loop, "fit", real)
+    assert Path(_run(job)["exported"]).exists()

@@ -92,6 +92,7 @@ def nemo_to_weights(sd: Mapping[str, Tensor], cfg: Mapping[str, Any], *, source:
     weights.hints.update(unet_hints(_section(cfg, "unet_config", source), weights.unet, source))
     weights.hints.update(vae_hints(_section(cfg, "first_stage_config", source), source))
     weights.hints.update(diffusion_hints(cfg, sd, source))
+    check_conditioning(cfg, weights.unet, source)
     return weights
 
 
@@ -389,11 +390,6 @@ def diffusion_hints(cfg: Mapping[str, Any], sd: Mapping[str, Tensor], source: st
         if p not in ("eps", "v"):
             raise _refuse(source, "parameterization", p, "the engine samples eps and v models")
         hints["prediction"] = p
-    key = cfg.get("conditioning_key")
-    if key is None and cfg.get("concat_mode") is True:
-        key = "concat"  # LatentDiffusion's rule for a missing conditioning_key
-    if key not in (None, "crossattn"):
-        raise _refuse(source, "conditioning_key", key, "only cross-attention text conditioning is modelled")
     for field in ("use_positional_encodings", "cond_stage_forward", "given_betas"):
         if cfg.get(field):
             raise _refuse(source, field, cfg[field], "not modelled")
@@ -404,6 +400,38 @@ def diffusion_hints(cfg: Mapping[str, Any], sd: Mapping[str, Tensor], source: st
     if "linear_start" in cfg or "beta_schedule" in cfg:
         hints["schedule"] = _schedule(cfg, source)
     return hints
+
+
+def check_conditioning(cfg: Mapping[str, Any], unet: Mapping[str, Tensor], source: str) -> None:
+    """``conditioning_key`` (``concat_mode``) and ``unet_config.in_channels`` against the UNet's
+    input width: ``crossattn`` (text by cross-attention) takes the latent alone; ``hybrid`` with
+    twice the latent's channels is InstructPix2Pix (NeMo's ``megatron_instruct_pix2pix``,
+    ``MegatronLatentDiffusionEdit``: the source image's latent concatenated after the noisy one,
+    text by cross-attention), which the instructpix2pix plugin edits with. Anything else is a
+    :class:`CheckpointError` (SD inpainting's 9 channels named)."""
+    if "conv_in.weight" not in unet or "conv_out.weight" not in unet:
+        raise CheckpointError(f"{source}: no UNet input/output convolution in the weights")
+    width, latent = int(unet["conv_in.weight"].shape[1]), int(unet["conv_out.weight"].shape[0])
+    u = cfg.get("unet_config")
+    declared = u.get("in_channels") if isinstance(u, Mapping) else None
+    if declared is not None and int(declared) != width:
+        raise _refuse(source, "unet_config.in_channels", declared, f"the weights' UNet takes {width} input channels")
+    key = cfg.get("conditioning_key")
+    if key is None and cfg.get("concat_mode") is True:
+        key = "concat"  # LatentDiffusion's rule for a missing conditioning_key
+    if key == "hybrid" and width == 2 * latent:
+        return  # InstructPix2Pix
+    if key == "hybrid" and width == 2 * latent + 1:
+        raise _refuse(source, "conditioning_key", key,
+                      f"the UNet takes {width} input channels, the layout of Stable Diffusion inpainting (noisy latent, "
+                      "mask, masked image), which the engine does not model; 8 channels (InstructPix2Pix) are read")
+    if key not in (None, "crossattn", "hybrid"):
+        raise _refuse(source, "conditioning_key", key, "only cross-attention text conditioning (crossattn) and "
+                      "InstructPix2Pix's hybrid (an 8-channel UNet) are modelled")
+    if key == "hybrid" or width != latent:
+        raise _refuse(source, "conditioning_key", key,
+                      f"the UNet takes {width} input channels for {latent} latent channels: crossattn needs "
+                      f"{latent}, hybrid (InstructPix2Pix) {2 * latent}")
 
 
 def _schedule(cfg: Mapping[str, Any], source: str) -> ScheduleConfig:
@@ -417,4 +445,4 @@ def _schedule(cfg: Mapping[str, Any], source: str) -> ScheduleConfig:
                           num_train_timesteps=int(cfg.get("timesteps", 1000)))
 
 
-__all__ = ["NemoArchive", "nemo_to_weights", "read_config"]
+__all__ = ["NemoArchive", "check_conditioning", "nemo_to_weights", "read_config"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from t2i_plugin_instructpix2pix.ema import choose_weights
 from t2i_plugin_instructpix2pix.formats import save_edit_model
@@ -110,6 +111,37 @@ def test_export_round_trips_through_diffusers(lightning_ckpt, tmp_path, ema):
     single = diffusers.UNet2DConditionModel.from_single_file(str(tmp_path / "edit.safetensors"), config=str(trained),
                                                              subfolder="unet")
     _equal(single.state_dict(), truth)
+
+
+def test_single_file_yaml_says_editor(lightning_ckpt, tmp_path):
+    """The yaml beside an exported editor is timbrooks' generate.yaml in what a CompVis/A1111 tool
+    reads to build an editor (hybrid conditioning of ddpm_edit.LatentDiffusion, 8 UNet channels);
+    read back, a yaml that says otherwise is refused naming conditioning_key."""
+    import yaml
+
+    from t2i_engine.errors import CheckpointError
+
+    ckpt, _, _ = lightning_ckpt
+    path = tmp_path / "edit.safetensors"
+    save_edit_model(_ours(ckpt, ema=True), str(path), format="single-file")
+    cfg = yaml.safe_load((tmp_path / "edit.yaml").read_text())
+    params = cfg["model"]["params"]
+    assert cfg["model"]["target"] == "ldm.models.diffusion.ddpm_edit.LatentDiffusion"
+    assert (params["conditioning_key"], params["first_stage_key"], params["cond_stage_key"]) == ("hybrid", "edited", "edit")
+    assert params["unet_config"]["params"]["in_channels"] == 8
+    save_file(read_state_dict(str(path)), str(tmp_path / "bare.safetensors"))  # no metadata: the yaml is read
+    bare_yaml = tmp_path / "bare.yaml"
+    bare_yaml.write_text(yaml.safe_dump(cfg))
+    model = build_model(load_checkpoint(str(tmp_path / "bare.safetensors")), PRESETS["sd-1"],
+                        overrides={"unet_heads": (2, 2), "text_heads": 4})
+    assert model.unet.conv_in.in_channels == 8
+    for edit, message in [({"conditioning_key": "crossattn"}, "in_channels is 8"),
+                          ({"conditioning_key": "concat"}, "InstructPix2Pix editors"),
+                          ({"unet_config": {**params["unet_config"], "params": {**params["unet_config"]["params"],
+                                                                                "in_channels": 9}}}, "inpainting")]:
+        bare_yaml.write_text(yaml.safe_dump({"model": {**cfg["model"], "params": {**params, **edit}}}))
+        with pytest.raises(CheckpointError, match=f"conditioning_key.*{message}"):
+            load_checkpoint(str(tmp_path / "bare.safetensors"))
 
 
 def test_export_refuses_a_plain_sd_model(sd1_folder, tmp_path):

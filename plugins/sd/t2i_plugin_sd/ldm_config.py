@@ -168,6 +168,31 @@ def _schedule(p: Mapping[str, Any], where: str) -> ScheduleConfig | None:
                         num_train_timesteps=int(p.get("timesteps", default.num_train_timesteps)))
 
 
+def _check_conditioning(p: Mapping[str, Any], where: str) -> None:
+    """``conditioning_key`` against the UNet's input channels: ``crossattn`` feeds it the noisy
+    latent alone; ``hybrid`` also concatenates a latent of the same width, which is an
+    InstructPix2Pix editor (timbrooks' ``ddpm_edit.LatentDiffusion``: twice the latent channels)
+    and only that: SD inpainting's 9 channels (latent + mask + masked latent) are not built here."""
+    key = p.get("conditioning_key", "crossattn") or "crossattn"
+    latent = int(p.get("channels", 4))
+    unet_in = _params(p.get("unet_config")).get("in_channels")
+    if key == "crossattn":
+        if unet_in is not None and int(unet_in) != latent:
+            raise _fail(where, "model.params.conditioning_key", key,
+                        f"crossattn feeds the UNet the {latent}-channel latent alone, but unet_config.params."
+                        f"in_channels is {unet_in} (an InstructPix2Pix editor is conditioning_key: hybrid)")
+        return
+    if key == "hybrid" and unet_in is not None and int(unet_in) == 2 * latent:
+        return
+    if key == "hybrid" and unet_in is not None and int(unet_in) == latent + 5:
+        raise _fail(where, "model.params.conditioning_key", key,
+                    f"a {unet_in}-channel UNet with hybrid conditioning is an SD inpainting model, which the "
+                    "engine does not build")
+    raise _fail(where, "model.params.conditioning_key", key,
+                f"the engine builds text-to-image models (crossattn) and InstructPix2Pix editors (hybrid with "
+                f"unet_config.params.in_channels = {2 * latent}); got in_channels {unet_in}")
+
+
 def ldm_yaml_hints(cfg: Any, *, where: str = "latent-diffusion yaml") -> dict[str, Any]:
     """Hints from a latent-diffusion yaml (``model.params``); a CheckpointError naming any field
     that changes the computation and that the engine cannot build."""
@@ -181,9 +206,7 @@ def ldm_yaml_hints(cfg: Any, *, where: str = "latent-diffusion yaml") -> dict[st
         raise _fail(where, "model.params.parameterization", param, "the engine's Stable Diffusion predicts eps or v")
     if "parameterization" in p:
         hints["prediction"] = param
-    if p.get("conditioning_key", "crossattn") not in ("crossattn", None):
-        raise _fail(where, "model.params.conditioning_key", p["conditioning_key"],
-                    "a text-to-image Stable Diffusion uses crossattn (hybrid/concat are edit and inpaint models)")
+    _check_conditioning(p, where)
     if "scale_factor" in p:
         hints["scaling_factor"] = float(p["scale_factor"])
     schedule = _schedule(p, where)
@@ -269,8 +292,11 @@ def ldm_yaml(arch: Architecture) -> dict[str, Any]:
         "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae},
         "cond_stage_config": text,
     }
-    return {"model": {"base_learning_rate": 1.0e-4, "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                      "params": params}}
+    target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+    if u.in_channels == 2 * v.latent_channels:  # an InstructPix2Pix editor, as timbrooks' generate.yaml
+        target = "ldm.models.diffusion.ddpm_edit.LatentDiffusion"
+        params |= {"conditioning_key": "hybrid", "first_stage_key": "edited", "cond_stage_key": "edit"}
+    return {"model": {"base_learning_rate": 1.0e-4, "target": target, "params": params}}
 
 
 # --- the engine's own architecture record ----------------------------------------------------

@@ -85,7 +85,7 @@ def test_gradients_reach_the_vectors_only():
     text = ToyText().requires_grad_(False)
     emb = TokenEmbeddings({"sks": torch.zeros(1, 6)}).attach(text)
     text(text.ids("a sks")).sum().backward()
-    assert emb.vectors[0].grad is not None and emb.vectors[0].grad.abs().sum() > 0
+    assert emb.params[0].grad is not None and emb.params[0].grad.abs().sum() > 0
     assert text.emb.weight.grad is None
 
 
@@ -94,7 +94,7 @@ def test_from_words_starts_from_the_models_rows_and_bake_equals_hooked():
     emb = TokenEmbeddings.from_words(text, ["sks"], init={"sks": "red"})
     assert torch.equal(emb.vectors[0].detach(), text.emb.weight[[2]].detach())
     with torch.no_grad():
-        emb.vectors[0].add_(1.0)
+        emb.params[0].add_(1.0)
     emb.attach(text)
     ids = text.ids("a sks red")
     hooked = text(ids).detach()
@@ -103,6 +103,25 @@ def test_from_words_starts_from_the_models_rows_and_bake_equals_hooked():
     assert torch.allclose(text(ids), hooked, atol=0, rtol=0)
     with pytest.raises(ValueError, match="2 tokens"):
         TokenEmbeddings.from_words(text, ["sks"], init={"sks": "two"})
+
+
+def test_lr_scale_moves_the_vectors_that_much_faster_under_adamw():
+    text = ToyText().requires_grad_(False)
+    start = torch.randn(1, 6)
+    moved = []
+    for scale in (1.0, 10.0):
+        emb = TokenEmbeddings({"sks": start}, lr_scale=scale).attach(text)
+        assert torch.allclose(emb.vectors[0], start)
+        opt = torch.optim.AdamW(emb.parameters(), lr=1e-3, weight_decay=0.0, eps=1e-12)
+        for _ in range(3):
+            opt.zero_grad()
+            text(text.ids("a sks red")).sum().backward()  # linear: the same gradient at every step
+            opt.step()
+        moved.append(emb.vectors[0].detach() - start)
+        emb.detach()
+    torch.testing.assert_close(moved[1], 10 * moved[0], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="lr_scale"):
+        TokenEmbeddings({"sks": start}, lr_scale=0)
 
 
 def test_bake_refuses_a_multi_token_word():

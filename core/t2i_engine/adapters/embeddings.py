@@ -70,23 +70,39 @@ class TokenEmbeddings(nn.Module):
 
     Build it unattached, then :meth:`attach` it to a text encoder (an :class:`EmbeddingHost`);
     a word whose token count differs from its vector count is an error there.
+
+    ``lr_scale`` makes an Adam(W) optimizer move the vectors ``lr_scale`` times as fast as its
+    learning rate says, without a parameter group of their own: each parameter holds
+    ``vector / lr_scale`` and the vector is ``lr_scale * parameter``. Adam's step on a parameter
+    does not depend on its gradient's scale, so the vector's step is ``lr_scale`` times the
+    parameter's; AdamW's decoupled weight decay shrinks both by the same fraction. (Exact up to
+    Adam's ``eps``.)
     """
 
-    def __init__(self, vectors: Mapping[str, Tensor]) -> None:
+    def __init__(self, vectors: Mapping[str, Tensor], *, lr_scale: float = 1.0) -> None:
         super().__init__()
+        if not lr_scale > 0:
+            raise ValueError(f"lr_scale must be positive, not {lr_scale}")
         self.words = list(vectors)
-        self.vectors = nn.ParameterList([nn.Parameter(torch.as_tensor(v).detach().clone().reshape(
-            -1, torch.as_tensor(v).shape[-1])) for v in vectors.values()])
+        self.lr_scale = float(lr_scale)
+        self.params = nn.ParameterList([nn.Parameter(torch.as_tensor(v).detach().clone().reshape(
+            -1, torch.as_tensor(v).shape[-1]) / self.lr_scale) for v in vectors.values()])
         self.enabled = True
         self.__dict__["_host"] = None  # not a submodule: the text encoder is the model's
         self.__dict__["_hook"] = None
         self._ids: list[list[int]] = []
 
+    @property
+    def vectors(self) -> list[Tensor]:
+        """The ``(n, dim)`` vectors, in the order of :attr:`words` (differentiable)."""
+        return [p * self.lr_scale for p in self.params]
+
     @classmethod
-    def from_words(cls, host: EmbeddingHost, words: Sequence[str], *, init: Mapping[str, str] | None = None
-                   ) -> TokenEmbeddings:
+    def from_words(cls, host: EmbeddingHost, words: Sequence[str], *, init: Mapping[str, str] | None = None,
+                   lr_scale: float = 1.0) -> TokenEmbeddings:
         """Fresh vectors for ``words``, each starting from the input rows of its own tokens (or of
-        the tokens of ``init[word]``, which must be as many): training then starts from the model."""
+        the tokens of ``init[word]``, which must be as many): training then starts from the model.
+        ``lr_scale``: see the class docstring."""
         weight = host.token_embedding_layer().weight
         vectors = {}
         for word in words:
@@ -99,7 +115,7 @@ class TokenEmbeddings(nn.Module):
                                      f"({len(start)} tokens)")
                 ids = start
             vectors[word] = weight.detach()[torch.tensor(ids, device=weight.device)].float().clone()
-        return cls(vectors)
+        return cls(vectors, lr_scale=lr_scale)
 
     def items(self) -> list[tuple[str, Tensor]]:
         """``(word, (n, dim) vectors)`` pairs."""

@@ -65,6 +65,9 @@ class DreamBoothConfig(TransformOptions):
     token_embedding: str | None = option(default=None, help="pivotal tuning: train an input embedding for this "
                                          "word (the identifier, \"sks\") alongside the LoRA; written into the LoRA "
                                          "file (kohya bundle) and as a textual-inversion file")
+    token_embedding_lr: float | None = option(default=None, validator=attrs.validators.optional(gt(0.0)),
+                                              help="learning rate of token_embedding (default: train.lr); the "
+                                              "LoRA keeps train.lr")
     # --- what is written -------------------------------------------------------------------------
     export_lora: str | None = option(default=None, help="LoRA file written after training (default "
                                      "lora.safetensors; relative: inside engine.output_dir)")

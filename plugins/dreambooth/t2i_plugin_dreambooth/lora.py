@@ -72,10 +72,12 @@ def target_names(model: nn.Module, keymap: KeyMap, *, unet: Sequence[str], text:
 
 
 def create_dreambooth_adapter(model: nn.Module, names: Sequence[str], *, rank: int, alpha: float | None,
-                              dropout: float, token_embedding: str | None = None) -> Adapter:
+                              dropout: float, token_embedding: str | None = None,
+                              token_lr_scale: float = 1.0) -> Adapter:
     """A fresh adapter (update zero) on ``names``, named ``dreambooth``; with ``token_embedding``
     (pivotal tuning) it also holds an input embedding for that word, starting from the word's own
-    token rows, on the model's text encoder."""
+    token rows, on the model's text encoder, trained ``token_lr_scale`` times as fast as the LoRA
+    (:class:`t2i_engine.adapters.TokenEmbeddings`' ``lr_scale``)."""
     adapter = create_adapter(model, list(names), rank=rank, alpha=alpha, dropout=dropout, name="dreambooth")
     if token_embedding is not None:
         from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host
@@ -85,7 +87,7 @@ def create_dreambooth_adapter(model: nn.Module, names: Sequence[str], *, rank: i
         except ValueError as e:
             raise ConfigError(f"task.token_embedding: {e}") from e
         adapter.detach()
-        adapter.embeddings = TokenEmbeddings.from_words(host, [token_embedding])
+        adapter.embeddings = TokenEmbeddings.from_words(host, [token_embedding], lr_scale=token_lr_scale)
         attach(model, adapter)
     return adapter
 

@@ -27,7 +27,7 @@ from t2i_plugin_dreambooth.folders import ImageEntry, read_image_folder
 __all__ = ["DreamBoothTask"]
 
 _LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_text_targets", "lora_dropout", "export_lora",
-              "lora_format", "lora_dtype", "token_embedding", "export_embedding")
+              "lora_format", "lora_dtype", "token_embedding", "token_embedding_lr", "export_embedding")
 _PRIOR_KEYS = ("class_prompt", "class_data")
 
 
@@ -54,9 +54,10 @@ class DreamBoothTask:
             if c.export is None:
                 raise ConfigError("task.export: method = \"full\" writes its result only through export (a path); "
                                   "set it")
-        if c.export_embedding is not None and c.token_embedding is None:
-            raise ConfigError("task.export_embedding: set but there is no token_embedding to write; set "
-                              "token_embedding (the identifier word) or remove it")
+        for key in ("export_embedding", "token_embedding_lr"):
+            if getattr(c, key) is not None and c.token_embedding is None:
+                raise ConfigError(f"task.{key}: set but there is no token_embedding; set token_embedding (the "
+                                  "identifier word) or remove it")
         if c.lora_text_targets is not None and not c.train_text_encoder:
             raise ConfigError("task.lora_text_targets: set but train_text_encoder = false; turn it on or remove them")
         if not c.prior_preservation:
@@ -150,7 +151,7 @@ class DreamBoothTask:
 
             keymap = key_map_of(model)  # before any work: a model that cannot save a LoRA fails now
         classes, counts = self._class_images(ctx, model) if c.prior_preservation else ([], {})
-        adapter = self._adapter(model, keymap) if keymap is not None else None
+        adapter = self._adapter(model, keymap, train.lr) if keymap is not None else None
         # a token embedding trains through the text encoder: it runs with gradients (its own weights
         # stay frozen in a LoRA run: only the adapter's parameters train)
         inner = model.trainable(caption_dropout=0.0,
@@ -172,14 +173,15 @@ class DreamBoothTask:
             summary["exported"] = url
         return summary
 
-    def _adapter(self, model: Any, keymap: Any) -> Any:
+    def _adapter(self, model: Any, keymap: Any, lr: float) -> Any:
         from t2i_plugin_dreambooth.lora import create_dreambooth_adapter, target_names
 
         c = self.config
         names = target_names(model, keymap, unet=c.lora_targets or list(DEFAULT_LORA_TARGETS),
                              text=c.lora_text_targets, train_text_encoder=c.train_text_encoder)
         return create_dreambooth_adapter(model, names, rank=c.lora_rank or DEFAULT_LORA_RANK, alpha=c.lora_alpha,
-                                         dropout=c.lora_dropout or 0.0, token_embedding=c.token_embedding)
+                                         dropout=c.lora_dropout or 0.0, token_embedding=c.token_embedding,
+                                         token_lr_scale=(c.token_embedding_lr or lr) / lr)
 
     def _save_lora(self, ctx: RunContext, adapter: Any, keymap: Any, train: Any, n_instance: int, n_class: int) -> str:
         from t2i_plugin_dreambooth.lora import save_lora

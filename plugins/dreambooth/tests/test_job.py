@@ -101,13 +101,30 @@ def test_token_embedding_trains_and_is_bundled_and_written_on_its_own(tmp_path):
     start = model.text_encoder.token_embedding_layer().weight[model.text_encoder.word_token_ids("sks")]
     assert bundled.shape == start.shape == (1, 32)
     assert float((bundled - start.detach()).abs().max()) > 1e-2  # it trained (lr 0.05, 2 steps)
-    before = model.text_encoder.encode(["a red sks"]).tokens
+    before = model.text_encoder.encode(["a red sks"]).tokens.detach()
     adapter, report = load_lora(model, summary["lora"], model.lora_key_map())
     assert report.embeddings == ("sks",) and not report.unmatched
-    after = model.text_encoder.encode(["a red sks"]).tokens
+    after = model.text_encoder.encode(["a red sks"]).tokens.detach()
     assert float((after - before).abs().max()) > 1e-3
     adapter.detach()
     assert torch.equal(model.text_encoder.encode(["a red sks"]).tokens, before)
+
+
+def test_token_embedding_lr(tmp_path):
+    """AdamW moves each coordinate by at most lr per step (exactly lr at the first): two steps at
+    lr 1e-3 move the vector at most 2e-3, with token_embedding_lr = 1e-2 further than 5e-3."""
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    model = build_model(None, PRESETS["tiny"])
+    start = model.text_encoder.token_embedding_layer().weight[model.text_encoder.word_token_ids("sks")].detach()
+    moved = {}
+    for name, extra in (("same", ""), ("fast", "\ntoken_embedding_lr = 1e-2")):
+        summary = _run(job(tmp_path, task='prior_preservation = false\ntoken_embedding = "sks"' + extra,
+                           train="lr = 1e-3\nweight_decay = 0.0", name=name))
+        with safe_open(summary["lora"], "pt") as f:
+            moved[name] = float((f.get_tensor("bundle_emb.sks.string_to_param.*") - start).abs().max())
+    assert 9e-4 < moved["same"] <= 2e-3 + 1e-6 and moved["fast"] > 5e-3
 
 
 def test_without_token_embedding_nothing_is_bundled(tmp_path):
@@ -283,6 +300,8 @@ def test_transform_keys(tmp_path, captured):
     ('prior_preservation = false\nexport_embedding = "e.safetensors"', "", ConfigError,
      "task.export_embedding: set but there is no token_embedding"),
     ('prior_preservation = false\ntoken_embedding = "zwx"', "", ConfigError, "task.token_embedding: 'zwx' is in no"),
+    ('prior_preservation = false\ntoken_embedding_lr = 1e-3', "", ConfigError,
+     "task.token_embedding_lr: set but there is no token_embedding"),
 ])
 def test_bad_input_is_named(tmp_path, captured, task, extra, error, message):
     with pytest.raises(error, match=message):

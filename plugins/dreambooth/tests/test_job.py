@@ -90,7 +90,7 @@ def test_token_embedding_trains_and_is_bundled_and_written_on_its_own(tmp_path):
     from t2i_plugin_sd.presets import PRESETS
 
     path = job(tmp_path, task='prior_preservation = false\ntoken_embedding = "sks"\n'
-                              'export_embedding = "ti/sks.safetensors"', train="lr = 0.05")
+                              'export_embedding = "ti/sks.safetensors"\nexport = "merged"', train="lr = 0.05")
     summary = _run(path)
     with safe_open(summary["lora"], "pt") as f:
         bundled = f.get_tensor("bundle_emb.sks.string_to_param.*")
@@ -107,7 +107,13 @@ def test_token_embedding_trains_and_is_bundled_and_written_on_its_own(tmp_path):
     after = model.text_encoder.encode(["a red sks"]).tokens.detach()
     assert float((after - before).abs().max()) > 1e-3
     adapter.detach()
-    assert torch.equal(model.text_encoder.encode(["a red sks"]).tokens, before)
+    assert torch.equal(model.text_encoder.encode(["a red sks"]).tokens.detach(), before)
+    # export (the LoRA merged in) holds the embedding in the word's row
+    from t2i_plugin_sd.plugin import StableDiffusionConfig, build_stable_diffusion
+
+    merged = build_stable_diffusion(StableDiffusionConfig(checkpoint=summary["exported"]))
+    row = merged.text_encoder.token_embedding_layer().weight[merged.text_encoder.word_token_ids("sks")]
+    torch.testing.assert_close(row.detach(), bundled, rtol=0, atol=0)
 
 
 def test_token_embedding_lr(tmp_path):

@@ -124,3 +124,24 @@ def test_png_records_the_adapters_as_a1111_does(tmp_path, lora_file):
     digest = hashlib.sha256(lora_file.read_bytes()).hexdigest()[:10]
     assert re.search(rf'Lora hashes: "style: {digest}"', params)
     assert Image.open(png).text["prompt"] == "a red square"  # the engine's own chunk is the prompt as sampled
+
+
+def test_bundled_token_embedding_reaches_the_job_through_adapters(tmp_path, lora_file):
+    """A kohya file with a bundled embedding (``bundle_emb.sks.string_to_param.*``, what the
+    dreambooth task's ``token_embedding`` writes) changes a job's image for a prompt with the word
+    and leaves one without it as the plain LoRA draws it."""
+    tensors = load_file(str(lora_file))
+    bundled = tmp_path / "bundled.safetensors"
+    save_file({**tensors, "bundle_emb.sks.string_to_param.*": torch.randn(1, 32, generator=torch.Generator()
+                                                                              .manual_seed(1)) * 3}, str(bundled))
+
+    def sample(name: str, path: Path, prompt: str) -> np.ndarray:
+        pm = EnginePluginManager().load()
+        config = load_config(_job(tmp_path, name, _entry(path)), pm, overrides=[
+            f"engine.output_dir={str(tmp_path / name)!r}", f"task.prompts=[{prompt!r}]", "task.images_per_prompt=1",
+            "task.width=16", "task.height=16", "sampler.steps=3"])
+        (out,) = run_config(config, pm)["images"]
+        return np.asarray(Image.open(out)).astype(np.int16)
+
+    assert np.abs(sample("sks-b", bundled, "a red sks") - sample("sks-p", lora_file, "a red sks")).max() > 0
+    assert np.array_equal(sample("sq-b", bundled, "a red square"), sample("sq-p", lora_file, "a red square"))

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host
 from t2i_engine.adapters.layers import ConvShape, LoRA
 
 __all__ = ["Adapter", "Target", "attach", "create_adapter", "find_targets", "match_targets", "trainable_parameters"]
@@ -113,12 +114,17 @@ class Adapter(nn.Module):
     first, then attach).
     """
 
-    def __init__(self, layers: Mapping[str, LoRA], *, name: str = "default") -> None:
+    def __init__(self, layers: Mapping[str, LoRA], *, name: str = "default",
+                 embeddings: TokenEmbeddings | None = None) -> None:
         super().__init__()
         self.name = name
         self.layers = nn.ModuleDict({_key(k): v for k, v in layers.items()})
+        # token embeddings that come with the LoRA (a kohya file's bundled embeddings, pivotal
+        # tuning): attached to the model's text encoder with the layers; the multiplier and
+        # merge/unmerge leave them as they are, bake() writes them into the token rows
+        self.embeddings = embeddings
         self.targets: dict[str, Target] = {}
-        self.enabled = True  # False: attached but not applied (a cheap A/B switch)
+        self._enabled = True
         self.merged = False
         given = {layer.multiplier for layer in layers.values()}
         self._multiplier: float | None = given.pop() if len(given) == 1 else None
@@ -140,6 +146,17 @@ class Adapter(nn.Module):
 
     def __getitem__(self, name: str) -> LoRA:
         return self.layers[_key(name)]  # type: ignore[return-value]
+
+    @property
+    def enabled(self) -> bool:
+        """False: attached but not applied (a cheap A/B switch; token embeddings too)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = bool(value)
+        if self.embeddings is not None:
+            self.embeddings.enabled = self._enabled
 
     @property
     def multiplier(self) -> float | None:
@@ -199,6 +216,8 @@ class Adapter(nn.Module):
         root = self._attached_root()
         for target in self.targets.values():
             _remove(root.get_submodule(target.module), self)
+        if self.embeddings is not None:
+            self.embeddings.bake()
         self._set_root(None)
         self.merged = False
 
@@ -211,6 +230,8 @@ class Adapter(nn.Module):
             self.unmerge()
         for target in self.targets.values():
             _remove(root.get_submodule(target.module), self)
+        if self.embeddings is not None:
+            self.embeddings.detach()
         self._set_root(None)
 
     def _attached_root(self) -> nn.Module:
@@ -221,7 +242,9 @@ class Adapter(nn.Module):
 
 def attach(root: nn.Module, adapter: Adapter) -> Adapter:
     """Attach ``adapter`` to ``root``: every layer name must be a target of ``root``
-    (:func:`find_targets`) with the layer's shape. Returns ``adapter``."""
+    (:func:`find_targets`) with the layer's shape; its token embeddings, if any, go to the one
+    text encoder of ``root`` that takes them (:func:`t2i_engine.adapters.embeddings.find_host`).
+    Returns ``adapter``."""
     if adapter._root is not None:
         raise RuntimeError(f"adapter {adapter.name!r} is already attached")
     targets = find_targets(root)
@@ -237,6 +260,8 @@ def attach(root: nn.Module, adapter: Adapter) -> Adapter:
             raise ValueError(f"{name} is a slice of a fused weight: its update is added to the weight, where "
                              f"input dropout has no place; use dropout 0 for it")
         adapter.targets[name] = t
+    if adapter.embeddings is not None:
+        adapter.embeddings.attach(find_host(root))
     for name, t in adapter.targets.items():
         _install(root.get_submodule(t.module), adapter, adapter[name], t)
     adapter._set_root(root)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from t2i_engine.adapters.attach import Adapter
+from t2i_engine.adapters.embeddings import bundle_tensors
 from t2i_engine.adapters.keymaps import KeyMap
 from t2i_engine.adapters.layers import LoRA
 from t2i_engine.checkpoint.io import read_bytes, safe_torch_load, save_safetensors
@@ -248,7 +249,9 @@ def _common(values: list[Any]) -> Any:
 def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None,
                metadata: Mapping[str, str] | None = None) -> None:
     """Write ``adapter`` as a kohya-ss LoRA (``lora_unet_*``/``lora_te_*`` with ``.lora_down``,
-    ``.lora_up`` and ``.alpha``) with the ``ss_*`` metadata kohya's tools and A1111 read.
+    ``.lora_up`` and ``.alpha``) with the ``ss_*`` metadata kohya's tools and A1111 read. The
+    adapter's token embeddings, if any, are bundled in as ``bundle_emb.<word>.string_to_param.*``
+    (:mod:`t2i_engine.adapters.embeddings`).
     ``ss_network_dim``/``ss_network_alpha`` say ``Dynamic`` where layers differ, as kohya's
     ``resize_lora`` does. The multiplier is a load-time choice and is not written. ``metadata``
     adds further header entries (a trainer's ``ss_num_train_images``, ``ss_max_train_steps`` ...);
@@ -263,11 +266,13 @@ def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype
         tensors[f"{spelled}.lora_down.weight"] = layer.down.weight
         tensors[f"{spelled}.lora_up.weight"] = layer.up.weight
         tensors[f"{spelled}.alpha"] = torch.tensor(layer.effective_alpha, dtype=torch.float32)
+    if adapter.embeddings is not None:
+        tensors |= bundle_tensors(adapter.embeddings)
     ranks = {layer.rank for _, layer in adapter.items()}
     alphas = {layer.effective_alpha for _, layer in adapter.items()}
     meta = {"ss_network_module": "networks.lora",
-            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-            "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic",
+            "ss_network_dim": str(ranks.pop()) if len(ranks) == 1 else "Dynamic" if ranks else "0",
+            "ss_network_alpha": str(alphas.pop()) if len(alphas) == 1 else "Dynamic" if alphas else "0",
             "ss_base_model_version": keymap.base_model_version, "ss_v2": str(bool(keymap.v2))}
     clash = sorted(set(metadata or {}) & set(meta))
     if clash:
@@ -275,7 +280,8 @@ def save_kohya(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype
     save_safetensors(tensors, url, metadata={**meta, **{k: str(v) for k, v in (metadata or {}).items()}}, dtype=dtype)
 
 
-def save_peft(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None) -> str:
+def save_peft(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype | None = None,
+              skip_embeddings: bool = False) -> str:
     """Write ``adapter`` in the diffusers/PEFT layout (``unet.<module>.lora_A.weight`` ...).
 
     ``url`` ending in ``.safetensors`` is the file; otherwise it is a folder and the file is
@@ -283,7 +289,13 @@ def save_peft(adapter: Adapter, url: str, keymap: KeyMap, *, dtype: torch.dtype 
     Alphas go into the header as diffusers' ``lora_adapter_metadata`` (``r``, ``lora_alpha``,
     ``rank_pattern``, ``alpha_pattern``, ``target_modules`` per component), the LoraConfig
     diffusers builds when it loads the file. Returns the file written.
+
+    The layout has no place for token embeddings: an adapter with some is a ValueError unless
+    ``skip_embeddings`` (write them with :func:`t2i_engine.adapters.embeddings.save_textual_inversion`).
     """
+    if adapter.embeddings is not None and not skip_embeddings:
+        raise ValueError("the diffusers/PEFT LoRA layout cannot hold token embeddings; save them as a "
+                         "textual-inversion file (save_textual_inversion) and pass skip_embeddings=True")
     file = url if url.endswith(".safetensors") else url.rstrip("/") + "/pytorch_lora_weights.safetensors"
     tensors: dict[str, Tensor] = {}
     per: dict[str, dict[str, LoRA]] = {}  # component ("unet", "text_encoder") -> module -> layer

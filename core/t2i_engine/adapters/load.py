@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from t2i_engine.adapters.attach import Adapter, Target, attach, find_targets
+from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host, split_bundle
 from t2i_engine.adapters.formats import LoRAFile, PeftSettings, group_keys, read_lora_file
 from t2i_engine.adapters.keymaps import KeyMap
 from t2i_engine.adapters.layers import LoRA
@@ -27,9 +28,12 @@ class LoadReport:
     targets: int
     keys: int
     unmatched: tuple[str, ...] = ()
+    embeddings: tuple[str, ...] = ()  # words of the bundled token embeddings, attached to the text encoder
 
     def __str__(self) -> str:
         text = f"{self.source}: {self.keys} keys -> {self.targets} targets"
+        if self.embeddings:
+            text += f", token embeddings {', '.join(self.embeddings)}"
         return text + (f"; {len(self.unmatched)} keys matched no module" if self.unmatched else "")
 
 
@@ -50,8 +54,18 @@ def load_lora(root: nn.Module, url: str, keymap: KeyMap, *, multiplier: float = 
 
 def adapter_from_file(file: LoRAFile, root: nn.Module, keymap: KeyMap, *, partial: bool = False,
                       name: str | None = None) -> tuple[Adapter, LoadReport]:
-    """An (unattached) adapter for ``root`` from ``file``'s tensors; see :func:`load_lora`."""
-    groups, unmatched = group_keys(file.tensors, source=file.source)
+    """An (unattached) adapter for ``root`` from ``file``'s tensors; see :func:`load_lora`.
+    Bundled token embeddings (``bundle_emb.<word>.string_to_param.*``) come with it; the model
+    must then have one text encoder that takes them."""
+    tensors, bundled = split_bundle(file.tensors, source=file.source)
+    embeddings = None
+    if bundled:
+        try:
+            find_host(root)
+        except ValueError as e:
+            raise CheckpointError(f"{file.source} carries token embeddings ({', '.join(bundled)}), but {e}") from e
+        embeddings = TokenEmbeddings({w: t.to(device=_device_of(root), dtype=torch.float32) for w, t in bundled.items()})
+    groups, unmatched = group_keys(tensors, source=file.source)
     lookup = keymap.lookup()
     targets = find_targets(root)
     layers: dict[str, LoRA] = {}
@@ -71,8 +85,8 @@ def adapter_from_file(file: LoRAFile, root: nn.Module, keymap: KeyMap, *, partia
         spelled_as[ours] = spelling
         used += len(roles)
     unmatched = sorted(unmatched)
-    report = LoadReport(file.source, len(layers), used, tuple(unmatched))
-    if not layers:
+    report = LoadReport(file.source, len(layers), used, tuple(unmatched), tuple(bundled))
+    if not layers and not bundled:
         raise CheckpointError(f"{file.source}: no key matches a module of this model ({len(unmatched)} keys, "
                               f"e.g. {', '.join(unmatched[:5])}); is it a LoRA for another model family?")
     if unmatched and not partial:
@@ -82,7 +96,11 @@ def adapter_from_file(file: LoRAFile, root: nn.Module, keymap: KeyMap, *, partia
                               f"out; set partial = true to load the {used} keys that match")
     if unmatched:
         warnings.warn(f"{report} (partial = true): {', '.join(unmatched[:_SHOWN])}", stacklevel=3)
-    return Adapter(layers, name=name or file.source.rsplit("/", 1)[-1]), report
+    return Adapter(layers, name=name or file.source.rsplit("/", 1)[-1], embeddings=embeddings), report
+
+
+def _device_of(root: nn.Module) -> torch.device:
+    return find_host(root).token_embedding_layer().weight.device
 
 
 def _base(root: nn.Module, target: Target) -> Tensor:

@@ -62,6 +62,12 @@ class DreamBoothConfig(TransformOptions):
                                                  "spells)")
     lora_dropout: float | None = option(default=None, validator=attrs.validators.optional([ge(0.0), le(1.0)]),
                                         help="dropout on the LoRA input (default 0)")
+    token_embedding: str | None = option(default=None, help="pivotal tuning: train an input embedding for this "
+                                         "word (the identifier, \"sks\") alongside the LoRA; written into the LoRA "
+                                         "file (kohya bundle) and as a textual-inversion file")
+    token_embedding_lr: float | None = option(default=None, validator=attrs.validators.optional(gt(0.0)),
+                                              help="learning rate of token_embedding (default: train.lr); the "
+                                              "LoRA keeps train.lr")
     # --- what is written -------------------------------------------------------------------------
     export_lora: str | None = option(default=None, help="LoRA file written after training (default "
                                      "lora.safetensors; relative: inside engine.output_dir)")
@@ -70,6 +76,9 @@ class DreamBoothConfig(TransformOptions):
     lora_dtype: Literal["float32", "float16", "bfloat16"] | None = option(
         default=None, validator=attrs.validators.optional(in_(("float32", "float16", "bfloat16"))),
         help="dtype of the LoRA file (default float32)")
+    export_embedding: str | None = option(default=None, help="textual-inversion file of token_embedding "
+                                          "(diffusers' learned_embeds layout; default embedding.safetensors; "
+                                          "relative: inside engine.output_dir)")
     export: str | None = option(default=None, help="full weights written after training (with method = lora: "
                                 "the model with the LoRA merged in); relative: inside engine.output_dir")
     export_format: str | None = option(default=None, help="format of export (default: the model's own)")

@@ -15,13 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i_engine.adapters import Adapter, KeyMap, create_adapter, find_targets, match_targets
+from t2i_engine.adapters import Adapter, KeyMap, attach, create_adapter, find_targets, match_targets
 from t2i_engine.adapters.formats import save_kohya, save_peft
 from t2i_engine.errors import ConfigError
 
-__all__ = ["create_dreambooth_adapter", "key_map_of", "save_lora", "target_names"]
+__all__ = ["DTYPES", "create_dreambooth_adapter", "key_map_of", "save_lora", "target_names"]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def key_map_of(model: Any) -> KeyMap:
@@ -72,16 +72,32 @@ def target_names(model: nn.Module, keymap: KeyMap, *, unet: Sequence[str], text:
 
 
 def create_dreambooth_adapter(model: nn.Module, names: Sequence[str], *, rank: int, alpha: float | None,
-                              dropout: float) -> Adapter:
-    """A fresh adapter (update zero) on ``names``, named ``dreambooth``."""
-    return create_adapter(model, list(names), rank=rank, alpha=alpha, dropout=dropout, name="dreambooth")
+                              dropout: float, token_embedding: str | None = None,
+                              token_lr_scale: float = 1.0) -> Adapter:
+    """A fresh adapter (update zero) on ``names``, named ``dreambooth``; with ``token_embedding``
+    (pivotal tuning) it also holds an input embedding for that word, starting from the word's own
+    token rows, on the model's text encoder, trained ``token_lr_scale`` times as fast as the LoRA
+    (:class:`t2i_engine.adapters.TokenEmbeddings`' ``lr_scale``)."""
+    adapter = create_adapter(model, list(names), rank=rank, alpha=alpha, dropout=dropout, name="dreambooth")
+    if token_embedding is not None:
+        from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host
+
+        try:
+            host = find_host(model)
+        except ValueError as e:
+            raise ConfigError(f"task.token_embedding: {e}") from e
+        adapter.detach()
+        adapter.embeddings = TokenEmbeddings.from_words(host, [token_embedding], lr_scale=token_lr_scale)
+        attach(model, adapter)
+    return adapter
 
 
 def save_lora(adapter: Adapter, url: str, keymap: KeyMap, *, format: str, dtype: str,
               metadata: Mapping[str, str]) -> str:
     """Write the adapter: kohya (``lora_unet_*`` with ``ss_*`` metadata, ``metadata`` added) or
-    PEFT (diffusers' ``pytorch_lora_weights.safetensors`` layout). Returns the file written."""
+    PEFT (diffusers' ``pytorch_lora_weights.safetensors`` layout, which has no place for the token
+    embedding: the task writes it on its own). Returns the file written."""
     if format == "kohya":
-        save_kohya(adapter, url, keymap, dtype=_DTYPES[dtype], metadata=metadata)
+        save_kohya(adapter, url, keymap, dtype=DTYPES[dtype], metadata=metadata)
         return url
-    return save_peft(adapter, url, keymap, dtype=_DTYPES[dtype])
+    return save_peft(adapter, url, keymap, dtype=DTYPES[dtype], skip_embeddings=True)

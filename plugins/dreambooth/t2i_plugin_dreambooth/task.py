@@ -27,7 +27,7 @@ from t2i_plugin_dreambooth.folders import ImageEntry, read_image_folder
 __all__ = ["DreamBoothTask"]
 
 _LORA_KEYS = ("lora_rank", "lora_alpha", "lora_targets", "lora_text_targets", "lora_dropout", "export_lora",
-              "lora_format", "lora_dtype")
+              "lora_format", "lora_dtype", "token_embedding", "token_embedding_lr", "export_embedding")
 _PRIOR_KEYS = ("class_prompt", "class_data")
 
 
@@ -54,6 +54,10 @@ class DreamBoothTask:
             if c.export is None:
                 raise ConfigError("task.export: method = \"full\" writes its result only through export (a path); "
                                   "set it")
+        for key in ("export_embedding", "token_embedding_lr"):
+            if getattr(c, key) is not None and c.token_embedding is None:
+                raise ConfigError(f"task.{key}: set but there is no token_embedding; set token_embedding (the "
+                                  "identifier word) or remove it")
         if c.lora_text_targets is not None and not c.train_text_encoder:
             raise ConfigError("task.lora_text_targets: set but train_text_encoder = false; turn it on or remove them")
         if not c.prior_preservation:
@@ -138,6 +142,8 @@ class DreamBoothTask:
         train = ctx.config.train or TrainConfig()
         instances = captioned(read_image_folder(c.instance_data, what="task.instance_data"), c.instance_prompt,
                               what="task.instance_data", key="instance_prompt")
+        if c.token_embedding is not None:
+            _check_identifier(c.token_embedding, instances)
         model = build_model(ctx, task="train")
         keymap = None
         if c.method == "lora":
@@ -145,8 +151,11 @@ class DreamBoothTask:
 
             keymap = key_map_of(model)  # before any work: a model that cannot save a LoRA fails now
         classes, counts = self._class_images(ctx, model) if c.prior_preservation else ([], {})
-        adapter = self._adapter(model, keymap) if keymap is not None else None
-        inner = model.trainable(caption_dropout=0.0, train_text_encoder=c.train_text_encoder)
+        adapter = self._adapter(model, keymap, train.lr) if keymap is not None else None
+        # a token embedding trains through the text encoder: it runs with gradients (its own weights
+        # stay frozen in a LoRA run: only the adapter's parameters train)
+        inner = model.trainable(caption_dropout=0.0,
+                                train_text_encoder=c.train_text_encoder or c.token_embedding is not None)
         trainable = DreamBoothTrainable(inner, prior_loss_weight=c.prior_loss_weight, adapter=adapter)
         dataset = DreamBoothDataset(instances, classes or None,
                                     transform=PairedTransform(resolution=c.resolution, crop=c.crop, hflip=c.hflip),
@@ -164,14 +173,15 @@ class DreamBoothTask:
             summary["exported"] = url
         return summary
 
-    def _adapter(self, model: Any, keymap: Any) -> Any:
+    def _adapter(self, model: Any, keymap: Any, lr: float) -> Any:
         from t2i_plugin_dreambooth.lora import create_dreambooth_adapter, target_names
 
         c = self.config
         names = target_names(model, keymap, unet=c.lora_targets or list(DEFAULT_LORA_TARGETS),
                              text=c.lora_text_targets, train_text_encoder=c.train_text_encoder)
         return create_dreambooth_adapter(model, names, rank=c.lora_rank or DEFAULT_LORA_RANK, alpha=c.lora_alpha,
-                                         dropout=c.lora_dropout or 0.0)
+                                         dropout=c.lora_dropout or 0.0, token_embedding=c.token_embedding,
+                                         token_lr_scale=(c.token_embedding_lr or lr) / lr)
 
     def _save_lora(self, ctx: RunContext, adapter: Any, keymap: Any, train: Any, n_instance: int, n_class: int) -> str:
         from t2i_plugin_dreambooth.lora import save_lora
@@ -181,5 +191,22 @@ class DreamBoothTask:
                 "ss_num_reg_images": str(n_class), "ss_max_train_steps": str(train.max_steps),
                 "ss_learning_rate": str(train.lr), "ss_prior_loss_weight": str(c.prior_loss_weight),
                 "ss_resolution": f"({c.resolution}, {c.resolution})", "ss_seed": str(ctx.seed)}
-        return save_lora(adapter, output_path(ctx, c.export_lora or "lora.safetensors"), keymap,
-                         format=c.lora_format or "kohya", dtype=c.lora_dtype or "float32", metadata=meta)
+        url = save_lora(adapter, output_path(ctx, c.export_lora or "lora.safetensors"), keymap,
+                        format=c.lora_format or "kohya", dtype=c.lora_dtype or "float32", metadata=meta)
+        if adapter.embeddings is not None:
+            from t2i_engine.adapters import save_textual_inversion
+            from t2i_plugin_dreambooth.lora import DTYPES
+
+            save_textual_inversion(adapter.embeddings, output_path(ctx, c.export_embedding or "embedding.safetensors"),
+                                   dtype=DTYPES[c.lora_dtype or "float32"])
+        return url
+
+
+def _check_identifier(word: str, instances: list[ImageEntry]) -> None:
+    """``token_embedding`` must be a word of some instance caption: else its embedding never trains."""
+    import re
+
+    pattern = re.compile(rf"(?<!\w){re.escape(word)}(?!\w)", re.IGNORECASE)
+    if not any(pattern.search(e.caption or "") for e in instances):
+        raise ConfigError(f"task.token_embedding: {word!r} is in no instance caption (e.g. "
+                          f"{instances[0].caption!r}), so its embedding would never train")

@@ -81,6 +81,65 @@ def test_lora_two_steps_writes_a_kohya_file_that_loads(tmp_path):
     assert again["class_images_sampled"] == 0 and again["class_images_reused"] == 3
 
 
+def test_token_embedding_trains_and_is_bundled_and_written_on_its_own(tmp_path):
+    """``token_embedding``: the identifier's input vector trains with the LoRA (pivotal tuning),
+    is bundled into the kohya file (``bundle_emb.sks.string_to_param.*``) and written on its own
+    (diffusers' layout: one key, the word); loading the file puts it back into the text encoder."""
+    from t2i_engine.adapters import load_lora
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    path = job(tmp_path, task='prior_preservation = false\ntoken_embedding = "sks"\n'
+                              'export_embedding = "ti/sks.safetensors"\nexport = "merged"', train="lr = 0.05")
+    summary = _run(path)
+    with safe_open(summary["lora"], "pt") as f:
+        bundled = f.get_tensor("bundle_emb.sks.string_to_param.*")
+    with safe_open(str(tmp_path / "out-job" / "ti" / "sks.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["sks"]
+        assert torch.equal(f.get_tensor("sks"), bundled)
+    model = build_model(None, PRESETS["tiny"])  # the job's model: the same seed builds the same weights
+    start = model.text_encoder.token_embedding_layer().weight[model.text_encoder.word_token_ids("sks")]
+    assert bundled.shape == start.shape == (1, 32)
+    assert float((bundled - start.detach()).abs().max()) > 1e-2  # it trained (lr 0.05, 2 steps)
+    before = model.text_encoder.encode(["a red sks"]).tokens.detach()
+    adapter, report = load_lora(model, summary["lora"], model.lora_key_map())
+    assert report.embeddings == ("sks",) and not report.unmatched
+    after = model.text_encoder.encode(["a red sks"]).tokens.detach()
+    assert float((after - before).abs().max()) > 1e-3
+    adapter.detach()
+    assert torch.equal(model.text_encoder.encode(["a red sks"]).tokens.detach(), before)
+    # export (the LoRA merged in) holds the embedding in the word's row
+    from t2i_plugin_sd.plugin import StableDiffusionConfig, build_stable_diffusion
+
+    merged = build_stable_diffusion(StableDiffusionConfig(checkpoint=summary["exported"]))
+    row = merged.text_encoder.token_embedding_layer().weight[merged.text_encoder.word_token_ids("sks")]
+    torch.testing.assert_close(row.detach(), bundled, rtol=0, atol=0)
+
+
+def test_token_embedding_lr(tmp_path):
+    """AdamW moves each coordinate by at most lr per step (exactly lr at the first): two steps at
+    lr 1e-3 move the vector at most 2e-3, with token_embedding_lr = 1e-2 further than 5e-3."""
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    model = build_model(None, PRESETS["tiny"])
+    start = model.text_encoder.token_embedding_layer().weight[model.text_encoder.word_token_ids("sks")].detach()
+    moved = {}
+    for name, extra in (("same", ""), ("fast", "\ntoken_embedding_lr = 1e-2")):
+        summary = _run(job(tmp_path, task='prior_preservation = false\ntoken_embedding = "sks"' + extra,
+                           train="lr = 1e-3\nweight_decay = 0.0", name=name))
+        with safe_open(summary["lora"], "pt") as f:
+            moved[name] = float((f.get_tensor("bundle_emb.sks.string_to_param.*") - start).abs().max())
+    assert 9e-4 < moved["same"] <= 2e-3 + 1e-6 and moved["fast"] > 5e-3
+
+
+def test_without_token_embedding_nothing_is_bundled(tmp_path):
+    summary = _run(job(tmp_path, task="prior_preservation = false"))
+    with safe_open(summary["lora"], "pt") as f:
+        assert not [k for k in f.keys() if k.startswith("bundle_emb.")]
+    assert not (tmp_path / "out-job" / "embedding.safetensors").exists()
+
+
 def test_full_two_steps_exports_weights_that_load_and_differ(tmp_path):
     from t2i_plugin_sd.model import build_model
     from t2i_plugin_sd.presets import PRESETS
@@ -242,6 +301,13 @@ def test_transform_keys(tmp_path, captured):
     ('prior_preservation = false\nmethod = "lora_and_more"', "", ConfigError, "task.method"),
     ('prior_preservation = false\nprior_loss_weight = -1.0', "", ConfigError, "prior_loss_weight"),
     ('prior_preservation = false\ninstance_promt = "a sks"', "", ConfigError, "instance_promt: unknown key"),
+    ('prior_preservation = false\nmethod = "full"\nexport = "m"\ntoken_embedding = "sks"', "", ConfigError,
+     "task.token_embedding: a LoRA setting"),
+    ('prior_preservation = false\nexport_embedding = "e.safetensors"', "", ConfigError,
+     "task.export_embedding: set but there is no token_embedding"),
+    ('prior_preservation = false\ntoken_embedding = "zwx"', "", ConfigError, "task.token_embedding: 'zwx' is in no"),
+    ('prior_preservation = false\ntoken_embedding_lr = 1e-3', "", ConfigError,
+     "task.token_embedding_lr: set but there is no token_embedding"),
 ])
 def test_bad_input_is_named(tmp_path, captured, task, extra, error, message):
     with pytest.raises(error, match=message):

@@ -86,6 +86,15 @@ class CLIPTextEncoder(nn.Module):
             ids = torch.where(after_eot & (ids == 0), torch.full_like(ids, EOT_ID), ids)
         return ids
 
+    def word_token_ids(self, word: str) -> list[int]:
+        """The BPE ids of ``word`` alone (no start/end token): where token embeddings go
+        (:class:`t2i_engine.adapters.EmbeddingHost`)."""
+        return list(self._tokenizer.encode(word))
+
+    def token_embedding_layer(self) -> nn.Embedding:
+        """The token embedding layer (:class:`t2i_engine.adapters.EmbeddingHost`)."""
+        return self.model.token_embedding
+
     def forward(self, ids: Tensor) -> Tensor:
         """Token ids ``(B, L)`` -> hidden states ``(B, L, width)`` of the configured layer."""
         m = self.model

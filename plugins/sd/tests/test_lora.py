@@ -70,14 +70,17 @@ def random_adapter(model, *, rank=4, alpha=2.0, seed=5):
     return adapter
 
 
-def images_match(ours, pipe):
+def images_match(ours, pipe, prompts=PROMPTS[:1]):
     """Largest pixel difference of one guided DDIM image (3 steps, a negative prompt)."""
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
-    ref = pipe(PROMPTS[:1], negative_prompt=NEGATIVE[1:], latents=noise.clone(), num_inference_steps=3,
+    ref = pipe(prompts, negative_prompt=NEGATIVE[1:], latents=noise.clone(), num_inference_steps=3,
                guidance_scale=7.5, height=16, width=16, output_type="pt").images
-    got = generate(ours, PROMPTS[:1], noise, sampler=SAMPLERS["ddim"](DDIMConfig(steps=3)),
-                   guidance=GuidanceConfig(guidance_scale=7.5), negative_prompts=NEGATIVE[1:]) / 2 + 0.5
-    return float((got - ref).abs().max())
+    return float((engine_image(ours, prompts, noise) - ref).abs().max())
+
+
+def engine_image(ours, prompts, noise):
+    return generate(ours, prompts, noise, sampler=SAMPLERS["ddim"](DDIMConfig(steps=3)),
+                    guidance=GuidanceConfig(guidance_scale=7.5), negative_prompts=NEGATIVE[1:]) / 2 + 0.5
 
 
 def components_match(ours, pipe):
@@ -121,6 +124,42 @@ def test_kohya_locon_on_resnets_loads_in_diffusers(sd1_folder, tmp_path):
     save_kohya(adapter, str(tmp_path / "locon.safetensors"), ours.lora_key_map())
     pipe.load_lora_weights(str(tmp_path / "locon.safetensors"))
     assert components_match(ours, pipe)[0] <= 1e-4
+
+
+def test_bundled_token_embedding_matches_diffusers_textual_inversion(sd1_folder, tmp_path):
+    """A LoRA with a token embedding for "sks" (pivotal tuning), saved in kohya format with the
+    embedding bundled (``bundle_emb.sks.string_to_param.*``) and loaded back by the engine, gives
+    the image diffusers gives with the LoRA (``load_lora_weights``, the bundle keys left out: its
+    kohya converter refuses keys it does not know) and the embedding's own file loaded by
+    ``load_textual_inversion`` (a new token "sks" whose input row is the vector)."""
+    from safetensors.torch import load_file
+
+    from t2i_engine.adapters import TokenEmbeddings, attach, save_textual_inversion
+
+    _, folder = sd1_folder
+    ours, pipe = ours_from(folder), diffusers_from(folder)
+    adapter = random_adapter(ours)
+    adapter.detach()
+    adapter.embeddings = TokenEmbeddings({"sks": torch.randn(1, 32, generator=torch.Generator().manual_seed(9))})
+    attach(ours, adapter)
+    save_kohya(adapter, str(tmp_path / "subject.safetensors"), ours.lora_key_map())
+    save_textual_inversion(adapter.embeddings, str(tmp_path / "sks.safetensors"))
+    tensors = load_file(str(tmp_path / "subject.safetensors"))
+    assert torch.equal(tensors["bundle_emb.sks.string_to_param.*"], adapter.embeddings.vectors[0].detach())
+
+    engine = ours_from(folder)
+    loaded, report = load_lora(engine, str(tmp_path / "subject.safetensors"), engine.lora_key_map())
+    assert report.embeddings == ("sks",) and not report.unmatched
+    pipe.load_lora_weights({k: v for k, v in tensors.items() if not k.startswith("bundle_emb.")})
+    pipe.load_textual_inversion(str(tmp_path / "sks.safetensors"))
+    prompt = ["a red sks on a blue background"]
+    assert images_match(engine, pipe, prompt) <= 1e-3
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    with_embedding = engine_image(engine, prompt, noise)
+    loaded.embeddings.enabled = False
+    assert float((engine_image(engine, prompt, noise) - with_embedding).abs().max()) > 1e-2  # it matters
+    loaded.embeddings.enabled = True
+    assert images_match(engine, pipe, PROMPTS[:1]) <= 1e-3  # prompts without the word are untouched
 
 
 def test_kohya_metadata(sd1_folder, tmp_path):

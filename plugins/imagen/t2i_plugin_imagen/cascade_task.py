@@ -13,6 +13,7 @@ dynamic thresholding p and max) and, for super-resolution stages, augmentation l
     sampler = { name = "edm", steps = 12 }
     guidance = { guidance_scale = 2.0 }
     aug_level = 0.05
+    sigma_min = 1.0       # EDM sampling range (default: the stage file's precond.sigma_min / sigma_max)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class StageConfig:
     guidance: dict[str, Any] = option(factory=dict, help="the stage's guidance keys (guidance_scale, dynamic_threshold ...)")
     aug_level: float | None = option(default=None, help="super-resolution: the augmentation sigma of the low-res "
                                      "input (default: the stage's noise_aug.sample_sigma)")
+    sigma_min: float | None = option(default=None, help="EDM stages: the smallest sampling sigma before the last "
+                                     "step to 0 (default: the stage file's precond.sigma_min)")
+    sigma_max: float | None = option(default=None, help="EDM stages: the sampling sigma the run starts from "
+                                     "(default: the stage file's precond.sigma_max)")
 
 
 @attrs.frozen
@@ -82,6 +87,10 @@ def build_stages(ctx: RunContext, stages: Sequence[StageConfig]) -> list[BuiltSt
             raise ConfigError(f"{key}.checkpoint: {sc.checkpoint} is {stage.description}; here the cascade needs {want}")
         if sc.aug_level is not None and stage.lowres_size is None:
             raise ConfigError(f"{key}.aug_level: a base stage has no low-resolution input to augment")
+        try:
+            stage.set_sampling_range(sigma_min=sc.sigma_min, sigma_max=sc.sigma_max)
+        except ConfigError as e:
+            raise ConfigError(f"{key}: {e}") from e
         built.append(BuiltStage(stage, sampler, guidance, sc.aug_level))
     return built
 

@@ -126,6 +126,25 @@ class ImagenStage(nn.Module):
                              sigma_data=self.precond.sigma_data, schedule=self.schedule,
                              aug_sigma=aug_sigma if self.augments else None, noise=noise)
 
+    def set_sampling_range(self, *, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
+        """Sample between other noise levels than the stage file's (EDM stages: the Karras sigmas run
+        from ``sigma_max`` down to ``sigma_min``, then a last step to 0); None keeps the stage's value.
+
+        A stage whose denoiser is weak at small sigmas (a small network that has not learnt to remove
+        fine noise) leaves that noise in its images when the sampler walks down to 0.002; ending at
+        a larger ``sigma_min`` makes the last step the denoiser's estimate from there instead."""
+        changes = {k: float(v) for k, v in (("sigma_min", sigma_min), ("sigma_max", sigma_max)) if v is not None}
+        if not changes:
+            return
+        if self.precond.kind != "edm":
+            raise ConfigError(f"sigma_min / sigma_max set the EDM sampling range; {self.description} samples a "
+                              "continuous-DDPM time grid (its steps are the sampler's)")
+        lo, hi = changes.get("sigma_min", self.precond.sigma_min), changes.get("sigma_max", self.precond.sigma_max)
+        if not 0 < lo < hi:
+            raise ConfigError(f"the sampling range needs 0 < sigma_min < sigma_max, got sigma_min {lo}, sigma_max {hi}")
+        self.precond = attrs.evolve(self.precond, **changes)
+        self.schedule = self.precond.schedule()
+
     def trainable(self, *, caption_dropout: float = 0.1, train_text_encoder: bool = False) -> nn.Module:
         """The stage for the core's training loop (:class:`~t2i_plugin_imagen.trainable.ImagenTrainable`)."""
         from t2i_plugin_imagen.trainable import ImagenTrainable

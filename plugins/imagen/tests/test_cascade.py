@@ -33,9 +33,11 @@ seed = 3
     return run_config(load_config(toml, pm), pm)
 
 
-def _stages(files, *, base_steps=2, base_cfg=3.0, sr_steps=2, sr_cfg=1.0, aug: str = "", sr_threshold: str = "") -> str:
+def _stages(files, *, base_steps=2, base_cfg=3.0, sr_steps=2, sr_cfg=1.0, aug: str = "", sr_threshold: str = "",
+            base_extra: str = "") -> str:
     sr_guidance = f"{{ guidance_scale = {sr_cfg}{sr_threshold} }}"
     return (f'[[task.stages]]\ncheckpoint = "{files["base"]}"\n' + BASE.format(steps=base_steps, cfg=base_cfg) +
+            f"\n{base_extra}" +
             f'\n[[task.stages]]\ncheckpoint = "{files["sr"]}"\n'
             f'sampler = {{ name = "edm", steps = {sr_steps}, s_churn = 0.0 }}\nguidance = {sr_guidance}\n{aug}\n')
 
@@ -54,7 +56,9 @@ def test_cascade_keys_have_an_effect(tmp_path, stage_files):
     final_only = _grid(tmp_path, "final", stage_files, side=False)
     assert final_only.shape[1] < ref.shape[1]  # one tile per row instead of base | SR
     for name, kw in {"base_steps": dict(base_steps=3), "base_cfg": dict(base_cfg=1.0), "sr_steps": dict(sr_steps=3),
-                     "sr_cfg": dict(sr_cfg=3.0), "aug": dict(aug="aug_level = 0.5")}.items():
+                     "sr_cfg": dict(sr_cfg=3.0), "aug": dict(aug="aug_level = 0.5"),
+                     "sr_sigma_min": dict(aug="sigma_min = 0.5"), "base_sigma_max": dict(base_extra="sigma_max = 10.0"),
+                     "base_sigma_min": dict(base_extra="sigma_min = 0.3")}.items():
         assert np.abs(_grid(tmp_path, name, stage_files, **kw) - ref).max() > 0, name
     guided = _grid(tmp_path, "guided", stage_files, sr_cfg=3.0)
     capped = _grid(tmp_path, "capped", stage_files, sr_cfg=3.0,
@@ -69,9 +73,36 @@ def test_cascade_checks_the_stage_order(tmp_path, stage_files):
     bad = f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\naug_level = 0.1\n'
     with pytest.raises(ConfigError, match="aug_level: a base stage"):
         _run(tmp_path, "badaug", bad, task)
+    for bad_range, match in (("sigma_min = 90.0", "0 < sigma_min < sigma_max"), ("sigma_min = 0.0", "0 < sigma_min")):
+        with pytest.raises(ConfigError, match=rf"task.stages\[0\]: the sampling range needs {match}"):
+            _run(tmp_path, "badrange", f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\n{bad_range}\n', task)
     nosampler = f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\nsampler = {{ steps = 2 }}\n'
     with pytest.raises(ConfigError, match="sampler: needs name"):
         _run(tmp_path, "nosampler", nosampler, task)
+
+
+def test_sampling_range_is_the_karras_grid_between_the_new_ends(make_stage):
+    """``set_sampling_range``: Karras et al. 2022 eq. 5 written out, from the new ``sigma_max``
+    to the new ``sigma_min`` (rho 7), then 0; the other end is the stage file's."""
+    stage = make_stage("base")
+    stage.set_sampling_range(sigma_min=1.0)
+    n, rho, lo, hi = 5, 7.0, 1.0, 80.0
+    want = [(hi ** (1 / rho) + i / (n - 1) * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho for i in range(n)] + [0.0]
+    assert stage.schedule.sampling_sigmas(n).tolist() == pytest.approx(want, rel=1e-12)
+    stage.set_sampling_range(sigma_max=20.0)  # sigma_min stays 1.0
+    assert stage.schedule.sampling_sigmas(n)[[0, n - 1]].tolist() == pytest.approx([20.0, 1.0])
+    assert (stage.precond.sigma_min, stage.precond.sigma_max) == (1.0, 20.0)
+
+
+def test_sampling_range_refuses_continuous_ddpm(make_stage):
+    from t2i_plugin_imagen.precond import Preconditioning
+    from t2i_plugin_imagen.stage import ImagenStage
+
+    edm = make_stage("base")
+    ddpm = ImagenStage(edm.unet, edm.text_encoder, Preconditioning(kind="continuous-ddpm"), image_size=8, text=edm.text)
+    ddpm.set_sampling_range()  # nothing asked: nothing to refuse
+    with pytest.raises(ConfigError, match="continuous-DDPM"):
+        ddpm.set_sampling_range(sigma_min=0.5)
 
 
 def test_shapes_eval_scores_every_stage(tmp_path, stage_files):

@@ -70,14 +70,14 @@ class EditGenerator:
         return getattr(config, "in_channels", None) == EDIT_CHANNELS
 
     def setup(self, resident: Resident) -> None:
-        from t2i_plugin_instructpix2pix.task import _scales, settle_model
+        from t2i_plugin_instructpix2pix.task import edit_scales, settle_model
 
         ctx = resident.ctx
         if ctx.config.conditioners:
             raise ConfigError("conditioners: the 'edit' generator (InstructPix2Pix) applies no [[conditioners]]; "
                               "remove them from the serve job")
         settle_model(ctx, resident.model, ema=True)  # the edit task's default: the reference's EMA weights
-        _scales(ctx)  # guidance keys InstructPix2Pix does not apply: refused at start
+        edit_scales(ctx)  # guidance keys InstructPix2Pix does not apply: refused at start
         self.resident = resident
 
     def uploads(self, config: Any) -> list[Upload]:
@@ -117,19 +117,18 @@ class EditGenerator:
         from t2i_engine.utils.images import to_pil
         from t2i_engine.utils.recipe import JOB_CHUNK
         from t2i_plugin_instructpix2pix.edit import load_source
-        from t2i_plugin_instructpix2pix.task import _scales, edit_one
+        from t2i_plugin_instructpix2pix.task import edit_metadata, edit_one, edit_scales
 
         r, c = self.resident, ctx.config.task.options
-        s_t, s_i = _scales(ctx)
+        s_t, s_i = edit_scales(ctx)
         prompt, seed, url = c.prompts[0], c.seeds[0], c.sources[0]
         source = load_source(url, factor=r.model.autoencoder.downsample_factor, key=SOURCE).to(r.dtype)
         steps = steps_run(sampling_sigmas_for(sampler, r.model.schedule), img2img=False, strength=1.0)
         image = edit_one(ctx, r.model, source, prompt, seed, sampler=sampler, scales=(s_t, s_i),
                          negative_prompt=c.negative_prompt, dtype=r.dtype, autocast=r.autocast,
                          callback=progress(steps))
-        metadata = {"prompt": prompt, "seed": str(seed), "source": url, "negative_prompt": c.negative_prompt,
-                    "sampler": ctx.config.sampler.name, "steps": str(steps), "guidance_scale": str(s_t),
-                    "image_guidance_scale": str(s_i),
+        metadata = {"prompt": prompt, "seed": str(seed), "source": url,
+                    **edit_metadata(ctx, negative_prompt=c.negative_prompt, scales=(s_t, s_i)), "steps": str(steps),
                     "model": str(getattr(r.model, "description", None) or ctx.config.model.name),
                     JOB_CHUNK: render_toml(ctx.config)}
         return to_pil(image)[0], metadata

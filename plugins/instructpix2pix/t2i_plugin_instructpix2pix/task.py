@@ -43,7 +43,7 @@ class EditConfig:
                             "weights (the reference's); false: the trained ones")
 
 
-def _scales(ctx: RunContext) -> tuple[float, float]:
+def edit_scales(ctx: RunContext) -> tuple[float, float]:
     """(s_T, s_I) from ``[guidance]``; keys InstructPix2Pix does not use are a ConfigError."""
     from t2i_engine.diffusion.guidance import GuidanceConfig
 
@@ -79,6 +79,13 @@ def settle_model(ctx: RunContext, model: Any, *, ema: bool) -> None:
         check_edit_model(model)
     except ValueError as exc:
         raise ConfigError(f"model.checkpoint: {exc}") from exc
+
+
+def edit_metadata(ctx: RunContext, *, negative_prompt: str, scales: tuple[float, float]) -> dict[str, str]:
+    """The PNG text every edit carries beside its prompt, seed and source (the ``edit`` task's
+    files and the served edits): negative prompt, sampler and both guidance scales."""
+    return {"negative_prompt": negative_prompt, "sampler": ctx.config.sampler.name,
+            "guidance_scale": str(scales[0]), "image_guidance_scale": str(scales[1])}
 
 
 def edit_one(ctx: RunContext, model: Any, source: torch.Tensor, prompt: str, seed: int, *, sampler: Any,
@@ -125,7 +132,7 @@ class EditTask:
         if ctx.config.sampler is None:
             raise ConfigError("sampler: task 'edit' needs a [sampler] table, e.g. name = \"euler_ancestral\" "
                               "and steps = 100 (the reference's)")
-        s_t, s_i = _scales(ctx)
+        s_t, s_i = edit_scales(ctx)
         seeds = self._seeds(ctx)
         sampler = ctx.plugins.build(ctx.config.sampler)
         model = build_model(ctx, task="edit")
@@ -134,8 +141,7 @@ class EditTask:
         f = model.autoencoder.downsample_factor
         out_dir = Path(ctx.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        meta = {"negative_prompt": c.negative_prompt, "sampler": ctx.config.sampler.name,
-                "guidance_scale": str(s_t), "image_guidance_scale": str(s_i)}
+        meta = edit_metadata(ctx, negative_prompt=c.negative_prompt, scales=(s_t, s_i))
         written: list[str] = []
         pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, (url, prompt, seed) in enumerate(zip(c.sources, c.prompts, seeds)):

@@ -47,28 +47,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sd_pipeline import _cpu_model, _resident  # noqa: E402
 
+from t2i_engine.kernels import cpu_paths  # noqa: E402
+from t2i_engine.kernels.cpu_paths import default_clock, paired_ratios  # noqa: E402
+
 Call = Callable[[], Any]
 
 
 def _autocast(precision: str) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def paired_ratios(ours: Call, theirs: Call, *, pairs: int, warmup: int = 1) -> list[float]:
-    """``pairs`` ratios ``t(ours) / t(theirs)``, each from two calls back to back; the order
-    alternates pair by pair (ours first on even pairs) so neither side always runs warm."""
-    for _ in range(warmup):
-        ours()
-        theirs()
-    ratios = []
-    for i in range(pairs):
-        times = {}
-        for name, fn in ((("ours", ours), ("theirs", theirs)) if i % 2 == 0 else (("theirs", theirs), ("ours", ours))):
-            t0 = time.perf_counter()
-            fn()
-            times[name] = time.perf_counter() - t0
-        ratios.append(times["ours"] / times["theirs"])
-    return ratios
 
 
 def median_interval(values: list[float], *, level: float = 0.95, resamples: int = 10_000,
@@ -207,6 +193,9 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="128 px, 10 pairs: a few minutes")
     p.add_argument("--folder", default=None, help="reuse a diffusers folder written by an earlier run")
     p.add_argument("--openvino", action="store_true", help="also pair the UNet against OpenVINO's")
+    p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                   help="timer of each call: process CPU time (immune to being descheduled on a busy machine), "
+                        "wall time, or auto: CPU time with one thread, wall time with more")
     args = p.parse_args()
     if args.quick:
         args.size, args.pairs = 128, 10
@@ -223,13 +212,17 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="sd-interleaved-")
         folder = str(Path(tmp.name) / args.preset)
         DiffusersFolder().save(build_model(None, PRESETS[args.preset], seed=0), folder)
+    clock = {"cpu": time.process_time, "wall": time.perf_counter, "auto": default_clock()}[args.clock]
     print(f"CPU: {_cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
-          f"{args.preset} at {args.size}x{args.size}; {args.pairs} pairs per row", flush=True)
+          f"{args.preset} at {args.size}x{args.size}; {args.pairs} pairs per row; clock {clock.__name__}", flush=True)
+    choices = cpu_paths.select()  # what the sample task settles before it runs (cached per machine)
+    print("CPU paths on this machine (fast/PyTorch time, kept):",
+          ", ".join(f"{c.path} {c.ratio}{'' if c.enabled else ' off'}" for c in choices.values()), flush=True)
     rows = []
     for precision in args.precisions.split(","):
         def measure(components: dict[str, tuple[Call, Call]]) -> None:
             for name, (mine, theirs) in components.items():
-                ratios = paired_ratios(mine, theirs, pairs=args.pairs)
+                ratios = paired_ratios(mine, theirs, pairs=args.pairs, clock=clock)
                 rows.append((name, precision, *median_interval(ratios)))
                 print(f"  {name} {precision}: " + " ".join(f"{r:.2f}" for r in ratios), flush=True)
 

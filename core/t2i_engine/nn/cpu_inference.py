@@ -20,12 +20,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight
 from t2i_engine.nn import ops
 
 __all__ = ["PACKABLE_DTYPES", "pack_conv_weights"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+_PACK_PATH = {torch.float32: "conv_pack_fp32", torch.bfloat16: "conv_pack_bf16"}
 
 
 def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
@@ -33,7 +35,8 @@ def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
     CPU in float32 or bf16 with at least ``min_in_channels`` input channels (zero padding, any
     kernel size but 1x1, which has its own oneDNN path). Returns the number of layers packed.
 
-    Needs PyTorch with oneDNN (else packs nothing). Cast weights first
+    Needs PyTorch with oneDNN (else packs nothing); a dtype whose packing this machine's timing
+    found no faster (:mod:`t2i_engine.kernels.cpu_paths`) stays plain. Cast weights first
     (:func:`t2i_engine.nn.precision.cast_autocast_weights`) when the model runs under autocast: a
     packed convolution computes in its weight's dtype.
     """
@@ -47,6 +50,7 @@ def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
             or w.is_mkldnn
             or w.device.type != "cpu"
             or w.dtype not in PACKABLE_DTYPES
+            or not cpu_paths.enabled(_PACK_PATH[w.dtype])
             or layer.in_channels < min_in_channels
             or layer.kernel_size == (1, 1)
             or layer.padding_mode != "zeros"

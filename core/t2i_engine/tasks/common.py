@@ -11,6 +11,7 @@ import torch
 from t2i_engine.adapters.config import apply_adapters
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext
+from t2i_engine.kernels import cpu_paths
 from t2i_engine.nn.cpu_inference import pack_conv_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
@@ -85,12 +86,16 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
     """Get a model the task owns ready for inference only (it is changed in place).
 
     With ``autocast_dtype`` (a ``*-mixed`` precision other than 32) the autocast layers' weights
-    are cast once (:func:`prepare_for_autocast`); on the CPU the denoiser's deep convolutions are
-    then packed into oneDNN's layout (:func:`t2i_engine.nn.cpu_inference.pack_conv_weights`).
+    are cast once (:func:`prepare_for_autocast`); on the CPU this machine's fast paths are settled
+    (:func:`t2i_engine.kernels.cpu_paths.select`: cached per machine, timed on first use) and the
+    denoiser's deep convolutions packed into oneDNN's layout where that pays
+    (:func:`t2i_engine.nn.cpu_inference.pack_conv_weights`).
     """
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         prepare_for_autocast(model, autocast_dtype)
     if isinstance(model.denoiser, torch.nn.Module):
+        if any(p.device.type == "cpu" for p in model.denoiser.parameters()):
+            cpu_paths.select()  # this machine's fast paths: cached, timed on the first run here
         pack_conv_weights(model.denoiser)  # CPU layers only: it skips the others
 
 

@@ -3,7 +3,9 @@
 PyTorch's CPU flash-attention kernel (what ``F.scaled_dot_product_attention`` runs) is slower
 in bf16 than in float32 at SD's head dims: at (2 x 8 heads, 1024 tokens, head dim 40) it takes
 33 ms where ``baddbmm -> softmax -> bmm`` in bf16 takes 16 ms on the machine of
-docs/benchmarks.md. The price is a bf16 score matrix (rounded before the softmax, where the flash
+docs/benchmarks.md. On another (an AMD EPYC of the Zen 5 family) it was the other way round at that
+length (43 against 52 ms) and still 2x faster at 256 tokens, so whether this path runs is chosen per
+machine and sequence length (:mod:`t2i_engine.kernels.cpu_paths`). The price is a bf16 score matrix (rounded before the softmax, where the flash
 kernel keeps float32): inside a bf16 SD-1.5 UNet the output's error against float32 is the same
 either way (rms 0.0042), because every linear and convolution already rounds to bf16.
 

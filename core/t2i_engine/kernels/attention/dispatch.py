@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels._backend import cpu_inference_unsupported, use_triton
 from t2i_engine.kernels.attention.cpu import bmm_attention
 
@@ -78,7 +79,8 @@ def attention(
 
     Runs the Triton flash kernel for CUDA float16/bfloat16 inputs; bf16 CPU inference without a
     mask runs :func:`~t2i_engine.kernels.attention.cpu.bmm_attention` (about twice as fast as
-    SDPA's CPU kernel in bf16); everything else runs ``F.scaled_dot_product_attention``.
+    SDPA's CPU kernel in bf16 on the machine of docs/benchmarks.md; on the machines where it is not,
+    :mod:`t2i_engine.kernels.cpu_paths` turns it off); everything else runs ``F.scaled_dot_product_attention``.
     ``T2I_KERNELS`` overrides the choice (``torch``: always SDPA).
     """
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
@@ -93,6 +95,8 @@ def attention(
         and q.dtype == k.dtype == v.dtype == torch.bfloat16
         and q.dim() == 4
         and cpu_inference_unsupported(q, k, v) is None
+        and cpu_paths.enabled("attention_bf16_long" if q.shape[2] * k.shape[2] > cpu_paths.LONG_SCORES
+                              else "attention_bf16_short")
     ):
         return bmm_attention(q, k, v, scale=scale)
     attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)

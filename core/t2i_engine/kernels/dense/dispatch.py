@@ -9,6 +9,8 @@ oneDNN runs an op when all of these hold (:func:`onednn_unsupported_reason` says
 * no gradient is needed (``torch.no_grad``/``inference_mode``, or nothing requires grad): the
   oneDNN ops have no autograd formula, so training keeps PyTorch's ops;
 * not inside ``torch.compile`` (Inductor makes its own choice);
+* the path is on for this machine (:mod:`t2i_engine.kernels.cpu_paths`: on unless the machine's
+  timing found it no faster than PyTorch's op);
 * linear: ``x`` is contiguous with at least :data:`MIN_ROWS` rows; conv2d: a 1x1 kernel with
   stride 1, no padding, no dilation and one group (3x3 convolutions already go to oneDNN).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels._backend import cpu_inference_unsupported, grad_needed
 from t2i_engine.kernels.dense import reference
 
@@ -53,6 +56,8 @@ def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
         return "not all tensors are float32 CPU tensors"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
+    if not cpu_paths.enabled("dense_fp32"):
+        return "the oneDNN dense path is off on this machine (t2i_engine.kernels.cpu_paths)"
     return None
 
 

@@ -1,0 +1,273 @@
+"""Which CPU inference fast paths pay on *this* machine: timed once, cached per machine.
+
+The engine's CPU inference paths (oneDNN float32 dense layers, deep convolution weights packed
+into oneDNN's layout, bf16 attention as two batched matmuls) were each measured faster than
+PyTorch's own op on one machine. How much they gain depends on the CPU: oneDNN's float32 GEMM ran
+about twice as fast as MKL's on an AMD EPYC (docs/benchmarks.md), where an Intel Xeon's MKL is
+much closer to it, and packing pays only where the weight reorder it saves is large against the
+convolution. So each path is chosen per machine instead of assumed:
+
+* :func:`select` (called by the inference tasks before they run a model on the CPU,
+  :func:`t2i_engine.tasks.common.prepare_for_inference`) looks up this machine's choices in a
+  cache file; on the first run on a machine it times each path against PyTorch's op on a
+  representative SD-sized shape, the two alternating call by call, and keeps the fast path only
+  where its median time is below :data:`KEEP_BELOW` of PyTorch's; about a second, once.
+* :func:`enabled` answers the dispatchers, per call, from the selected choices (every path is on
+  until :func:`select` runs, the behaviour before this module).
+
+The machine's key is the CPU model and the ISA flags the paths depend on (AVX-512, AVX-512 BF16,
+AMX), the PyTorch version and the thread count. The cache is ``cpu-paths.json`` under
+``T2I_CACHE_DIR`` (default ``$XDG_CACHE_HOME/t2i-engine``, else ``~/.cache/t2i-engine``),
+written atomically. ``T2I_CPU_PATHS`` sets the policy:
+
+* ``auto`` (default): the cached choice, timed on first use;
+* ``measure``: time again now and replace the cached entry;
+* ``fixed``: no timing, every fast path on (the earlier fixed choice);
+* ``off``: every fast path off (PyTorch's ops; ``T2I_KERNELS=torch`` does this and more).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from t2i_engine.errors import T2IError
+
+__all__ = ["CPU_PATHS_ENV", "KEEP_BELOW", "LONG_SCORES", "PATHS", "Choice", "cache_file", "default_clock", "enabled", "machine_key",
+           "measure", "paired_ratios", "reset", "select"]
+
+CPU_PATHS_ENV = "T2I_CPU_PATHS"
+POLICIES = ("auto", "measure", "fixed", "off")
+KEEP_BELOW = 0.95
+"""A fast path is kept where its median time is below this fraction of PyTorch's op."""
+PAIRS = 7
+FORMAT = 1
+
+PATHS: dict[str, str] = {
+    "dense_fp32": "float32 linear and 1x1 convolutions through oneDNN (kernels/dense)",
+    "conv_pack_fp32": "float32 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
+    "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
+    "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
+                            "(kernels/attention/cpu.py)",
+    "attention_bf16_long": "the same above LONG_SCORES scores per head (SD's 64x64-latent self-attention)",
+}
+"""The fast paths chosen per machine, by name, with what each is."""
+
+LONG_SCORES = 512 * 512
+"""Query x key tokens per head from which attention counts as long: on the AMD EPYC (Zen 5) of
+docs/benchmarks.md the batched-matmul attention took 0.48x SDPA's time at 256 x 256 tokens and
+1.31x at 1024 x 1024, where its score matrix no longer stays in cache."""
+
+_SELECTED: dict[str, bool] | None = None  # None: not selected in this process (every path on)
+
+
+class CpuPathsError(T2IError, ValueError):
+    """A bad ``T2I_CPU_PATHS`` value."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One path's decision on this machine: ``ratio`` is its median time over PyTorch's op's
+    (None where it was not timed)."""
+
+    path: str
+    enabled: bool
+    ratio: float | None
+
+
+def policy() -> str:
+    """The ``T2I_CPU_PATHS`` policy (``auto`` when unset)."""
+    value = os.environ.get(CPU_PATHS_ENV, "auto").strip().lower() or "auto"
+    if value not in POLICIES:
+        raise CpuPathsError(f"{CPU_PATHS_ENV}={value!r} is not one of {', '.join(POLICIES)}")
+    return value
+
+
+def enabled(path: str) -> bool:
+    """Whether the dispatchers may take fast path ``path`` (a key of :data:`PATHS`)."""
+    if _SELECTED is None:
+        return policy() != "off"
+    return _SELECTED[path]
+
+
+def reset() -> None:
+    """Forget this process's selection (tests; a later :func:`select` reads the cache again)."""
+    global _SELECTED
+    _SELECTED = None
+
+
+def cache_file() -> Path:
+    """Where the per-machine choices are kept."""
+    root = os.environ.get("T2I_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = str(Path(xdg) / "t2i-engine") if xdg else str(Path.home() / ".cache" / "t2i-engine")
+    return Path(root) / "cpu-paths.json"
+
+
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = value.split()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return model, [f for f in wanted if f in flags]
+
+
+def machine_key(threads: int | None = None) -> str:
+    """The cache key: CPU model, the ISA flags the paths depend on, PyTorch version, threads."""
+    model, flags = _cpu_model_and_flags()
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{model} [{' '.join(flags)}] torch {torch.__version__} threads {threads}"
+
+
+def default_clock() -> Callable[[], float]:
+    """The timer for paired measurements: with one torch thread the process's CPU time, which a
+    busy machine does not inflate by descheduling the process (memory-bandwidth contention still
+    shows, as it should); with more threads the wall clock, since that is what parallel ops buy."""
+    return time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+
+
+def paired_ratios(fast: Callable[[], Any], plain: Callable[[], Any], *, pairs: int, warmup: int = 1,
+                  clock: Callable[[], float] | None = None) -> list[float]:
+    """``pairs`` ratios ``t(fast) / t(plain)``, each from two calls back to back; the order
+    alternates pair by pair (``fast`` first on even pairs) so that neither side always runs warm
+    and drift of the machine hits both halves of a pair alike. ``clock`` defaults to
+    :func:`default_clock`."""
+    clock = clock or default_clock()
+    for _ in range(warmup):  # first calls allocate and pick kernels
+        fast(), plain()
+    ratios = []
+    for i in range(pairs):
+        times = {}
+        for name, fn in ((("fast", fast), ("plain", plain)) if i % 2 == 0 else (("plain", plain), ("fast", fast))):
+            start = clock()
+            fn()
+            times[name] = clock() - start
+        ratios.append(times["fast"] / max(times["plain"], 1e-9))
+    return ratios
+
+
+def _probes() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """(fast, plain) callables per path on SD-1.5-sized shapes (256 px, guidance batch of 2)."""
+    from t2i_engine.kernels.attention.cpu import bmm_attention
+    from t2i_engine.kernels.dense.dispatch import pack_conv_weight
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 320, generator=g)
+    w = torch.randn(1280, 320, generator=g) / 18
+    xc = torch.randn(2, 640, 16, 16, generator=g)
+    wc = torch.randn(640, 640, 1, 1, generator=g) / 25
+
+    def dense_fast() -> None:
+        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        torch.ops.mkldnn._convolution_pointwise(xc, wc, None, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+
+    def dense_plain() -> None:
+        torch.nn.functional.linear(x, w)
+        torch.nn.functional.conv2d(xc, wc)
+
+    def conv_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        xd = torch.randn(2, 1280, 8, 8, generator=g).to(dtype)
+        wd = (torch.randn(1280, 1280, 3, 3, generator=g) / 100).to(dtype)
+        packed = pack_conv_weight(wd, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+        return (lambda: torch.ops.mkldnn._convolution_pointwise(xd, packed, None, [1, 1], [1, 1], [1, 1], 1,
+                                                                "none", [], ""),
+                lambda: torch.nn.functional.conv2d(xd, wd, padding=1))
+
+    def attention_pair(tokens: int, dim: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        q, k, v = (torch.randn(2, 8, tokens, dim, generator=g).to(torch.bfloat16) for _ in range(3))
+        return (lambda: bmm_attention(q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+    return {
+        "dense_fp32": (dense_fast, dense_plain),
+        "conv_pack_fp32": conv_pair(torch.float32),
+        "conv_pack_bf16": conv_pair(torch.bfloat16),
+        "attention_bf16_short": attention_pair(256, 80),  # SD's 16x16-latent self-attention
+        "attention_bf16_long": attention_pair(1024, 40),  # 32x32 latents: 256 px images
+    }
+
+
+def measure() -> dict[str, Choice]:
+    """Time every path against PyTorch's op now (about a second): a :class:`Choice` per path."""
+    from t2i_engine.kernels.dense.dispatch import onednn_available
+
+    if not onednn_available():
+        return {p: Choice(p, False, None) for p in PATHS}
+    choices = {}
+    with torch.inference_mode():
+        for path, (fast, plain) in _probes().items():
+            ratio = statistics.median(paired_ratios(fast, plain, pairs=PAIRS))
+            choices[path] = Choice(path, ratio < KEEP_BELOW, round(ratio, 3))
+    return choices
+
+
+def _read_cache(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("machines"), dict):
+            raise ValueError("not a cpu-paths cache of this version")
+        return data["machines"]
+    except (OSError, ValueError) as e:
+        warnings.warn(f"{path}: unreadable ({e}); the CPU paths are timed again", stacklevel=3)
+        return {}
+
+
+def _write_cache(path: Path, machines: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only home must not stop a run: the choice holds for this process
+        warnings.warn(f"{path}: could not save the CPU path choices ({e})", stacklevel=3)
+
+
+def _from_entry(entry: Any) -> dict[str, Choice] | None:
+    if not isinstance(entry, dict) or set(entry) != set(PATHS):
+        return None  # another version's paths: time again
+    try:
+        return {p: Choice(p, bool(e["enabled"]), e.get("ratio")) for p, e in entry.items()}
+    except (KeyError, TypeError):
+        return None
+
+
+def select() -> dict[str, Choice]:
+    """Settle this process's CPU paths by the ``T2I_CPU_PATHS`` policy and return them.
+
+    ``auto`` reads this machine's entry in :func:`cache_file`, timing the paths (and saving the
+    entry) when there is none; ``measure`` always times; ``fixed`` and ``off`` time nothing.
+    """
+    global _SELECTED
+    mode = policy()
+    if mode in ("fixed", "off"):
+        choices = {p: Choice(p, mode == "fixed", None) for p in PATHS}
+    else:
+        file, key = cache_file(), machine_key()
+        machines = _read_cache(file)
+        cached = _from_entry(machines.get(key)) if mode == "auto" else None
+        if cached is None:
+            cached = measure()
+            machines[key] = {p: {"enabled": c.enabled, "ratio": c.ratio} for p, c in cached.items()}
+            _write_cache(file, machines)
+        choices = cached
+    _SELECTED = {p: c.enabled for p, c in choices.items()}
+    return choices

@@ -79,3 +79,29 @@ def test_prepare_for_inference_casts_then_packs_the_deep_levels():
     assert model.text_encoder.weight.dtype == model.autoencoder.weight.dtype == torch.bfloat16
     assert not model.autoencoder.weight.is_mkldnn  # only the denoiser is packed
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def test_training_gradients_through_onednn_equal_pytorchs(monkeypatch: pytest.MonkeyPatch):
+    """A UNet's loss gradients with its linears on the oneDNN training path (OneDNNLinear) equal
+    those of PyTorch's own ops (T2I_KERNELS=torch) to float32 rounding."""
+    from t2i_engine.kernels.dense import dispatch
+
+    unet, (x, t, cond) = _unet_and_inputs()
+    unet.train()
+    calls: list[int] = []
+    original = dispatch.OneDNNLinear.apply
+    monkeypatch.setattr(dispatch.OneDNNLinear, "apply", lambda *a: calls.append(1) or original(*a))
+
+    def grads() -> list[torch.Tensor]:
+        unet.zero_grad()
+        unet(x, t, cond).square().mean().backward()
+        return [p.grad.clone() for p in unet.parameters()]
+
+    ours = grads()
+    assert len(calls) > 0
+    monkeypatch.setenv("T2I_KERNELS", "torch")
+    n = len(calls)
+    theirs = grads()
+    assert len(calls) == n
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -160,6 +160,29 @@ def test_dense_dispatch_follows_its_switch(monkeypatch: pytest.MonkeyPatch) -> N
         assert onednn_unsupported_reason(x, w) is None or "oneDNN" in onednn_unsupported_reason(x, w)
 
 
+def test_training_dense_follows_its_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2i_engine.kernels.dense.dispatch import onednn_training_unsupported_reason
+
+    x, w = torch.randn(16, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    _select(monkeypatch, dense_fp32_train=False)
+    assert "off on this machine" in (onednn_training_unsupported_reason(x, w) or "")
+    cpu_paths.reset()
+    _select(monkeypatch, dense_fp32_train=True)
+    assert onednn_training_unsupported_reason(x, w) is None
+
+
+def test_training_selects_on_the_cpu(timings: list[int], tmp_path) -> None:
+    from tests.training.tiny_denoiser import DictDataset, TinyDenoiser
+
+    from t2i_engine.training.config import TrainConfig
+    from t2i_engine.training.loop import fit
+
+    fit(TinyDenoiser(), DictDataset(), TrainConfig(accelerator="cpu", progress_bar=False, batch_size=4, max_steps=1,
+                                                   checkpoint_every=0), output_dir=tmp_path / "run", seed=0)
+    assert timings == [1] and cpu_paths.cache_file().exists()
+    assert not cpu_paths.enabled("dense_fp32_train")  # what the (fake) timing said
+
+
 @pytest.mark.parametrize("dtype,path", [(torch.float32, "conv_pack_fp32"), (torch.bfloat16, "conv_pack_bf16")])
 def test_packing_follows_its_switch(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, path: str) -> None:
     from t2i_engine.kernels.dense.dispatch import onednn_available

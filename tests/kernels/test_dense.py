@@ -79,6 +79,54 @@ def test_training_keeps_autograd() -> None:
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("shape", [(16, 24), (2, 9, 24)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("trainable", ["all", "frozen weight", "frozen input"])
+def test_training_linear_runs_onednn_with_reference_gradients(shape: tuple[int, ...], with_bias: bool,
+                                                              trainable: str) -> None:
+    from t2i_engine.kernels.dense import dispatch
+
+    g = _gen(4)
+    x = torch.randn(*shape, generator=g, requires_grad=trainable != "frozen input")
+    w = torch.randn(40, 24, generator=g, requires_grad=trainable != "frozen weight")
+    b = torch.randn(40, generator=g, requires_grad=True) if with_bias else None
+    up = torch.randn(*shape[:-1], 40, generator=g)
+    assert dispatch.onednn_training_unsupported_reason(x, w, b) is None
+    calls: list[int] = []
+    original = dispatch.OneDNNLinear.apply
+    try:
+        dispatch.OneDNNLinear.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+        out = linear(x, w, b)
+    finally:
+        dispatch.OneDNNLinear.apply = original  # type: ignore[method-assign]
+    assert calls == [1] and out.shape == (*shape[:-1], 40)
+    leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    got = torch.autograd.grad((out * up).sum(), leaves)
+    want = torch.autograd.grad((F.linear(x, w, b) * up).sum(), leaves)
+    torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    for a, e in zip(got, want, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+
+
+def test_training_path_conditions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from t2i_engine.kernels.dense.dispatch import onednn_training_unsupported_reason as reason
+
+    x, w = torch.randn(16, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    assert reason(x, w) is None
+    assert reason(x.double(), w) == "not all tensors are float32 CPU tensors"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert reason(x, w) == "CPU autocast is on"
+    monkeypatch.setenv("T2I_KERNELS", "torch")
+    assert reason(x, w) == "T2I_KERNELS=torch"
+
+
+def test_training_linear_is_once_differentiable() -> None:
+    x, w = torch.randn(16, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    (gx,) = torch.autograd.grad(linear(x, w).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+        gx.sum().backward()
+
+
 def test_modules_keep_torch_state_dicts() -> None:
     torch.manual_seed(0)
     ref_lin, ref_conv = nn.Linear(8, 6), nn.Conv2d(8, 6, 1)

@@ -28,6 +28,7 @@ written atomically. ``T2I_CPU_PATHS`` sets the policy:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -55,6 +56,7 @@ FORMAT = 1
 
 PATHS: dict[str, str] = {
     "dense_fp32": "float32 linear and 1x1 convolutions through oneDNN (kernels/dense)",
+    "dense_fp32_train": "float32 linear forward and backward through oneDNN in training (kernels/dense OneDNNLinear)",
     "conv_pack_fp32": "float32 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
@@ -167,7 +169,7 @@ def paired_ratios(fast: Callable[[], Any], plain: Callable[[], Any], *, pairs: i
 def _probes() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
     """(fast, plain) callables per path on SD-1.5-sized shapes (256 px, guidance batch of 2)."""
     from t2i_engine.kernels.attention.cpu import bmm_attention
-    from t2i_engine.kernels.dense.dispatch import pack_conv_weight
+    from t2i_engine.kernels.dense.dispatch import OneDNNLinear, pack_conv_weight
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 320, generator=g)
@@ -183,6 +185,18 @@ def _probes() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
         torch.nn.functional.linear(x, w)
         torch.nn.functional.conv2d(xc, wc)
 
+    xt = torch.randn(2048, 320, generator=g, requires_grad=True)
+    wt = (torch.randn(1280, 320, generator=g) / 18).requires_grad_()
+    bt = torch.zeros(1280, requires_grad=True)
+
+    def train_fast() -> None:
+        with torch.enable_grad():
+            OneDNNLinear.apply(xt, wt, bt).sum().backward()
+
+    def train_plain() -> None:
+        with torch.enable_grad():
+            torch.nn.functional.linear(xt, wt, bt).sum().backward()
+
     def conv_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
         xd = torch.randn(2, 1280, 8, 8, generator=g).to(dtype)
         wd = (torch.randn(1280, 1280, 3, 3, generator=g) / 100).to(dtype)
@@ -197,6 +211,7 @@ def _probes() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
 
     return {
         "dense_fp32": (dense_fast, dense_plain),
+        "dense_fp32_train": (train_fast, train_plain),
         "conv_pack_fp32": conv_pair(torch.float32),
         "conv_pack_bf16": conv_pair(torch.bfloat16),
         "attention_bf16_short": attention_pair(256, 80),  # SD's 16x16-latent self-attention
@@ -211,10 +226,10 @@ def measure() -> dict[str, Choice]:
     if not onednn_available():
         return {p: Choice(p, False, None) for p in PATHS}
     choices = {}
-    with torch.inference_mode():
-        for path, (fast, plain) in _probes().items():
+    for path, (fast, plain) in _probes().items():
+        with contextlib.nullcontext() if path.endswith("_train") else torch.inference_mode():
             ratio = statistics.median(paired_ratios(fast, plain, pairs=PAIRS))
-            choices[path] = Choice(path, ratio < KEEP_BELOW, round(ratio, 3))
+        choices[path] = Choice(path, ratio < KEEP_BELOW, round(ratio, 3))
     return choices
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from t2i_engine.checkpoint.io import load_state_dict_strict
 from t2i_engine.errors import ConfigError, StorageError, TrainingError
+from t2i_engine.kernels import cpu_paths
 from t2i_engine.nn.checkpointing import enable_gradient_checkpointing
 from t2i_engine.training.batches import batch_stream
 from t2i_engine.training.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -248,6 +249,8 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
     checkpoint_dir = checkpoint_dir or str(output_dir / "checkpoints")
     check_fsdp(cfg, device_type=None if fabric is None else fabric.device.type, checkpoint_dir=checkpoint_dir)
     fabric = fabric or build_fabric(cfg)
+    if fabric.device.type == "cpu":
+        cpu_paths.select()  # this machine's CPU paths (the oneDNN training linear): cached, timed once
     if not _is_using_cli():  # under `fabric run` the CLI has launched the processes already
         fabric.launch()  # a no-op when already launched
     if cfg.deterministic:

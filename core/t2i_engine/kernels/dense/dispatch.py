@@ -14,20 +14,27 @@ oneDNN runs an op when all of these hold (:func:`onednn_unsupported_reason` says
 * linear: ``x`` is contiguous with at least :data:`MIN_ROWS` rows; conv2d: a 1x1 kernel with
   stride 1, no padding, no dilation and one group (3x3 convolutions already go to oneDNN).
 
+A float32 CPU linear that needs a gradient (training) runs through :class:`OneDNNLinear`
+instead, whose backward GEMMs are oneDNN's too, under the same conditions but autograd's
+(:func:`onednn_training_unsupported_reason`).
+
 The result equals the reference up to float32 rounding (a different summation order).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from t2i_engine.kernels import cpu_paths
-from t2i_engine.kernels._backend import cpu_inference_unsupported, grad_needed
+from t2i_engine.kernels._backend import BACKEND_ENV, cpu_inference_unsupported, grad_needed, requested_backend
 from t2i_engine.kernels.dense import reference
 
-__all__ = ["MIN_ROWS", "conv2d", "linear", "onednn_available", "onednn_unsupported_reason", "pack_conv_weight",
-           "packed_conv2d"]
+__all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
+           "onednn_unsupported_reason", "pack_conv_weight", "packed_conv2d"]
 
 MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
 
@@ -41,40 +48,82 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
-def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
-    """Why oneDNN's dense ops should not take these tensors, or None when they can.
-
-    Covers what :func:`linear` and :func:`conv2d` share (backend, build, dtype, device, autocast,
-    autograd, compile); the shape conditions are checked by each op.
-    """
-    reason = cpu_inference_unsupported(*tensors)
-    if reason is not None:
-        return reason
+def _dtype_device_autocast_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
     if not onednn_available():
         return "PyTorch has no oneDNN here (or torch.backends.mkldnn.enabled is off)"
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return "not all tensors are float32 CPU tensors"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
-    if not cpu_paths.enabled("dense_fp32"):
-        return "the oneDNN dense path is off on this machine (t2i_engine.kernels.cpu_paths)"
     return None
+
+
+def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
+    """Why oneDNN's dense ops should not take these tensors in inference, or None when they can.
+
+    Covers what :func:`linear` and :func:`conv2d` share (backend, build, dtype, device, autocast,
+    autograd, compile, this machine's choice); the shape conditions are checked by each op.
+    """
+    reason = cpu_inference_unsupported(*tensors) or _dtype_device_autocast_reason(tensors)
+    if reason is None and not cpu_paths.enabled("dense_fp32"):
+        return "the oneDNN dense path is off on this machine (t2i_engine.kernels.cpu_paths)"
+    return reason
+
+
+def onednn_training_unsupported_reason(*tensors: Tensor | None) -> str | None:
+    """Why a float32 linear that needs a gradient should not run through :class:`OneDNNLinear`
+    (forward and both backward GEMMs in oneDNN), or None when it can: outside ``torch.compile``,
+    ``T2I_KERNELS`` not ``torch``, float32 CPU tensors without autocast, and the path on for this
+    machine (``dense_fp32_train`` of :mod:`t2i_engine.kernels.cpu_paths`)."""
+    if torch.compiler.is_compiling():
+        return "inside torch.compile"
+    if requested_backend() == "torch":
+        return f"{BACKEND_ENV}=torch"
+    reason = _dtype_device_autocast_reason(tensors)
+    if reason is None and not cpu_paths.enabled("dense_fp32_train"):
+        return "the oneDNN training path is off on this machine (t2i_engine.kernels.cpu_paths)"
+    return reason
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """``x @ weight.T + bias`` for a contiguous 2-D float32 CPU ``x`` whose forward and backward
+    GEMMs (``grad @ weight`` and ``grad.T @ x``) all run through oneDNN: the same float32
+    arithmetic as ``F.linear``'s autograd, in another summation order. Once differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _onednn_linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        gx = _onednn_linear(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+        gw = _onednn_linear(grad.t().contiguous(), x.t().contiguous(), None) if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``x @ weight.T + bias`` for ``x`` of shape ``(..., in)`` and ``weight`` ``(out, in)``.
 
-    oneDNN's ``mkldnn::_linear_pointwise`` where it applies (see the module doc), ``F.linear``
-    otherwise.
+    oneDNN's ``mkldnn::_linear_pointwise`` where it applies (see the module doc); with a gradient
+    needed, :class:`OneDNNLinear` where :func:`onednn_training_unsupported_reason` allows;
+    ``F.linear`` otherwise.
     """
-    if (
-        x.dim() >= 2
-        and x.is_contiguous()
-        and weight.is_contiguous()
-        and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS
-        and onednn_unsupported_reason(x, weight, bias) is None
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.dim() >= 2 and x.is_contiguous() and weight.is_contiguous() and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS:
+        if onednn_unsupported_reason(x, weight, bias) is None:
+            return _onednn_linear(x, weight, bias)
+        if grad_needed(x, weight, bias) and onednn_training_unsupported_reason(x, weight, bias) is None:
+            out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+            return out.view(*x.shape[:-1], weight.shape[0])
     return reference.linear(x, weight, bias)
 
 

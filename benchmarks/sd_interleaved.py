@@ -23,6 +23,11 @@ prepares it: oneDNN packing, autocast weights cast once):
     python benchmarks/sd_interleaved.py --preset tiny --size 32 --pairs 3   # a seconds-long smoke run
     python benchmarks/sd_interleaved.py --quick --only unet --openvino      # + the UNet against OpenVINO
 
+Each call is timed by the process's CPU time when torch runs one thread (a busy machine does not
+inflate it by descheduling the process), by the wall clock otherwise; ``--clock`` overrides it.
+The engine side runs the CPU paths this machine selected (``t2i_engine.kernels.cpu_paths``,
+printed first).
+
 ``--openvino`` (``pip install openvino``, an optional benchmark dependency) adds a row per
 precision: the engine's UNet against the same diffusers UNet converted with
 ``openvino.convert_model`` and compiled for the CPU (inference precision f32, or bf16 for the

@@ -77,7 +77,8 @@ class ControlNetEvalTask:
         conditioner.setup(model)
         device = next(model.denoiser.parameters()).device
         c = self.config
-        keys = ConditionerKeys(scale=c.scale, start=c.start, end=c.end)  # no input file: each chunk's hints are set per sample
+        # no input file: each chunk's hints are set per sample
+        keys = ConditionerKeys(scale=c.scale, start=c.start, end=c.end)
         return ConditionerChain([Entry(conditioner, keys=keys, label="controlnet-eval")]).to(device)
 
     def _sample(self, ctx: RunContext, model: Any, sampler: Any, precision: Any, samples: list[dict[str, Any]],

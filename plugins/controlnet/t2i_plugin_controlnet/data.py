@@ -131,24 +131,34 @@ class ShapeHintsConfig(ShapesConfig):
     hint: Literal["mask", "outline"] = option(default="mask", validator=in_(("mask", "outline")),
                                               help="the hint: the shape's filled mask or its outline")
     outline_width: int = option(default=2, validator=ge(1), help="outline: its width in pixels")
+    start_index: int = option(default=0, validator=ge(0),
+                              help="sample i is the split's sample start_index + i (fresh placements and noise "
+                                   "of the same prompts: a validation set past a training run's count)")
 
 
 class ShapeHints(Dataset):
-    """The shapes dataset with the shape's mask (or outline) as a ``hint`` (white on black)."""
+    """The shapes dataset with the shape's mask (or outline) as a ``hint`` (white on black).
+
+    ``start_index`` shifts the window of the split's samples: sample ``i`` is the shapes split's
+    sample ``start_index + i`` (its prompt, placement and ``index``), so a validation set of the
+    training prompts can take placements that a training run of ``count`` samples never drew."""
 
     Config = ShapeHintsConfig
 
     def __init__(self, config: ShapeHintsConfig | None = None, **overrides: Any) -> None:
         self.config = config = attrs.evolve(config or ShapeHintsConfig(), **overrides)
         shapes_keys = {f.name for f in attrs.fields(ShapesConfig)}
-        self.base = ShapesDataset(ShapesConfig(**{k: getattr(config, k) for k in shapes_keys}))
+        base = {k: getattr(config, k) for k in shapes_keys}
+        self.base = ShapesDataset(ShapesConfig(**{**base, "count": config.count + config.start_index}))
         self.colours, self.shapes = self.base.colours, self.base.shapes  # what shapes_eval's labels index
 
     def __len__(self) -> int:
-        return len(self.base)
+        return self.config.count
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.base[index]
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        sample = self.base[self.config.start_index + index]
         shape = self.shapes[sample["shape_label"]]
         hint = shape_hint(shape, size=self.config.size, cx=sample["cx"], cy=sample["cy"], radius=sample["radius"],
                           kind=self.config.hint, width=self.config.outline_width)

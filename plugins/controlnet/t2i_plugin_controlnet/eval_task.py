@@ -27,6 +27,7 @@ from t2i_engine.interfaces import RunContext
 __all__ = ["ControlNetEvalConfig", "ControlNetEvalTask", "iou"]
 
 _ge1 = attrs.validators.ge(1)
+_fraction = [attrs.validators.ge(0.0), attrs.validators.le(1.0)]
 
 
 @attrs.frozen
@@ -37,12 +38,20 @@ class ControlNetEvalConfig:
     count: int = option(default=64, validator=_ge1, help="samples of the split evaluated")
     batch_size: int = option(default=32, validator=_ge1, help="images per sampler run")
     scale: float = option(default=1.0, help="the ControlNet's scale")
+    start: float = option(default=0.0, validator=_fraction,
+                          help="first fraction of the sampling steps the ControlNet acts on (the core's rule)")
+    end: float = option(default=1.0, validator=_fraction,
+                        help="last fraction of the sampling steps the ControlNet acts on (the core's rule)")
     compare_without: bool = option(default=True, help="also sample without the ControlNet (the baseline)")
     grid: str | None = option(default="controlnet-eval-grid.png",
                               help="rows of hint | with | without for the first 16 samples (\"\": no grid)")
     iou_target: float = option(default=0.8, help="target mean IoU with the ControlNet")
     colour_target: float = option(default=0.95, help="target colour accuracy with the ControlNet")
     shape_target: float = option(default=0.95, help="target shape accuracy with the ControlNet")
+
+    def __attrs_post_init__(self) -> None:
+        if self.start >= self.end:
+            raise ValueError(f"'end' must be greater than start ({self.start}), got {self.end}")
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +76,9 @@ class ControlNetEvalTask:
         conditioner = ControlNetConditioner(ControlNetConditionerConfig(checkpoint=self.config.controlnet))
         conditioner.setup(model)
         device = next(model.denoiser.parameters()).device
-        keys = ConditionerKeys(scale=self.config.scale)  # no input file: each chunk's hints are set per sample
+        c = self.config
+        # no input file: each chunk's hints are set per sample
+        keys = ConditionerKeys(scale=c.scale, start=c.start, end=c.end)
         return ConditionerChain([Entry(conditioner, keys=keys, label="controlnet-eval")]).to(device)
 
     def _sample(self, ctx: RunContext, model: Any, sampler: Any, precision: Any, samples: list[dict[str, Any]],

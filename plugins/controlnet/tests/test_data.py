@@ -109,6 +109,20 @@ def test_shape_hints_are_the_shape_where_it_was_drawn():
         assert set(s["hint"].unique().tolist()) <= {-1.0, 1.0}
 
 
+def test_start_index_takes_the_splits_later_samples():
+    kw = dict(size=32, seed=0, split="train", heldout_fraction=0.15)
+    late = ShapeHints(count=5, start_index=40, **kw)
+    whole = ShapeHints(count=45, **kw)
+    assert len(late) == 5
+    for i in range(5):
+        a, b = late[i], whole[40 + i]
+        assert a["index"] == b["index"] == 40 + i and a["caption"] == b["caption"]
+        assert torch.equal(a["hint"], b["hint"]) and torch.equal(a["image"], b["image"])
+    assert not torch.equal(late[0]["hint"], whole[0]["hint"])  # not the first samples again
+    with pytest.raises(IndexError):
+        late[5]
+
+
 def test_outline_hints_are_the_border_of_the_mask():
     ds = ShapeHints(size=64, count=10, seed=4, hint="outline", outline_width=2)
     for i in range(len(ds)):

@@ -68,6 +68,16 @@ def test_an_eval_job_scores_with_and_without(sd_controlnets, tmp_path):
     assert zero["with"] == zero["without"]  # scale 0: exactly no ControlNet
     alone = _run(tmp_path / "alone", sd, net, "task.compare_without=false", 'task.grid=""')
     assert "without" not in alone and "grid" not in alone and alone["with"] == out["with"]
+    # a step window that keeps none of the 3 steps (the core's rule): exactly no ControlNet
+    late = _run(tmp_path / "late", sd, net, "task.start=0.99", "task.compare_without=false")
+    early = _run(tmp_path / "early", sd, net, "task.end=0.01", "task.compare_without=false")
+    assert late["with"] == early["with"] == out["without"]
+
+
+def test_eval_window_must_be_ordered(sd_controlnets, tmp_path):
+    sd, (net, _) = sd_controlnets
+    with pytest.raises(ConfigError, match="end"):
+        _run(tmp_path, sd, net, "task.start=0.6", "task.end=0.5")
 
 
 def test_eval_needs_the_shapes_hints(sd_controlnets, tmp_path):

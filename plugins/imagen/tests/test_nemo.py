@@ -224,3 +224,60 @@ def test_ema_checkpoint_weights_replace_the_archives(tmp_path, make_stage, t5_fo
     torch.save(state, tmp_path / "flat-EMA.ckpt")
     with pytest.raises(CheckpointError, match="no state_dict"):
         read_ema_weights(str(tmp_path / "flat-EMA.ckpt"))
+
+
+def test_ema_checkpoint_with_omegaconf_hyper_parameters_runs_none_of_their_code(tmp_path, make_stage, monkeypatch):
+    """NeMo's Lightning checkpoints pickle ``hyper_parameters`` as OmegaConf objects (and their type):
+    such globals are read as inert placeholders, so a checkpoint whose classes are not even
+    importable loads and none of their code runs; ``os``/``posix`` globals stay refused."""
+    import os
+    import sys
+    import types
+    import typing
+
+    from t2i_plugin_imagen.nemo import read_ema_weights
+
+    calls = []
+    fake = {name: types.ModuleType(name) for name in ("omegaconf", "omegaconf.dictconfig", "omegaconf.base")}
+
+    class ContainerMetadata:
+        def __init__(self):
+            self.ref_type, self.object_type = typing.Any, dict
+
+    class DictConfig:
+        def __init__(self, content):
+            self._content, self._metadata = content, ContainerMetadata()
+
+        def __setstate__(self, state):
+            calls.append("DictConfig.__setstate__")
+
+    def create(*args):
+        calls.append("create")
+
+    class Reduced:
+        def __reduce__(self):
+            return create, (1,)
+
+    for cls, mod in ((DictConfig, "omegaconf.dictconfig"), (ContainerMetadata, "omegaconf.base"), (create, "omegaconf.base")):
+        cls.__module__, cls.__qualname__ = mod, cls.__name__
+        setattr(fake[mod], cls.__name__, cls)
+    for name, mod in fake.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    stage = make_stage("base", d_model=32)
+    save_nemo(stage, str(tmp_path / "m.nemo"))
+    _, state = read_nemo(str(tmp_path / "m.nemo"))
+    _lightning_ckpt(tmp_path / "n-EMA.ckpt", state, hyper_parameters=DictConfig({"cfg": {"unet_type": "base"}}),
+                    hparams_type=DictConfig, extra=Reduced())
+    monkeypatch.undo()  # the classes are gone: the loader must not need them
+    assert "omegaconf.dictconfig" not in sys.modules
+    got = read_ema_weights(str(tmp_path / "n-EMA.ckpt"))
+    assert calls == [] and got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+    class System:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    _lightning_ckpt(tmp_path / "evil-EMA.ckpt", state, extra=System())
+    with pytest.raises(CheckpointError, match="refusing"):
+        read_ema_weights(str(tmp_path / "evil-EMA.ckpt"))

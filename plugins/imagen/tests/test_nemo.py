@@ -137,8 +137,11 @@ def test_sr_unet_layout_and_forward_against_the_base_unet(tmp_path, t5_folders):
     up = torch.nn.functional.interpolate(low, size=(16, 16), mode="bicubic")
     torch.testing.assert_close(net(x, t, Conditioning(text=text).with_extras(lowres=up, lowres_t=low_t)), out)
     # both conditionings matter
-    assert (net(x, t, Conditioning(text=text).with_extras(lowres=torch.zeros_like(low), lowres_t=low_t)) - out).abs().max() > 1e-3
-    assert (net(x, t, Conditioning(text=text).with_extras(lowres=low, lowres_t=low_t + 1)) - out).abs().max() > 1e-5
+    def run(lowres, lowres_t):
+        return net(x, t, Conditioning(text=text).with_extras(lowres=lowres, lowres_t=lowres_t))
+
+    assert (run(torch.zeros_like(low), low_t) - out).abs().max() > 1e-3
+    assert (run(low, low_t + 1) - out).abs().max() > 1e-5
     # the independent truth: the plain base UNet (built directly, no low-res keys) with the same weights
     _, opts = unet_options(net)
     plain = build_unet("base", {**opts, "low_res_cond": False, "noise_cond_aug": False}).eval()
@@ -258,7 +261,8 @@ def test_ema_checkpoint_with_omegaconf_hyper_parameters_runs_none_of_their_code(
         def __reduce__(self):
             return create, (1,)
 
-    for cls, mod in ((DictConfig, "omegaconf.dictconfig"), (ContainerMetadata, "omegaconf.base"), (create, "omegaconf.base")):
+    placed = ((DictConfig, "omegaconf.dictconfig"), (ContainerMetadata, "omegaconf.base"), (create, "omegaconf.base"))
+    for cls, mod in placed:
         cls.__module__, cls.__qualname__ = mod, cls.__name__
         setattr(fake[mod], cls.__name__, cls)
     for name, mod in fake.items():

@@ -9,6 +9,19 @@ the preconditioning wrapper holding ``unet``), with the names of
 (``unet_type``, ``unet``, ``conditioning.embed_dim`` / ``token_length``, ``noise_cond_aug``,
 ``preconditioning_type`` and ``preconditioning``) or refused naming the field. NeMo encodes text
 with an external T5 (precached embeddings), so the user's T5 folders come with the archive.
+
+``unet_type``: ``base`` (``UNetModel``), ``sr`` (``EfficientUNetModel``) and ``sr-unet``
+(``UNetModel`` again, with ``unet.low_res_cond: true`` and the top-level ``noise_cond_aug``: a
+base-type UNet used for super-resolution), as NeMo's ``Imagen.__init__`` builds them. NeMo's
+``UNetModel`` registers its first conv twice (``init_conv`` and ``input_blocks.0``), so its state
+dict holds ``init_conv.0.*`` beside ``input_blocks.0.0.*``; both are read (they must agree) and
+written. TorchInductor's ``._orig_mod`` (NeMo trains with ``inductor: true``) is removed from the
+names, as NeMo's loaders do.
+
+EMA: NeMo's ``EMA`` callback keeps the moving average outside the module and its
+``NeMoModelCheckpoint`` writes it as a separate Lightning checkpoint ``<name>-EMA.ckpt`` (the
+model's names, EMA values); the ``.nemo`` (``save_to``) holds the trained weights, which is what
+NeMo's inference (``ImagenPipeline``) samples with. :func:`read_ema_weights` reads such a file.
 """
 
 from __future__ import annotations
@@ -20,7 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict
+from pathlib import Path
+
+from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict, read_bytes
 from t2i_engine.checkpoint.nemo import CONFIG_MEMBER, WEIGHTS_MEMBER, archive_member, read_archive_weights
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_imagen.imagen_unet import build_unet, unet_options
@@ -32,6 +47,10 @@ UNET_PREFIX = "model.model.unet."
 # unet: keys NeMo reads that do not change the forward pass (memory, kernels, backward numerics)
 NEUTRAL_UNET_KEYS = ("gradient_checkpointing", "stable_attention", "flash_attention")
 _OBJECTIVES = {"noise": "eps", "x_start": "x0"}
+# NeMo unet_type -> this plugin's UNet (sr-unet: the base UNet with low_res_cond)
+UNET_TYPES = {"base": "base", "sr": "sr", "sr-unet": "base"}
+# UNetModel's state dict names its first conv twice: init_conv (an attribute) and input_blocks.0
+_INIT_CONV_ALIAS = {"init_conv.0.weight": "input_blocks.0.0.weight", "init_conv.0.bias": "input_blocks.0.0.bias"}
 
 
 def _member(path: str, name: str) -> bytes:
@@ -74,29 +93,123 @@ def _precond(cfg: dict[str, Any], path: str) -> Preconditioning:
     raise CheckpointError(f"{path}: preconditioning_type = {kind!r} is not supported (EDM, DDPM)")
 
 
-def load_nemo_stage(path: str, *, t5: str, tokenizer: str, lowres_size: int | None = None) -> ImagenStage:
+def _inert(name: str) -> type:
+    """A placeholder class for the pickled global ``name``: it keeps what the pickle hands it
+    (arguments, state) and runs nothing."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self: Any, state: Any) -> None:
+        self.state = state
+
+    return type(name.rsplit(".", 1)[-1], (), {"__init__": __init__, "__setstate__": __setstate__,
+                                               "__doc__": f"inert stand-in for {name}"})
+
+
+def load_lightning_checkpoint(path: str) -> Any:
+    """A Lightning ``.ckpt`` read with ``torch.load(weights_only=True)``. NeMo's checkpoints pickle
+    their ``hyper_parameters`` as OmegaConf objects, which ``weights_only`` does not know: every
+    global outside its allowlist (listed by ``torch.serialization.get_unsafe_globals_in_checkpoint``)
+    is read as an inert placeholder (:func:`_inert`), so no code the file names runs (torch still
+    blocks ``os``/``sys`` globals); the caller checks that the weights it takes are tensors."""
+    data = read_bytes(path)
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
+        with torch.serialization.safe_globals([(_inert(name), name) for name in unsafe]):
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"refusing {path}: it cannot be read as a torch.save checkpoint with "
+                              f"torch.load(weights_only=True) ({e})") from e
+
+
+def _tensors(named: dict[str, Any], path: str) -> dict[str, Tensor]:
+    bad = sorted(k for k, v in named.items() if not isinstance(v, Tensor))
+    if bad:
+        raise CheckpointError(f"{path}: the EMA weights {bad[:5]} are not tensors")
+    return named
+
+
+def read_ema_weights(path: str) -> dict[str, Tensor]:
+    """The EMA weights in a NeMo Lightning checkpoint (read with ``weights_only=True``), under the
+    model's names: the ``state_dict`` of an ``<name>-EMA.ckpt`` (NeMo's ``NeMoModelCheckpoint``
+    writes the EMA copy there, the file named by ``_ema_format_filepath``), or, in a checkpoint of
+    NeMo's first EMA callback, its ``ema_weights`` list (ordered as the ``state_dict``). A file
+    with neither is a :class:`CheckpointError`."""
+    ckpt = load_lightning_checkpoint(path)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a NeMo (Lightning) checkpoint: it has no state_dict")
+    if Path(path).name.endswith("-EMA.ckpt"):
+        return _tensors(dict(state), path)
+    for callback in (ckpt.get("callbacks") or {}).values():
+        if isinstance(callback, dict) and callback.get("ema_weights") is not None:
+            weights = list(callback["ema_weights"])
+            if len(weights) != len(state):
+                raise CheckpointError(f"{path}: the EMA callback holds {len(weights)} tensors for "
+                                      f"{len(state)} in state_dict; they cannot be matched by name")
+            return _tensors(dict(zip(state, weights)), path)
+    raise CheckpointError(f"{path}: holds no EMA weights (NeMo's EMA callback writes them to a separate "
+                          "<name>-EMA.ckpt beside each checkpoint; give that file as ema_checkpoint)")
+
+
+def _unet_state(state: dict[str, Tensor], path: str, *, base: bool) -> dict[str, Tensor]:
+    """The UNet's tensors of a NeMo state dict (``model.model.unet.*``, TorchInductor's
+    ``._orig_mod`` removed; a base-type UNet's ``init_conv.0.*`` checked against ``input_blocks.0.0.*``)."""
+    state = {k.replace("._orig_mod", ""): v for k, v in state.items()}
+    others = sorted(k for k in state if not k.startswith(UNET_PREFIX))
+    if others:
+        raise CheckpointError(f"{path}: tensors outside {UNET_PREFIX}*: {others[:5]}")
+    unet = {k[len(UNET_PREFIX):]: v.float() for k, v in state.items()}
+    if base:
+        for alias, name in _INIT_CONV_ALIAS.items():
+            if alias not in unet:
+                continue
+            value = unet.pop(alias)
+            if name not in unet:
+                unet[name] = value
+            elif not torch.equal(unet[name], value):
+                raise CheckpointError(f"{path}: {UNET_PREFIX}{alias} and {UNET_PREFIX}{name} differ (NeMo's "
+                                      "UNetModel holds one conv under both names)")
+    return unet
+
+
+def load_nemo_stage(path: str, *, t5: str, tokenizer: str, lowres_size: int | None = None,
+                    ema_checkpoint: str | None = None) -> ImagenStage:
     """A stage from a NeMo Imagen ``.nemo`` and the user's T5 folders (``T5EncoderModel`` and
-    ``spiece.model``); ``lowres_size`` is the input side of a super-resolution stage."""
+    ``spiece.model``); ``lowres_size`` is the input side of a super-resolution stage (``sr`` and
+    ``sr-unet``). ``ema_checkpoint``: take the UNet's weights from NeMo's EMA checkpoint
+    (:func:`read_ema_weights`) instead of the archive's (the trained weights, NeMo's default)."""
     cfg, state = read_nemo(path)
     unet_type = cfg.get("unet_type", "base")
-    if unet_type not in ("base", "sr"):
-        raise CheckpointError(f"{path}: unet_type = {unet_type!r} is not supported (base, sr)")
+    if unet_type not in UNET_TYPES:
+        raise CheckpointError(f"{path}: unet_type = {unet_type!r} is not supported ({', '.join(UNET_TYPES)})")
+    kind = UNET_TYPES[unet_type]
     options = {k: v for k, v in dict(cfg.get("unet") or {}).items() if k not in NEUTRAL_UNET_KEYS}
     conditioning = dict(cfg.get("conditioning") or {})
     if "embed_dim" not in conditioning:
         raise CheckpointError(f"{path}: conditioning.embed_dim (the T5 width) is missing")
     options["text_embed_dim"] = int(conditioning["embed_dim"])
-    if unet_type == "sr":
+    if unet_type in ("sr", "sr-unet"):
+        if "noise_cond_aug" in options:  # NeMo passes the top-level key too: a duplicate argument there
+            raise CheckpointError(f"{path}: unet.noise_cond_aug is not a NeMo {unet_type} key (use the top-level "
+                                  "noise_cond_aug)")
         options["noise_cond_aug"] = bool(cfg.get("noise_cond_aug", False))
+    low_res = bool(options.get("low_res_cond", False))
+    if unet_type == "sr-unet" and not low_res:
+        raise CheckpointError(f"{path}: unet_type sr-unet needs unet.low_res_cond = true (NeMo's UNetModel refuses "
+                              "the low-res input otherwise)")
+    if unet_type == "base" and low_res:
+        raise CheckpointError(f"{path}: unet.low_res_cond = true with unet_type base (NeMo's Imagen gives a base "
+                              "model no low-res input; a super-resolution UNetModel is unet_type sr-unet)")
     try:
-        unet = build_unet(unet_type, options)
+        unet = build_unet(kind, options)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model_config.yaml unet: {e}") from e
-    unet_state = {k[len(UNET_PREFIX):]: v.float() for k, v in state.items() if k.startswith(UNET_PREFIX)}
-    others = sorted(k for k in state if not k.startswith(UNET_PREFIX))
-    if others:
-        raise CheckpointError(f"{path}: tensors outside {UNET_PREFIX}*: {others[:5]}")
-    load_state_dict_strict(unet, unet_state, source=f"{path} (unet)")
+    source = path
+    if ema_checkpoint is not None:
+        state, source = read_ema_weights(ema_checkpoint), ema_checkpoint
+    load_state_dict_strict(unet, _unet_state(state, source, base=kind == "base"), source=f"{source} (unet)")
     text = T5TextEncoder.from_folders(t5, tokenizer, max_length=int(conditioning.get("token_length", 128)),
                                       zero_padding=True, lowercase=False, zero_empty=True)
     size = int(options.get("image_size", unet.config.image_size))
@@ -104,23 +217,29 @@ def load_nemo_stage(path: str, *, t5: str, tokenizer: str, lowres_size: int | No
 
 
 def save_nemo(stage: ImagenStage, path: str) -> None:
-    """Write ``stage``'s UNet and configuration as a NeMo Imagen ``.nemo`` (T5 not included)."""
+    """Write ``stage``'s UNet and configuration as a NeMo Imagen ``.nemo`` (T5 not included); a base
+    UNet with ``low_res_cond`` is written as ``unet_type: sr-unet``, as NeMo's configs name it."""
     import yaml
 
     kind, unet = unet_options(stage.unet)
-    unet = {k: v for k, v in unet.items() if k != "text_embed_dim" and not (kind == "sr" and k == "noise_cond_aug")}
+    unet_type = "sr-unet" if unet.get("low_res_cond") else kind
+    unet = {k: v for k, v in unet.items()
+            if k != "text_embed_dim" and not (unet_type != "base" and k == "noise_cond_aug")}
     p = stage.precond
     if p.kind == "edm":
         pre_type, pre = "EDM", {"loss_type": "l2", "sigma_data": p.sigma_data, "p_mean": p.p_mean, "p_std": p.p_std}
     else:
         objective = {v: k for k, v in _OBJECTIVES.items()}[p.objective]
         pre_type, pre = "DDPM", {"loss_type": "l2", "pred_objective": objective, "noise_schedule": p.log_snr}
-    cfg = {"unet_type": kind, "unet": unet, "noise_cond_aug": bool(stage.unet.config.noise_cond_aug),
+    cfg = {"unet_type": unet_type, "unet": unet, "noise_cond_aug": bool(stage.unet.config.noise_cond_aug),
            "conditioning": {"embed_dim": stage.unet.config.text_embed_dim,
                             "token_length": int(stage.text_encoder.max_length)},
            "preconditioning_type": pre_type, "preconditioning": pre}
     weights = io.BytesIO()
-    torch.save({UNET_PREFIX + k: v.detach().cpu() for k, v in stage.unet.state_dict().items()}, weights)
+    tensors = {k: v.detach().cpu() for k, v in stage.unet.state_dict().items()}
+    if kind == "base":  # NeMo's UNetModel state dict also names its first conv init_conv.0
+        tensors.update({alias: tensors[name] for alias, name in _INIT_CONV_ALIAS.items()})
+    torch.save({UNET_PREFIX + k: v for k, v in tensors.items()}, weights)
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         for name, data in ((CONFIG_MEMBER, yaml.safe_dump(cfg).encode()), (WEIGHTS_MEMBER, weights.getvalue())):

@@ -54,6 +54,9 @@ class ImagenStageConfig:
                                            ".nemo; or give the keys below")
     t5: str | None = existing_path(default=None, kind="dir", help=".nemo only: the T5EncoderModel folder")
     tokenizer: str | None = existing_path(default=None, kind="dir", help=".nemo only: the T5 tokenizer folder")
+    ema_checkpoint: str | None = existing_path(
+        default=None, kind="file", help=".nemo only: NeMo's <name>-EMA.ckpt; its EMA weights replace the archive's "
+        "(default: the archive's trained weights, as NeMo's inference)")
     unet_type: Literal["base", "sr"] | None = option(default=None, help="base UNet or Efficient U-Net (sr)")
     unet: dict[str, Any] | None = option(default=None, help="the UNet's keys (NeMo's names, see docs/imagen.md)")
     text: WordT5Config | None = option(default=None, help="the word-level T5 encoder")
@@ -76,8 +79,8 @@ def build_imagen_stage(config: ImagenStageConfig) -> Any:
     keys = ("unet_type", "unet", "text", "text_from", "precond", "image_size", "lowres_size", "noise_aug")
     if config.checkpoint is not None and config.checkpoint.endswith(".nemo"):
         return _nemo_stage(config)
-    if config.t5 is not None or config.tokenizer is not None:
-        raise ConfigError("model.t5 / model.tokenizer: only for a NeMo .nemo checkpoint")
+    if config.t5 is not None or config.tokenizer is not None or config.ema_checkpoint is not None:
+        raise ConfigError("model.t5 / model.tokenizer / model.ema_checkpoint: only for a NeMo .nemo checkpoint")
     if config.checkpoint is not None:
         given = [k for k in keys if getattr(config, k) is not None]
         if given:
@@ -117,7 +120,7 @@ def _nemo_stage(config: ImagenStageConfig) -> Any:
     if config.t5 is None or config.tokenizer is None:
         raise ConfigError("model: a .nemo checkpoint needs t5 and tokenizer (NeMo encodes text with an external T5)")
     return load_nemo_stage(config.checkpoint, t5=config.t5, tokenizer=config.tokenizer,  # type: ignore[arg-type]
-                           lowres_size=config.lowres_size)
+                           lowres_size=config.lowres_size, ema_checkpoint=config.ema_checkpoint)
 
 
 build_imagen_stage.Config = ImagenStageConfig  # type: ignore[attr-defined]

@@ -1,5 +1,7 @@
 """NeMo Imagen ``.nemo`` archives: a round trip (write, read back, same images) for EDM and
-continuous-DDPM stages, the tensor prefix NeMo's module tree gives, and refused fields."""
+continuous-DDPM stages, the tensor prefix NeMo's module tree gives, and refused fields; NeMo's
+``sr-unet`` (a base UNet with low-res concatenation and noise-level conditioning) against the
+plain base UNet built directly; NeMo's EMA checkpoints (``<name>-EMA.ckpt``)."""
 
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def test_continuous_ddpm_and_refused_fields(tmp_path, make_stage, t5_folders):
     folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]))
     assert load_nemo_stage(str(tmp_path / "d.nemo"), **folders).precond == stage.precond
     cases = {"loss_type": lambda c, s: c["preconditioning"].update(loss_type="huber"),
-             "unet_type": lambda c, s: c.update(unet_type="sr-unet"),
+             "unet_type": lambda c, s: c.update(unet_type="sr-x"),
              "bogus": lambda c, s: c["unet"].update(bogus=1),
              "outside": lambda c, s: s.update({"model_ema.x": torch.zeros(1)}),
              "missing keys": lambda c, s: s.pop("model.model.unet.out.2.weight")}
@@ -81,3 +83,205 @@ def test_model_table_takes_a_nemo(tmp_path, make_stage, t5_folders):
         build_imagen_stage(ImagenStageConfig(checkpoint=str(tmp_path / "m.nemo")))
     with pytest.raises(ConfigError, match="only for a NeMo"):
         build_imagen_stage(ImagenStageConfig(t5=str(t5_folders[0])))
+    with pytest.raises(ConfigError, match="only for a NeMo"):
+        build_imagen_stage(ImagenStageConfig(ema_checkpoint=str(tmp_path / "m.nemo")))
+
+
+P = "model.model.unet."
+
+
+def _sr_unet_stage():
+    """A tiny NeMo ``sr-unet`` stage (8 -> 16 px): the base UNet with ``low_res_cond`` and
+    ``noise_cond_aug``, every weight random."""
+    from t2i_plugin_imagen.precond import Preconditioning
+    from t2i_plugin_imagen.stage import NoiseAugConfig, build_stage
+    from t2i_plugin_imagen.word_t5 import WordT5Config
+
+    text = WordT5Config(words=["a", "red", "circle"], d_model=32, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                        token_length=8)
+    unet = dict(embed_dim=8, image_size=16, text_embed_dim=32, channel_mult=[1, 2], num_res_blocks=[1, 1], cond_dim=8,
+                attention_resolutions=[8], per_head_channels=4, norm_groups=4, low_res_cond=True, noise_cond_aug=True)
+    stage = build_stage(unet_type="base", unet=unet, text=text, precond=Preconditioning(), image_size=16,
+                        lowres_size=8, noise_aug=NoiseAugConfig(sample_sigma=0.1))
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in stage.unet.parameters():
+            p.normal_(0, 0.1)
+    return stage.eval()
+
+
+def test_sr_unet_layout_and_forward_against_the_base_unet(tmp_path, t5_folders):
+    """``sr-unet`` = NeMo's ``UNetModel(**cfg.unet, noise_cond_aug=cfg.noise_cond_aug)`` with
+    ``low_res_cond``: written as unet_type sr-unet, read back into the base UNet; its output with
+    a zero low-res image and a zeroed low-res-level embedding equals the plain base UNet (no
+    low-res keys) given the x-half of the first conv: the low-res image is concatenated after x."""
+    from t2i_plugin_imagen.imagen_unet import ImagenUNet, build_unet, unet_options
+
+    stage = _sr_unet_stage()
+    save_nemo(stage, str(tmp_path / "sr.nemo"))
+    cfg, state = read_nemo(str(tmp_path / "sr.nemo"))
+    assert cfg["unet_type"] == "sr-unet" and cfg["noise_cond_aug"] is True and "noise_cond_aug" not in cfg["unet"]
+    assert cfg["unet"]["low_res_cond"] is True
+    assert torch.equal(state[P + "init_conv.0.weight"], state[P + "input_blocks.0.0.weight"])  # NeMo's alias
+    folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]))
+    back = load_nemo_stage(str(tmp_path / "sr.nemo"), lowres_size=8, **folders)
+    assert isinstance(back.unet, ImagenUNet) and back.unet.config.low_res_cond and back.unet.config.noise_cond_aug
+    for (k, a), (_, b) in zip(stage.unet.state_dict().items(), back.unet.state_dict().items()):
+        assert torch.equal(a, b), k
+    text = back.text_encoder.encode(["a red circle", "a circle"])
+    x, t = torch.randn(2, 3, 16, 16), torch.randn(2)
+    low, low_t = torch.randn(2, 3, 8, 8), torch.randn(2)
+    net = back.unet
+    out = net(x, t, Conditioning(text=text).with_extras(lowres=low, lowres_t=low_t))
+    # the 8 px input is bicubic-upsampled (NeMo's F.interpolate) before the concatenation
+    up = torch.nn.functional.interpolate(low, size=(16, 16), mode="bicubic")
+    torch.testing.assert_close(net(x, t, Conditioning(text=text).with_extras(lowres=up, lowres_t=low_t)), out)
+    # both conditionings matter
+    def run(lowres, lowres_t):
+        return net(x, t, Conditioning(text=text).with_extras(lowres=lowres, lowres_t=lowres_t))
+
+    assert (run(torch.zeros_like(low), low_t) - out).abs().max() > 1e-3
+    assert (run(low, low_t + 1) - out).abs().max() > 1e-5
+    # the independent truth: the plain base UNet (built directly, no low-res keys) with the same weights
+    _, opts = unet_options(net)
+    plain = build_unet("base", {**opts, "low_res_cond": False, "noise_cond_aug": False}).eval()
+    weights = {k: v for k, v in net.state_dict().items() if not k.startswith("lowres_time_embed.")}
+    weights["input_blocks.0.0.weight"] = weights["input_blocks.0.0.weight"][:, :3]  # the x half
+    plain.load_state_dict(weights)
+    with torch.no_grad():
+        net.lowres_time_embed[-1].weight.zero_()
+        net.lowres_time_embed[-1].bias.zero_()
+    zero_low = Conditioning(text=text).with_extras(lowres=torch.zeros(2, 3, 8, 8), lowres_t=low_t)
+    torch.testing.assert_close(net(x, t, zero_low), plain(x, t, Conditioning(text=text)))
+
+
+def test_nemo_state_dict_names_inductor_and_sr_unet_refusals(tmp_path, t5_folders):
+    """What NeMo writes beyond the module's own names: ``._orig_mod`` (TorchInductor) is removed;
+    ``init_conv.0.*`` must equal ``input_blocks.0.0.*``; sr-unet needs ``low_res_cond`` and a base
+    refuses it; ``unet.noise_cond_aug`` is not a NeMo sr key."""
+    stage = _sr_unet_stage()
+    save_nemo(stage, str(tmp_path / "sr.nemo"))
+    folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]), lowres_size=8)
+
+    def inductor(c, s):
+        for k in list(s):
+            s[k.replace(P, P + "_orig_mod.")] = s.pop(k)
+
+    _rewrite(tmp_path / "sr.nemo", tmp_path / "ind.nemo", inductor)
+    assert next(iter(read_nemo(str(tmp_path / "ind.nemo"))[1])).startswith(P + "_orig_mod.")
+    back = load_nemo_stage(str(tmp_path / "ind.nemo"), **folders)
+    torch.testing.assert_close(back.unet.state_dict(), stage.unet.state_dict())
+    _rewrite(tmp_path / "sr.nemo", tmp_path / "one.nemo", lambda c, s: s.pop(P + "init_conv.0.weight"))
+    load_nemo_stage(str(tmp_path / "one.nemo"), **folders)  # the alias alone is not required
+    cases = {"differ": lambda c, s: s.update({P + "init_conv.0.weight": s[P + "init_conv.0.weight"] + 1}),
+             "needs unet.low_res_cond": lambda c, s: c["unet"].update(low_res_cond=False),
+             "sr-unet": lambda c, s: c.update(unet_type="base"),
+             "unet.noise_cond_aug": lambda c, s: c["unet"].update(noise_cond_aug=True)}
+    for match, edit in cases.items():
+        _rewrite(tmp_path / "sr.nemo", tmp_path / "bad.nemo", edit)
+        with pytest.raises(CheckpointError, match=match):
+            load_nemo_stage(str(tmp_path / "bad.nemo"), **folders)
+
+
+def _lightning_ckpt(path, state, **extra):
+    """A Lightning checkpoint as NeMo's trainer writes it (the parts that are plain data)."""
+    torch.save({"epoch": 0, "global_step": 10, "state_dict": state, "optimizer_states": [{"state": {}}], **extra}, path)
+
+
+def test_ema_checkpoint_weights_replace_the_archives(tmp_path, make_stage, t5_folders):
+    """NeMo's EMA callback writes the EMA copy as ``<name>-EMA.ckpt`` (same names); NeMo's first EMA
+    callback kept ``ema_weights`` in the checkpoint's callback state, in state-dict order. The
+    ``ema_checkpoint`` key loads them; without it the archive's trained weights are used (NeMo's
+    inference); a checkpoint without EMA weights is refused."""
+    from t2i_plugin_imagen.nemo import read_ema_weights
+    from t2i_plugin_imagen.plugin import ImagenStageConfig, build_imagen_stage
+
+    stage = make_stage("base", d_model=32)
+    save_nemo(stage, str(tmp_path / "m.nemo"))
+    _, state = read_nemo(str(tmp_path / "m.nemo"))
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    for end in ("weight", "bias"):  # one parameter under both names: one EMA value
+        ema[P + "init_conv.0." + end] = ema[P + "input_blocks.0.0." + end]
+    _lightning_ckpt(tmp_path / "imagen--step=10-EMA.ckpt", ema)
+    _lightning_ckpt(tmp_path / "imagen--step=10.ckpt", state,
+                    callbacks={"EMA": {"ema_weights": list(ema.values()), "cur_step": 10}})
+    _lightning_ckpt(tmp_path / "plain.ckpt", state)
+    folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]))
+    want = {k[len(P):]: v for k, v in ema.items() if not k.startswith(P + "init_conv.")}
+    for name in ("imagen--step=10-EMA.ckpt", "imagen--step=10.ckpt"):
+        built = build_imagen_stage(ImagenStageConfig(checkpoint=str(tmp_path / "m.nemo"),
+                                                     ema_checkpoint=str(tmp_path / name), **folders))
+        torch.testing.assert_close(built.unet.state_dict(), want)
+        assert read_ema_weights(str(tmp_path / name)).keys() == state.keys()
+    default = build_imagen_stage(ImagenStageConfig(checkpoint=str(tmp_path / "m.nemo"), **folders))
+    torch.testing.assert_close(default.unet.state_dict(), stage.unet.state_dict())
+    text = default.text_encoder.encode(["a red circle"])
+    x, t = torch.randn(1, 3, 8, 8), torch.randn(1)
+    assert (built.unet(x, t, Conditioning(text=text)) - default.unet(x, t, Conditioning(text=text))).abs().max() > 1e-4
+    with pytest.raises(CheckpointError, match="holds no EMA weights"):
+        load_nemo_stage(str(tmp_path / "m.nemo"), ema_checkpoint=str(tmp_path / "plain.ckpt"), **folders)
+    short = {"EMA": {"ema_weights": list(ema.values())[:-1]}}
+    _lightning_ckpt(tmp_path / "short.ckpt", state, callbacks=short)
+    with pytest.raises(CheckpointError, match="cannot be matched"):
+        read_ema_weights(str(tmp_path / "short.ckpt"))
+    torch.save(state, tmp_path / "flat-EMA.ckpt")
+    with pytest.raises(CheckpointError, match="no state_dict"):
+        read_ema_weights(str(tmp_path / "flat-EMA.ckpt"))
+
+
+def test_ema_checkpoint_with_omegaconf_hyper_parameters_runs_none_of_their_code(tmp_path, make_stage, monkeypatch):
+    """NeMo's Lightning checkpoints pickle ``hyper_parameters`` as OmegaConf objects (and their type):
+    such globals are read as inert placeholders, so a checkpoint whose classes are not even
+    importable loads and none of their code runs; ``os``/``posix`` globals stay refused."""
+    import os
+    import sys
+    import types
+    import typing
+
+    from t2i_plugin_imagen.nemo import read_ema_weights
+
+    calls = []
+    fake = {name: types.ModuleType(name) for name in ("omegaconf", "omegaconf.dictconfig", "omegaconf.base")}
+
+    class ContainerMetadata:
+        def __init__(self):
+            self.ref_type, self.object_type = typing.Any, dict
+
+    class DictConfig:
+        def __init__(self, content):
+            self._content, self._metadata = content, ContainerMetadata()
+
+        def __setstate__(self, state):
+            calls.append("DictConfig.__setstate__")
+
+    def create(*args):
+        calls.append("create")
+
+    class Reduced:
+        def __reduce__(self):
+            return create, (1,)
+
+    placed = ((DictConfig, "omegaconf.dictconfig"), (ContainerMetadata, "omegaconf.base"), (create, "omegaconf.base"))
+    for cls, mod in placed:
+        cls.__module__, cls.__qualname__ = mod, cls.__name__
+        setattr(fake[mod], cls.__name__, cls)
+    for name, mod in fake.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    stage = make_stage("base", d_model=32)
+    save_nemo(stage, str(tmp_path / "m.nemo"))
+    _, state = read_nemo(str(tmp_path / "m.nemo"))
+    _lightning_ckpt(tmp_path / "n-EMA.ckpt", state, hyper_parameters=DictConfig({"cfg": {"unet_type": "base"}}),
+                    hparams_type=DictConfig, extra=Reduced())
+    monkeypatch.undo()  # the classes are gone: the loader must not need them
+    assert "omegaconf.dictconfig" not in sys.modules
+    got = read_ema_weights(str(tmp_path / "n-EMA.ckpt"))
+    assert calls == [] and got.keys() == state.keys()
+    assert all(torch.equal(got[k], state[k]) for k in state)
+
+    class System:
+        def __reduce__(self):
+            return os.system, ("true",)
+
+    _lightning_ckpt(tmp_path / "evil-EMA.ckpt", state, extra=System())
+    with pytest.raises(CheckpointError, match="refusing"):
+        read_ema_weights(str(tmp_path / "evil-EMA.ckpt"))

@@ -92,3 +92,31 @@ def test_classifier_shapes_decide_what_counts(tmp_path, drawn):
 def test_bad_options_are_named(tmp_path, drawn, task, message):
     with pytest.raises(ConfigError, match=message):
         _run(tmp_path, task)
+
+
+def test_exclude_prompts_leave_those_prompts_out(tmp_path, drawn):
+    whole = _run(tmp_path, 'shape_words = { plus = "sks" }')
+    every = sorted(set(drawn))
+    assert whole["prompts"] == len(every) == 6  # three colours, a plus on each other colour
+    drawn.clear()
+    left = _run(tmp_path, 'shape_words = { plus = "sks" }\n'
+                          'exclude_prompts = ["a red sks on a blue background", "a green sks on a red background"]')
+    assert sorted(set(drawn)) == [p for p in every
+                                  if p not in ("a red sks on a blue background", "a green sks on a red background")]
+    assert left["prompts"] == 4 and left["images"] == 8 and len(drawn) == 8
+
+
+@pytest.mark.parametrize("task, message", [
+    ('exclude_prompts = ["a red sks on a blue background"]', "task.exclude_prompts: 'a red sks on a blue.*not a prompt"),
+    ('exclude_prompts = ["a red plus on a red background"]', "not a prompt of the \\[data\\] split"),
+])
+def test_exclude_prompts_must_name_prompts_of_the_split(tmp_path, drawn, task, message):
+    with pytest.raises(ConfigError, match=message):
+        _run(tmp_path, task)
+
+
+def test_exclude_prompts_cannot_leave_nothing(tmp_path, drawn):
+    every = [f"a {c} plus on a {b} background" for c in ("red", "blue", "green") for b in ("red", "blue", "green")
+             if b != c]
+    with pytest.raises(ConfigError, match="leaves no prompt"):
+        _run(tmp_path, "exclude_prompts = [" + ", ".join(f'"{p}"' for p in every) + "]")

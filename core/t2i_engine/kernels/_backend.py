@@ -24,6 +24,7 @@ __all__ = [
     "Backend",
     "KernelUnavailableError",
     "cpu_inference_unsupported",
+    "cpu_path_unsupported",
     "grad_needed",
     "interpret_mode",
     "requested_backend",
@@ -62,18 +63,25 @@ def grad_needed(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def cpu_inference_unsupported(*tensors: torch.Tensor | None) -> str | None:
-    """Why the CPU inference paths (oneDNN dense layers, bf16 attention) may not take a call, or
-    None: they run outside ``torch.compile`` (checked first: what follows is not traceable), when
-    ``T2I_KERNELS`` is not ``torch``, and when no gradient is needed. Each path adds its own
-    dtype, device and shape conditions."""
+def cpu_path_unsupported() -> str | None:
+    """Why no CPU fast path (inference or training) may take a call, or None: they run outside
+    ``torch.compile`` (checked first: what follows is not traceable) and when ``T2I_KERNELS`` is
+    not ``torch``."""
     if torch.compiler.is_compiling():
         return "inside torch.compile"
     if requested_backend() == "torch":
         return f"{BACKEND_ENV}=torch"
-    if grad_needed(*tensors):
-        return "a gradient is needed"
     return None
+
+
+def cpu_inference_unsupported(*tensors: torch.Tensor | None) -> str | None:
+    """Why the CPU inference paths (oneDNN dense layers, bf16 attention) may not take a call, or
+    None: :func:`cpu_path_unsupported`, and no gradient needed. Each path adds its own dtype,
+    device and shape conditions."""
+    reason = cpu_path_unsupported()
+    if reason is None and grad_needed(*tensors):
+        return "a gradient is needed"
+    return reason
 
 
 def interpret_mode() -> bool:

@@ -29,6 +29,7 @@ written atomically. ``T2I_CPU_PATHS`` sets the policy:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -70,7 +71,8 @@ LONG_SCORES = 512 * 512
 docs/benchmarks.md the batched-matmul attention took 0.48x SDPA's time at 256 x 256 tokens and
 1.31x at 1024 x 1024, where its score matrix no longer stays in cache."""
 
-_SELECTED: dict[str, bool] | None = None  # None: not selected in this process (every path on)
+_SELECTED: dict[str, Choice] | None = None  # None: not selected in this process (every path on)
+_SELECTED_KEY: str | None = None  # the machine key _SELECTED was settled for (threads may change)
 
 
 class CpuPathsError(T2IError, ValueError):
@@ -99,13 +101,13 @@ def enabled(path: str) -> bool:
     """Whether the dispatchers may take fast path ``path`` (a key of :data:`PATHS`)."""
     if _SELECTED is None:
         return policy() != "off"
-    return _SELECTED[path]
+    return _SELECTED[path].enabled
 
 
 def reset() -> None:
     """Forget this process's selection (tests; a later :func:`select` reads the cache again)."""
-    global _SELECTED
-    _SELECTED = None
+    global _SELECTED, _SELECTED_KEY
+    _SELECTED = _SELECTED_KEY = None
 
 
 def cache_file() -> Path:
@@ -117,7 +119,8 @@ def cache_file() -> Path:
     return Path(root) / "cpu-paths.json"
 
 
-def _cpu_model_and_flags() -> tuple[str, list[str]]:
+@functools.cache
+def _cpu_model_and_flags() -> tuple[str, tuple[str, ...]]:
     model, flags = platform.processor() or platform.machine(), []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -129,7 +132,7 @@ def _cpu_model_and_flags() -> tuple[str, list[str]]:
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    return model, [f for f in wanted if f in flags]
+    return model, tuple(f for f in wanted if f in flags)
 
 
 def machine_key(threads: int | None = None) -> str:
@@ -247,12 +250,13 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def _write_cache(path: Path, machines: dict[str, Any]) -> None:
+    from t2i_engine.checkpoint.io import atomic_write_bytes
+    from t2i_engine.errors import StorageError
+
+    data = json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True).encode()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "machines": machines}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError as e:  # a read-only home must not stop a run: the choice holds for this process
+        atomic_write_bytes(str(path), data)
+    except StorageError as e:  # a read-only home must not stop a run: the choice holds for this process
         warnings.warn(f"{path}: could not save the CPU path choices ({e})", stacklevel=3)
 
 
@@ -268,15 +272,20 @@ def _from_entry(entry: Any) -> dict[str, Choice] | None:
 def select() -> dict[str, Choice]:
     """Settle this process's CPU paths by the ``T2I_CPU_PATHS`` policy and return them.
 
-    ``auto`` reads this machine's entry in :func:`cache_file`, timing the paths (and saving the
-    entry) when there is none; ``measure`` always times; ``fixed`` and ``off`` time nothing.
+    ``auto`` keeps what this process already settled for this machine key, else reads this
+    machine's entry in :func:`cache_file`, timing the paths (and saving the entry) when there is
+    none; ``measure`` always times; ``fixed`` and ``off`` time nothing.
     """
-    global _SELECTED
+    global _SELECTED, _SELECTED_KEY
     mode = policy()
+    key = None
     if mode in ("fixed", "off"):
         choices = {p: Choice(p, mode == "fixed", None) for p in PATHS}
     else:
-        file, key = cache_file(), machine_key()
+        key = machine_key()
+        if mode == "auto" and _SELECTED is not None and _SELECTED_KEY == key:
+            return dict(_SELECTED)
+        file = cache_file()
         machines = _read_cache(file)
         cached = _from_entry(machines.get(key)) if mode == "auto" else None
         if cached is None:
@@ -284,5 +293,5 @@ def select() -> dict[str, Choice]:
             machines[key] = {p: {"enabled": c.enabled, "ratio": c.ratio} for p, c in cached.items()}
             _write_cache(file, machines)
         choices = cached
-    _SELECTED = {p: c.enabled for p, c in choices.items()}
+    _SELECTED, _SELECTED_KEY = dict(choices), key
     return choices

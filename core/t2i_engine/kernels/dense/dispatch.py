@@ -7,7 +7,7 @@ oneDNN runs an op when all of these hold (:func:`onednn_unsupported_reason` says
 * every tensor is a float32 CPU tensor and CPU autocast is off (under bf16 autocast PyTorch already
   runs these ops through oneDNN);
 * no gradient is needed (``torch.no_grad``/``inference_mode``, or nothing requires grad): the
-  oneDNN ops have no autograd formula, so training keeps PyTorch's ops;
+  oneDNN ops have no autograd formula (a training linear takes :class:`OneDNNLinear`, below);
 * not inside ``torch.compile`` (Inductor makes its own choice);
 * the path is on for this machine (:mod:`t2i_engine.kernels.cpu_paths`: on unless the machine's
   timing found it no faster than PyTorch's op);
@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from t2i_engine.kernels import cpu_paths
-from t2i_engine.kernels._backend import BACKEND_ENV, cpu_inference_unsupported, grad_needed, requested_backend
+from t2i_engine.kernels._backend import cpu_inference_unsupported, cpu_path_unsupported, grad_needed
 from t2i_engine.kernels.dense import reference
 
 __all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
@@ -75,11 +75,7 @@ def onednn_training_unsupported_reason(*tensors: Tensor | None) -> str | None:
     (forward and both backward GEMMs in oneDNN), or None when it can: outside ``torch.compile``,
     ``T2I_KERNELS`` not ``torch``, float32 CPU tensors without autocast, and the path on for this
     machine (``dense_fp32_train`` of :mod:`t2i_engine.kernels.cpu_paths`)."""
-    if torch.compiler.is_compiling():
-        return "inside torch.compile"
-    if requested_backend() == "torch":
-        return f"{BACKEND_ENV}=torch"
-    reason = _dtype_device_autocast_reason(tensors)
+    reason = cpu_path_unsupported() or _dtype_device_autocast_reason(tensors)
     if reason is None and not cpu_paths.enabled("dense_fp32_train"):
         return "the oneDNN training path is off on this machine (t2i_engine.kernels.cpu_paths)"
     return reason

@@ -81,12 +81,14 @@ def test_a_lone_token_of_a_multi_token_word_is_untouched():
     assert torch.equal(text.emb(lone), text.emb.weight[lone].detach())
 
 
-def test_gradients_reach_the_vectors_only():
-    text = ToyText().requires_grad_(False)
+def test_gradients_reach_the_vectors_not_the_replaced_row():
+    text = ToyText()
     emb = TokenEmbeddings({"sks": torch.zeros(1, 6)}).attach(text)
     text(text.ids("a sks")).sum().backward()
     assert emb.params[0].grad is not None and emb.params[0].grad.abs().sum() > 0
-    assert text.emb.weight.grad is None
+    (sks,) = WORDS["sks"]
+    assert torch.equal(text.emb.weight.grad[sks], torch.zeros(6))  # the row the vector replaces
+    assert text.emb.weight.grad[WORDS["a"][0]].abs().sum() > 0  # the other rows still train
 
 
 def test_from_words_starts_from_the_models_rows_and_bake_equals_hooked():
@@ -100,7 +102,7 @@ def test_from_words_starts_from_the_models_rows_and_bake_equals_hooked():
     hooked = text(ids).detach()
     emb.bake()
     assert not emb.attached
-    assert torch.allclose(text(ids), hooked, atol=0, rtol=0)
+    assert torch.equal(text(ids), hooked)
     with pytest.raises(ValueError, match="2 tokens"):
         TokenEmbeddings.from_words(text, ["sks"], init={"sks": "two"})
 
@@ -129,6 +131,33 @@ def test_bake_refuses_a_multi_token_word():
     emb = TokenEmbeddings({"two": torch.randn(2, 6)}).attach(text)
     with pytest.raises(ValueError, match="cannot bake.*'two'"):
         emb.bake()
+
+
+def _adapted(words: dict[str, torch.Tensor]) -> tuple[Bundle, Adapter]:
+    from t2i_engine.adapters.layers import LoRA
+
+    model = Bundle()
+    layer = LoRA(6, 6, 2)
+    with torch.no_grad():
+        layer.up.weight.normal_()
+    return model, attach(model, Adapter({"text.proj": layer}, embeddings=TokenEmbeddings(words)))
+
+
+def test_a_failed_adapter_bake_changes_nothing():
+    model, adapter = _adapted({"two": torch.randn(2, 6)})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot bake.*'two'"):
+        adapter.bake()
+    assert not adapter.merged and adapter.embeddings.attached
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_disabled_adapter_bakes_its_embeddings_as_it_merges_its_layers():
+    model, adapter = _adapted({"sks": torch.randn(1, 6)})
+    vec = adapter.embeddings.vectors[0].detach().clone()
+    adapter.enabled = False
+    adapter.bake()
+    assert torch.equal(model.text.emb.weight[WORDS["sks"][0]].detach(), vec[0])
 
 
 @pytest.mark.parametrize("vectors, message", [

@@ -211,6 +211,8 @@ class Adapter(nn.Module):
     def bake(self) -> None:
         """Merge into the weights for good and leave the model: it then holds the adapted
         weights as its own (what training on top of a LoRA starts from)."""
+        if self.embeddings is not None:
+            self.embeddings.check_bakeable()  # before anything changes: a failed bake leaves the adapter as it was
         if not self.merged:
             self.merge()
         root = self._attached_root()

@@ -159,18 +159,20 @@ class TokenEmbeddings(nn.Module):
     def bake(self) -> None:
         """Write the vectors into the token rows of the embedding layer for good, and detach.
         Only words of one token can be baked (a row of several-token word's ids is shared)."""
-        host = self._host
-        if host is None:
+        self.check_bakeable()
+        weight = self._host.token_embedding_layer().weight  # type: ignore[union-attr]
+        for (token,), vec in zip(self._ids, self.vectors):  # as merge, whatever `enabled` says
+            weight[token] = vec[0].to(weight.dtype)
+        self.detach()
+
+    def check_bakeable(self) -> None:
+        """Raise what :meth:`bake` would (not attached, a word of several tokens), changing nothing."""
+        if self._host is None:
             raise RuntimeError("token embeddings are not attached")
         multi = [w for w, ids in zip(self.words, self._ids) if len(ids) != 1]
         if multi:
             raise ValueError(f"cannot bake the embedding of {multi[0]!r} into the weights: it spans "
                              f"{len(self._ids[self.words.index(multi[0])])} tokens, whose rows other words share")
-        weight = host.token_embedding_layer().weight
-        if self.enabled:
-            for (token,), vec in zip(self._ids, self.vectors):
-                weight[token] = vec[0].to(weight.dtype)
-        self.detach()
 
     def _hook_fn(self, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         if not self.enabled:
@@ -181,9 +183,8 @@ class TokenEmbeddings(nn.Module):
                 raise RuntimeError(f"token embeddings are on {vec.device} but the text encoder runs on "
                                    f"{output.device}; move them with the model")
             slot = _slots(ids, token_ids)  # (B, L): which vector, -1 for none
-            if bool((slot >= 0).any()):
-                picked = vec.to(output.dtype)[slot.clamp(min=0)]
-                output = torch.where((slot >= 0).unsqueeze(-1), picked, output)
+            picked = vec.to(output.dtype)[slot.clamp(min=0)]  # no host sync: where() keeps the rest
+            output = torch.where((slot >= 0).unsqueeze(-1), picked, output)
         return output
 
 

@@ -61,10 +61,10 @@ def adapter_from_file(file: LoRAFile, root: nn.Module, keymap: KeyMap, *, partia
     embeddings = None
     if bundled:
         try:
-            find_host(root)
+            device = find_host(root).token_embedding_layer().weight.device
         except ValueError as e:
             raise CheckpointError(f"{file.source} carries token embeddings ({', '.join(bundled)}), but {e}") from e
-        embeddings = TokenEmbeddings({w: t.to(device=_device_of(root), dtype=torch.float32) for w, t in bundled.items()})
+        embeddings = TokenEmbeddings({w: t.to(device=device, dtype=torch.float32) for w, t in bundled.items()})
     groups, unmatched = group_keys(tensors, source=file.source)
     lookup = keymap.lookup()
     targets = find_targets(root)
@@ -97,10 +97,6 @@ def adapter_from_file(file: LoRAFile, root: nn.Module, keymap: KeyMap, *, partia
     if unmatched:
         warnings.warn(f"{report} (partial = true): {', '.join(unmatched[:_SHOWN])}", stacklevel=3)
     return Adapter(layers, name=name or file.source.rsplit("/", 1)[-1], embeddings=embeddings), report
-
-
-def _device_of(root: nn.Module) -> torch.device:
-    return find_host(root).token_embedding_layer().weight.device
 
 
 def _base(root: nn.Module, target: Target) -> Tensor:

@@ -259,6 +259,22 @@ def test_export_keys(tmp_path, captured):
     assert Path(summary["exported"]).is_file()  # single-file: one .safetensors, not a folder
 
 
+def test_an_interrupted_run_writes_no_lora_and_no_export(tmp_path, monkeypatch):
+    """A run stopped early (SIGTERM: the loop checkpoints and returns interrupted) leaves the LoRA
+    and the export unwritten; the resumed run writes them."""
+    import t2i_engine.training.loop as loop
+
+    real = loop.fit
+    monkeypatch.setattr(loop, "fit", lambda *a, **k: {**real(*a, **k), "interrupted": True})
+    path = job(tmp_path, task='prior_preservation = false\nexport = "merged"', name="stop")
+    summary = _run(path)
+    assert summary["interrupted"] and "lora" not in summary and "exported" not in summary
+    assert not (tmp_path / "out-stop" / "merged").exists()
+    monkeypatch.setattr(loop, "fit", real)
+    summary = _run(path)
+    assert Path(summary["lora"]).exists() and Path(summary["exported"]).exists()
+
+
 def test_transform_keys(tmp_path, captured):
     from PIL import Image
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from t2i_engine.conditioning.config import ConditionerKeys
 from t2i_engine.config.fields import existing_path, option
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import RunContext
@@ -27,7 +28,6 @@ from t2i_engine.interfaces import RunContext
 __all__ = ["ControlNetEvalConfig", "ControlNetEvalTask", "iou"]
 
 _ge1 = attrs.validators.ge(1)
-_fraction = [attrs.validators.ge(0.0), attrs.validators.le(1.0)]
 
 
 @attrs.frozen
@@ -38,10 +38,8 @@ class ControlNetEvalConfig:
     count: int = option(default=64, validator=_ge1, help="samples of the split evaluated")
     batch_size: int = option(default=32, validator=_ge1, help="images per sampler run")
     scale: float = option(default=1.0, help="the ControlNet's scale")
-    start: float = option(default=0.0, validator=_fraction,
-                          help="first fraction of the sampling steps the ControlNet acts on (the core's rule)")
-    end: float = option(default=1.0, validator=_fraction,
-                        help="last fraction of the sampling steps the ControlNet acts on (the core's rule)")
+    start: float = option(default=0.0, help="first fraction of the sampling steps the ControlNet acts on (the core's rule)")
+    end: float = option(default=1.0, help="last fraction of the sampling steps the ControlNet acts on (the core's rule)")
     compare_without: bool = option(default=True, help="also sample without the ControlNet (the baseline)")
     grid: str | None = option(default="controlnet-eval-grid.png",
                               help="rows of hint | with | without for the first 16 samples (\"\": no grid)")
@@ -50,8 +48,7 @@ class ControlNetEvalConfig:
     shape_target: float = option(default=0.95, help="target shape accuracy with the ControlNet")
 
     def __attrs_post_init__(self) -> None:
-        if self.start >= self.end:
-            raise ValueError(f"'end' must be greater than start ({self.start}), got {self.end}")
+        ConditionerKeys(scale=self.scale, start=self.start, end=self.end)  # the core's checks of the window
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -168,29 +168,36 @@ def _schedule(p: Mapping[str, Any], where: str) -> ScheduleConfig | None:
                         num_train_timesteps=int(p.get("timesteps", default.num_train_timesteps)))
 
 
-def _check_conditioning(p: Mapping[str, Any], where: str) -> None:
-    """``conditioning_key`` against the UNet's input channels: ``crossattn`` feeds it the noisy
-    latent alone; ``hybrid`` also concatenates a latent of the same width, which is an
-    InstructPix2Pix editor (timbrooks' ``ddpm_edit.LatentDiffusion``: twice the latent channels)
-    and only that: SD inpainting's 9 channels (latent + mask + masked latent) are not built here."""
-    key = p.get("conditioning_key", "crossattn") or "crossattn"
-    latent = int(p.get("channels", 4))
-    unet_in = _params(p.get("unet_config")).get("in_channels")
+def conditioning_problem(key: str | None, width: int | None, latent: int) -> str | None:
+    """What is wrong with ``conditioning_key`` ``key`` for a UNet of ``width`` input channels
+    (None: not declared) over a ``latent``-channel latent, or None. ``crossattn`` (the default)
+    feeds the UNet the noisy latent alone; ``hybrid`` also concatenates a latent of the same width,
+    which is an InstructPix2Pix editor (timbrooks' ``ddpm_edit.LatentDiffusion``, NeMo's
+    ``megatron_instruct_pix2pix``: twice the latent channels) and only that: SD inpainting's
+    ``2 * latent + 1`` channels (latent, mask, masked latent) are not built here. The one rule of
+    the latent-diffusion yaml reader and the NeMo archive reader."""
+    key = key or "crossattn"
     if key == "crossattn":
-        if unet_in is not None and int(unet_in) != latent:
-            raise _fail(where, "model.params.conditioning_key", key,
-                        f"crossattn feeds the UNet the {latent}-channel latent alone, but unet_config.params."
-                        f"in_channels is {unet_in} (an InstructPix2Pix editor is conditioning_key: hybrid)")
-        return
-    if key == "hybrid" and unet_in is not None and int(unet_in) == 2 * latent:
-        return
-    if key == "hybrid" and unet_in is not None and int(unet_in) == latent + 5:
-        raise _fail(where, "model.params.conditioning_key", key,
-                    f"a {unet_in}-channel UNet with hybrid conditioning is an SD inpainting model, which the "
-                    "engine does not build")
-    raise _fail(where, "model.params.conditioning_key", key,
-                f"the engine builds text-to-image models (crossattn) and InstructPix2Pix editors (hybrid with "
-                f"unet_config.params.in_channels = {2 * latent}); got in_channels {unet_in}")
+        if width is None or width == latent:
+            return None
+        return (f"crossattn needs {latent} input channels (the latent alone), but the UNet's in_channels is {width} "
+                f"(an InstructPix2Pix editor is conditioning_key: hybrid with {2 * latent})")
+    if key == "hybrid" and width == 2 * latent:
+        return None
+    if key == "hybrid" and width == 2 * latent + 1:
+        return (f"a {width}-channel UNet with hybrid conditioning is Stable Diffusion inpainting (noisy latent, mask, "
+                "masked image), which the engine does not model")
+    return (f"the engine builds text-to-image models (crossattn, {latent} input channels) and InstructPix2Pix "
+            f"editors (hybrid, {2 * latent}); got {key} with in_channels {width}")
+
+
+def _check_conditioning(p: Mapping[str, Any], where: str) -> None:
+    """``conditioning_key`` against ``unet_config.params.in_channels`` (:func:`conditioning_problem`)."""
+    key = p.get("conditioning_key")
+    unet_in = _params(p.get("unet_config")).get("in_channels")
+    problem = conditioning_problem(key, None if unet_in is None else int(unet_in), int(p.get("channels", 4)))
+    if problem is not None:
+        raise _fail(where, "model.params.conditioning_key", key, problem)
 
 
 def ldm_yaml_hints(cfg: Any, *, where: str = "latent-diffusion yaml") -> dict[str, Any]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from t2i_plugin_sd.ldm_config import read_yaml_config
+from t2i_plugin_sd.ldm_config import conditioning_problem, read_yaml_config
 from torch import Tensor
 
 from t2i_engine.checkpoint.nemo import CONFIG_MEMBER, archive_member, is_nemo_archive, read_archive_weights
@@ -419,19 +419,9 @@ def check_conditioning(cfg: Mapping[str, Any], unet: Mapping[str, Tensor], sourc
     key = cfg.get("conditioning_key")
     if key is None and cfg.get("concat_mode") is True:
         key = "concat"  # LatentDiffusion's rule for a missing conditioning_key
-    if key == "hybrid" and width == 2 * latent:
-        return  # InstructPix2Pix
-    if key == "hybrid" and width == 2 * latent + 1:
-        raise _refuse(source, "conditioning_key", key,
-                      f"the UNet takes {width} input channels, the layout of Stable Diffusion inpainting (noisy latent, "
-                      "mask, masked image), which the engine does not model; 8 channels (InstructPix2Pix) are read")
-    if key not in (None, "crossattn", "hybrid"):
-        raise _refuse(source, "conditioning_key", key, "only cross-attention text conditioning (crossattn) and "
-                      "InstructPix2Pix's hybrid (an 8-channel UNet) are modelled")
-    if key == "hybrid" or width != latent:
-        raise _refuse(source, "conditioning_key", key,
-                      f"the UNet takes {width} input channels for {latent} latent channels: crossattn needs "
-                      f"{latent}, hybrid (InstructPix2Pix) {2 * latent}")
+    problem = conditioning_problem(key, width, latent)
+    if problem is not None:
+        raise _refuse(source, "conditioning_key", key, problem)
 
 
 def _schedule(cfg: Mapping[str, Any], source: str) -> ScheduleConfig:
@@ -445,4 +435,4 @@ def _schedule(cfg: Mapping[str, Any], source: str) -> ScheduleConfig:
                           num_train_timesteps=int(cfg.get("timesteps", 1000)))
 
 
-__all__ = ["NemoArchive", "check_conditioning", "nemo_to_weights", "read_config"]
+__all__ = ["NemoArchive", "nemo_to_weights", "read_config"]

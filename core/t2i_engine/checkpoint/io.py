@@ -128,20 +128,40 @@ def save_torch(obj: Any, url: str) -> None:
     atomic_write_bytes(url, buf.getvalue())
 
 
-def safe_torch_load(url: str, *, map_location: str | torch.device = "cpu") -> Any:
+def safe_torch_load(url: str, *, map_location: str | torch.device = "cpu", inert_globals: bool = False) -> Any:
     """Load a pickled file (``.pt``, ``.ckpt``, ``.pth``) with ``torch.load(weights_only=True)``.
 
     Anything that needs arbitrary code to unpickle is refused with a :class:`CheckpointError`
-    that explains why, instead of being executed.
+    that explains why, instead of being executed. With ``inert_globals`` every global outside
+    torch's allowlist (``torch.serialization.get_unsafe_globals_in_checkpoint``: e.g. the
+    OmegaConf ``hyper_parameters`` NeMo's Lightning checkpoints pickle) is read as an inert
+    placeholder that keeps its data and runs no code (torch still blocks ``os``/``sys``); the
+    caller must then check that what it takes are tensors.
     """
     data = read_bytes(url)
     try:
-        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)) if inert_globals else []
+        with torch.serialization.safe_globals([(_inert(name), name) for name in unsafe]):
+            return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"refusing to load {url}: it cannot be read with torch.load(weights_only=True) ({e}). "
             "Pickles that need arbitrary code are not loaded; convert the file to safetensors "
             "with a trusted tool first.") from e
+
+
+def _inert(name: str) -> type:
+    """A placeholder class for the pickled global ``name``: it keeps what the pickle hands it
+    (arguments, state) and runs nothing."""
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self: Any, state: Any) -> None:
+        self.state = state
+
+    return type(name.rsplit(".", 1)[-1], (), {"__init__": __init__, "__setstate__": __setstate__,
+                                               "__doc__": f"inert stand-in for {name}"})
 
 
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], *,

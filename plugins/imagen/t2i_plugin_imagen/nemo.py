@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pathlib import Path
-
-from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict, read_bytes
+from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict, safe_torch_load
 from t2i_engine.checkpoint.nemo import CONFIG_MEMBER, WEIGHTS_MEMBER, archive_member, read_archive_weights
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_imagen.imagen_unet import build_unet, unet_options
@@ -93,36 +92,6 @@ def _precond(cfg: dict[str, Any], path: str) -> Preconditioning:
     raise CheckpointError(f"{path}: preconditioning_type = {kind!r} is not supported (EDM, DDPM)")
 
 
-def _inert(name: str) -> type:
-    """A placeholder class for the pickled global ``name``: it keeps what the pickle hands it
-    (arguments, state) and runs nothing."""
-
-    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        self.args, self.kwargs = args, kwargs
-
-    def __setstate__(self: Any, state: Any) -> None:
-        self.state = state
-
-    return type(name.rsplit(".", 1)[-1], (), {"__init__": __init__, "__setstate__": __setstate__,
-                                               "__doc__": f"inert stand-in for {name}"})
-
-
-def load_lightning_checkpoint(path: str) -> Any:
-    """A Lightning ``.ckpt`` read with ``torch.load(weights_only=True)``. NeMo's checkpoints pickle
-    their ``hyper_parameters`` as OmegaConf objects, which ``weights_only`` does not know: every
-    global outside its allowlist (listed by ``torch.serialization.get_unsafe_globals_in_checkpoint``)
-    is read as an inert placeholder (:func:`_inert`), so no code the file names runs (torch still
-    blocks ``os``/``sys`` globals); the caller checks that the weights it takes are tensors."""
-    data = read_bytes(path)
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data))
-        with torch.serialization.safe_globals([(_inert(name), name) for name in unsafe]):
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"refusing {path}: it cannot be read as a torch.save checkpoint with "
-                              f"torch.load(weights_only=True) ({e})") from e
-
-
 def _tensors(named: dict[str, Any], path: str) -> dict[str, Tensor]:
     bad = sorted(k for k, v in named.items() if not isinstance(v, Tensor))
     if bad:
@@ -136,7 +105,7 @@ def read_ema_weights(path: str) -> dict[str, Tensor]:
     writes the EMA copy there, the file named by ``_ema_format_filepath``), or, in a checkpoint of
     NeMo's first EMA callback, its ``ema_weights`` list (ordered as the ``state_dict``). A file
     with neither is a :class:`CheckpointError`."""
-    ckpt = load_lightning_checkpoint(path)
+    ckpt = safe_torch_load(path, inert_globals=True)  # NeMo pickles its hyper_parameters as OmegaConf
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a NeMo (Lightning) checkpoint: it has no state_dict")

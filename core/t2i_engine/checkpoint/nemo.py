@@ -18,7 +18,8 @@ from torch import Tensor
 
 from t2i_engine.errors import CheckpointError
 
-__all__ = ["CONFIG_MEMBER", "WEIGHTS_MEMBER", "archive_member", "is_nemo_archive", "read_archive_weights"]
+__all__ = ["CONFIG_MEMBER", "WEIGHTS_MEMBER", "archive_member", "is_nemo_archive", "read_archive_weights",
+           "strip_compile_names"]
 
 WEIGHTS_MEMBER = "model_weights.ckpt"
 CONFIG_MEMBER = "model_config.yaml"
@@ -64,3 +65,9 @@ def read_archive_weights(path: str) -> dict[str, Tensor]:
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: {WEIGHTS_MEMBER} does not hold a flat state dict of tensors")
     return dict(sd)
+
+
+def strip_compile_names(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without the ``_orig_mod`` that ``torch.compile`` (NeMo's ``inductor: true``) puts
+    into the names of a compiled module's weights, removed the way NeMo's ``init_from_ckpt`` does."""
+    return {k.replace("._orig_mod", "").removeprefix("_orig_mod."): v for k, v in state.items()}

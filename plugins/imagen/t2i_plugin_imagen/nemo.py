@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict, safe_torch_load
-from t2i_engine.checkpoint.nemo import CONFIG_MEMBER, WEIGHTS_MEMBER, archive_member, read_archive_weights
+from t2i_engine.checkpoint.nemo import (CONFIG_MEMBER, WEIGHTS_MEMBER, archive_member, read_archive_weights,
+                                        strip_compile_names)
 from t2i_engine.errors import CheckpointError
 from t2i_plugin_imagen.imagen_unet import build_unet, unet_options
 from t2i_plugin_imagen.precond import Preconditioning
@@ -125,7 +126,7 @@ def read_ema_weights(path: str) -> dict[str, Tensor]:
 def _unet_state(state: dict[str, Tensor], path: str, *, base: bool) -> dict[str, Tensor]:
     """The UNet's tensors of a NeMo state dict (``model.model.unet.*``, TorchInductor's
     ``._orig_mod`` removed; a base-type UNet's ``init_conv.0.*`` checked against ``input_blocks.0.0.*``)."""
-    state = {k.replace("._orig_mod", ""): v for k, v in state.items()}
+    state = strip_compile_names(state)
     others = sorted(k for k in state if not k.startswith(UNET_PREFIX))
     if others:
         raise CheckpointError(f"{path}: tensors outside {UNET_PREFIX}*: {others[:5]}")

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 from torch import Tensor
 
+from t2i_engine.checkpoint.nemo import strip_compile_names
 from t2i_engine.errors import CheckpointError
 
 StateDict = dict[str, Tensor]
@@ -56,7 +57,7 @@ def strip_wrappers(sd: Mapping[str, Tensor]) -> StateDict:
     """Drop the wrappers NeMo adds around ``LatentDiffusion``: the ``model.`` of
     ``MegatronLatentDiffusion``, the ``module.`` of ``Float16Module`` (megatron_amp_O2) and the
     ``_orig_mod`` of ``torch.compile`` (removed the way NeMo's ``init_from_ckpt`` does)."""
-    out = {k.replace("._orig_mod", "").removeprefix("_orig_mod."): v for k, v in sd.items()}
+    out = strip_compile_names(sd)
     if any(k.startswith(("model.model.", "model.first_stage_model.", "model.module.")) for k in out):
         out = {k.removeprefix("model."): v for k, v in out.items()}
     if any(k.startswith("module.") for k in out):

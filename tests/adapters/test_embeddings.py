@@ -160,6 +160,29 @@ def test_a_disabled_adapter_bakes_its_embeddings_as_it_merges_its_layers():
     assert torch.equal(model.text.emb.weight[WORDS["sks"][0]].detach(), vec[0])
 
 
+def test_the_peft_layout_refuses_embeddings_unless_skipped(tmp_path):
+    from safetensors import safe_open
+
+    from t2i_engine.adapters import save_peft
+
+    _, adapter = _adapted({"sks": torch.randn(1, 6)})
+    with pytest.raises(ValueError, match="cannot hold token embeddings"):
+        save_peft(adapter, str(tmp_path / "a.safetensors"), KEYMAP)
+    path = save_peft(adapter, str(tmp_path / "b.safetensors"), KEYMAP, skip_embeddings=True)
+    with safe_open(path, "pt") as f:
+        assert f.keys() and not any("sks" in k or "emb" in k for k in f.keys())
+
+
+def test_an_embedding_only_adapter_round_trips_through_save_kohya(tmp_path):
+    model = Bundle()
+    vec = torch.randn(1, 6)
+    adapter = attach(model, Adapter({}, embeddings=TokenEmbeddings({"sks": vec})))
+    path = str(tmp_path / "e.safetensors")
+    save_kohya(adapter, path, KEYMAP)
+    _, report = load_lora(Bundle(), path, KEYMAP)
+    assert report.embeddings == ("sks",) and report.targets == 0
+
+
 @pytest.mark.parametrize("vectors, message", [
     ({"two": torch.randn(1, 6)}, "1 vector.*2 token"),
     ({"sks": torch.randn(1, 5)}, "5 wide"),

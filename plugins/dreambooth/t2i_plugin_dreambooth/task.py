@@ -163,7 +163,7 @@ class DreamBoothTask:
         summary: dict[str, Any] = {**fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                                          hooks=ctx.plugins.hook, copy_ema=True),
                                    "instance_images": len(instances), **counts}
-        if summary["interrupted"]:  # a partial model must not replace the LoRA or the export (resume finishes it)
+        if summary.get("interrupted"):  # a partial model must not replace the LoRA or the export (resume finishes it)
             return summary
         if adapter is not None and keymap is not None:
             summary["lora"] = self._save_lora(ctx, adapter, keymap, train, len(instances), len(classes))

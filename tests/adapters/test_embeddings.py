@@ -183,6 +183,21 @@ def test_an_embedding_only_adapter_round_trips_through_save_kohya(tmp_path):
     assert report.embeddings == ("sks",) and report.targets == 0
 
 
+def test_create_adapter_attaches_its_embeddings_in_the_one_attach():
+    """``create_adapter(embeddings=...)``: the vectors stand at the word's tokens (against the
+    embedding row itself) from the start, and the adapter's detach takes them off."""
+    from t2i_engine.adapters import create_adapter
+
+    model = Bundle()
+    vec = torch.randn(1, 6)
+    adapter = create_adapter(model, ["text.proj"], rank=2, embeddings=TokenEmbeddings({"sks": vec}))
+    ids = model.text.ids("a sks")
+    assert adapter.embeddings.attached and torch.equal(model.text.emb(ids)[0, 2], vec[0])
+    adapter.detach()
+    assert not adapter.embeddings.attached
+    assert torch.equal(model.text.emb(ids)[0, 2], model.text.emb.weight[WORDS["sks"][0]])
+
+
 @pytest.mark.parametrize("vectors, message", [
     ({"two": torch.randn(1, 6)}, "1 vector.*2 token"),
     ({"sks": torch.randn(1, 5)}, "5 wide"),

@@ -271,9 +271,12 @@ def attach(root: nn.Module, adapter: Adapter) -> Adapter:
 
 
 def create_adapter(root: nn.Module, targets: Sequence[str], *, rank: int, alpha: float | None = None,
-                   dropout: float = 0.0, name: str = "default", dtype: torch.dtype | None = None) -> Adapter:
+                   dropout: float = 0.0, name: str = "default", dtype: torch.dtype | None = None,
+                   embeddings: TokenEmbeddings | None = None) -> Adapter:
     """A fresh, attached adapter (update zero) on the targets of ``root`` matching ``targets``
     (:func:`match_targets`), on each target's device and in its dtype unless ``dtype`` is given.
+    ``embeddings`` (unattached token embeddings: pivotal tuning) come with it, attached to the
+    text encoder of ``root`` in the same :func:`attach`.
 
     Fused attention slices take no input dropout (their update is a weight); they get 0.
     """
@@ -282,7 +285,7 @@ def create_adapter(root: nn.Module, targets: Sequence[str], *, rank: int, alpha:
         w = _base_weight(root, t)
         layers[tname] = LoRA(t.in_features, t.out_features, rank, alpha=alpha, conv=t.conv,
                              dropout=0.0 if t.weight_form else dropout, device=w.device, dtype=dtype or w.dtype)
-    return attach(root, Adapter(layers, name=name))
+    return attach(root, Adapter(layers, name=name, embeddings=embeddings))
 
 
 def trainable_parameters(root: nn.Module, adapters: Sequence[Adapter]) -> list[nn.Parameter]:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from t2i_engine.adapters import Adapter, KeyMap, attach, create_adapter, find_targets, match_targets
+from t2i_engine.adapters import Adapter, KeyMap, TokenEmbeddings, create_adapter, find_targets, match_targets
+from t2i_engine.adapters.embeddings import find_host
 from t2i_engine.adapters.formats import save_kohya, save_peft
 from t2i_engine.errors import ConfigError
 
@@ -78,18 +79,15 @@ def create_dreambooth_adapter(model: nn.Module, names: Sequence[str], *, rank: i
     (pivotal tuning) it also holds an input embedding for that word, starting from the word's own
     token rows, on the model's text encoder, trained ``token_lr_scale`` times as fast as the LoRA
     (:class:`t2i_engine.adapters.TokenEmbeddings`' ``lr_scale``)."""
-    adapter = create_adapter(model, list(names), rank=rank, alpha=alpha, dropout=dropout, name="dreambooth")
+    embeddings = None
     if token_embedding is not None:
-        from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host
-
         try:
             host = find_host(model)
         except ValueError as e:
             raise ConfigError(f"task.token_embedding: {e}") from e
-        adapter.detach()
-        adapter.embeddings = TokenEmbeddings.from_words(host, [token_embedding], lr_scale=token_lr_scale)
-        attach(model, adapter)
-    return adapter
+        embeddings = TokenEmbeddings.from_words(host, [token_embedding], lr_scale=token_lr_scale)
+    return create_adapter(model, list(names), rank=rank, alpha=alpha, dropout=dropout, name="dreambooth",
+                          embeddings=embeddings)
 
 
 def save_lora(adapter: Adapter, url: str, keymap: KeyMap, *, format: str, dtype: str,

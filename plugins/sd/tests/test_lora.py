@@ -58,11 +58,11 @@ def diffusers_from(folder):
     return pipe
 
 
-def random_adapter(model, *, rank=4, alpha=2.0, seed=5):
+def random_adapter(model, *, rank=4, alpha=2.0, seed=5, embeddings=None):
     """Our adapter on UNet attention, feed-forward and projections and every text projection,
-    with random up matrices (a fresh LoRA is zero)."""
+    with random up matrices (a fresh LoRA is zero), and ``embeddings`` (token embeddings) if given."""
     patterns = [f"unet.*.{p}" for p in UNET] + [f"text_encoder.*.{p}" for p in TEXT]
-    adapter = create_adapter(model, patterns, rank=rank, alpha=alpha)
+    adapter = create_adapter(model, patterns, rank=rank, alpha=alpha, embeddings=embeddings)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, layer in adapter.items():
@@ -134,14 +134,12 @@ def test_bundled_token_embedding_matches_diffusers_textual_inversion(sd1_folder,
     ``load_textual_inversion`` (a new token "sks" whose input row is the vector)."""
     from safetensors.torch import load_file
 
-    from t2i_engine.adapters import TokenEmbeddings, attach, save_textual_inversion
+    from t2i_engine.adapters import TokenEmbeddings, save_textual_inversion
 
     _, folder = sd1_folder
     ours, pipe = ours_from(folder), diffusers_from(folder)
-    adapter = random_adapter(ours)
-    adapter.detach()
-    adapter.embeddings = TokenEmbeddings({"sks": torch.randn(1, 32, generator=torch.Generator().manual_seed(9))})
-    attach(ours, adapter)
+    sks = TokenEmbeddings({"sks": torch.randn(1, 32, generator=torch.Generator().manual_seed(9))})
+    adapter = random_adapter(ours, embeddings=sks)
     save_kohya(adapter, str(tmp_path / "subject.safetensors"), ours.lora_key_map())
     save_textual_inversion(adapter.embeddings, str(tmp_path / "sks.safetensors"))
     tensors = load_file(str(tmp_path / "subject.safetensors"))

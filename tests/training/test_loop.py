@@ -20,7 +20,7 @@ from t2i_engine.errors import TrainingError
 from t2i_engine.training.checkpoints import CheckpointPaths, latest_checkpoint, list_checkpoints
 from t2i_engine.training.config import TrainConfig
 from t2i_engine.training.ema import EMA
-from t2i_engine.training.loop import fit
+from t2i_engine.training.loop import fit, interrupted
 from t2i_engine.training.lr import lr_factor
 
 SCRIPT = Path(__file__).parent / "train_script.py"
@@ -180,8 +180,16 @@ def test_sigterm_saves_checkpoint_and_returns(tmp_path):
     p.send_signal(signal.SIGTERM)
     text = _finish(p)
     summary = json.loads(text.split("SUMMARY", 1)[1])
-    assert summary["interrupted"] and 0 < summary["step"] < 10_000
+    assert summary["interrupted"] and interrupted(summary) and 0 < summary["step"] < 10_000
     assert latest_checkpoint(str(out / "checkpoints")) == summary["step"]
+
+
+def test_interrupted_reads_the_loops_flag():
+    """The tasks' export rule (training.loop.interrupted): the flag fit returns; a summary
+    without it (a stand-in loop's) is a finished run."""
+    assert interrupted({"step": 3, "interrupted": True})
+    assert not interrupted({"step": 10, "interrupted": False})
+    assert not interrupted({"step": 0})
 
 
 @pytest.mark.slow

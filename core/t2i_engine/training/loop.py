@@ -41,7 +41,7 @@ from t2i_engine.training.lr import lr_factor
 from t2i_engine.training.optim import build_optimizer
 from t2i_engine.training.protocol import check_trainable, prompts_list, sample_method
 
-__all__ = ["TrainState", "build_fabric", "fit", "train_step", "validate"]
+__all__ = ["TrainState", "build_fabric", "fit", "interrupted", "train_step", "validate"]
 
 
 class TrainState:
@@ -379,3 +379,12 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
     return {"step": state.step, "checkpoint": checkpoint_dir,
             "interrupted": state.step < cfg.max_steps,
             "nonfinite_skipped": state.nonfinite_total, **skipped, "loss": metrics.get("loss", math.nan)}
+
+
+def interrupted(summary: Mapping[str, Any]) -> bool:
+    """Whether ``summary`` (what :func:`fit` returns) is of a run stopped before ``max_steps``
+    (SIGTERM, preemption). Its checkpoints hold the progress but its model is partial: a training
+    task then writes no export (a partial model must not replace a finished one) and returns;
+    resuming the job finishes the run and exports. A summary without the flag (a stand-in loop's
+    in tests) counts as finished."""
+    return bool(summary.get("interrupted", False))

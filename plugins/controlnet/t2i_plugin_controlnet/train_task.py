@@ -157,7 +157,7 @@ class ControlNetTrainTask:
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
         from t2i_engine.conditioning.chain import ConditionerChain, Entry
         from t2i_engine.tasks.common import build_model, output_path
-        from t2i_engine.training.loop import fit
+        from t2i_engine.training.loop import fit, interrupted
         from t2i_plugin_controlnet.export import save_controlnet
         from t2i_plugin_controlnet.training import ControlNetTrainable
 
@@ -173,7 +173,7 @@ class ControlNetTrainTask:
             dataset = encode_once(model.autoencoder, dataset, count=c.precache_latents, hint_key=c.hint_key)
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                       hooks=ctx.plugins.hook, copy_ema=True)
-        if summary["interrupted"]:
+        if interrupted(summary):
             return summary
         dtype = torch.float16 if c.export_dtype == "float16" else None
         if c.export:

@@ -348,8 +348,9 @@ def _captured(monkeypatch) -> dict:
 def test_task_keys_reach_the_trainable(sd, tmp_path, monkeypatch):
     seen = _captured(monkeypatch)
     data = _pairs(tmp_path / "fill")
-    _run(_job(tmp_path, sd, data, task='empty_prompt_ratio = 0.25\nonly_mid_control = true\nhint_key = "src"\n'
-                                        'sd_locked = false\nexport_model = "sd"\n'))
+    out = _run(_job(tmp_path, sd, data, task='empty_prompt_ratio = 0.25\nonly_mid_control = true\nhint_key = "src"\n'
+                                              'sd_locked = false\nexport_model = "sd"\n'))
+    assert "exported" not in out and "exported_model" not in out  # the stub's run was interrupted: no export
     t = seen["model"]
     cond = t.conditioners.entries[0].conditioner
     assert t.caption_dropout == 0.25 and not t.sd_locked and cond.config.only_mid_control and cond.batch_key == "src"

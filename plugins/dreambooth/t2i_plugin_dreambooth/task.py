@@ -134,7 +134,7 @@ class DreamBoothTask:
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
         from t2i_engine.data.transforms import PairedTransform
         from t2i_engine.training.config import TrainConfig
-        from t2i_engine.training.loop import fit
+        from t2i_engine.training.loop import fit, interrupted
         from t2i_plugin_dreambooth.trainable import DreamBoothTrainable
 
         c = self.config
@@ -163,7 +163,7 @@ class DreamBoothTask:
         summary: dict[str, Any] = {**fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                                          hooks=ctx.plugins.hook, copy_ema=True),
                                    "instance_images": len(instances), **counts}
-        if summary.get("interrupted"):  # a partial model must not replace the LoRA or the export (resume finishes it)
+        if interrupted(summary):  # neither the LoRA nor the export is written
             return summary
         if adapter is not None and keymap is not None:
             summary["lora"] = self._save_lora(ctx, adapter, keymap, train, len(instances), len(classes))

@@ -159,7 +159,7 @@ class EditTrainTask:
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
         from t2i_engine.tasks.common import build_model, output_path
-        from t2i_engine.training.loop import fit
+        from t2i_engine.training.loop import fit, interrupted
         from t2i_plugin_instructpix2pix.ema import has_ema
         from t2i_plugin_instructpix2pix.formats import save_edit_model
         from t2i_plugin_instructpix2pix.trainable import EditTrainable
@@ -179,7 +179,7 @@ class EditTrainTask:
                                           url=str(ctx.output_dir / "edit-latents.safetensors"))
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir, seed=ctx.seed,
                       hooks=ctx.plugins.hook, copy_ema=True)
-        if summary["interrupted"]:  # a partial model must not replace the export (resume finishes it)
+        if interrupted(summary):
             return summary
         if c.export:
             url = output_path(ctx, c.export)

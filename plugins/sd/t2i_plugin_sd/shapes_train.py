@@ -105,7 +105,7 @@ class ShapesTrainTask:
         self.config = config
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
-        from t2i_engine.training.loop import fit
+        from t2i_engine.training.loop import fit, interrupted
         from t2i_plugin_sd.autoencoder_training import AutoencoderTrainable, latent_scaling_factor
         from t2i_plugin_sd.model import build_model
         from t2i_plugin_sd.trainable import SDTrainable
@@ -121,7 +121,7 @@ class ShapesTrainTask:
         ae = AutoencoderTrainable(model.vae, kl_weight=c.kl_weight)
         ae_dir = ctx.output_dir / "autoencoder"
         ae_summary = fit(ae, dataset, c.autoencoder, output_dir=ae_dir, seed=ctx.seed, hooks=hooks)
-        if ae_summary["interrupted"]:
+        if interrupted(ae_summary):
             return {"stage": "autoencoder", **ae_summary}
         load_final_weights(ae, str(ae_dir / "checkpoints"), ema=c.autoencoder.ema)
         model.vae.requires_grad_(False).eval()
@@ -136,7 +136,7 @@ class ShapesTrainTask:
         sd = SDTrainable(model, caption_dropout=c.caption_dropout, train_text_encoder=True)
         unet_dir = ctx.output_dir / "unet"
         summary = fit(sd, latents, ctx.config.train, output_dir=unet_dir, seed=ctx.seed, hooks=hooks)
-        if summary["interrupted"]:
+        if interrupted(summary):
             return {"stage": "unet", **summary}
         load_final_weights(sd, str(unet_dir / "checkpoints"), ema=ctx.config.train.ema)
         dtype = torch.float16 if c.save_dtype == "float16" else torch.float32

@@ -71,24 +71,23 @@ class ShapesEvalTask:
             raise ConfigError(f"task.shape_words: {', '.join(unknown)} is not a shape of [data] "
                               f"({', '.join(data.shapes)})")
         candidates = self._candidates(data.shapes)
-        combinations = self._combinations(data)
+        captioned = self._captioned(data)
         truth = [ShapeLabels(colour, candidates.index(data.shapes[shape]), background)
-                 for colour, shape, background in combinations for _ in range(c.images_per_prompt)]
+                 for (colour, shape, background), _ in captioned for _ in range(c.images_per_prompt)]
         side = data.config.size
         require_image_memory("task.batch_size", width=side, height=side, batch=min(c.batch_size, len(truth)),
                              device=ctx.device)  # one sampler batch on the device ...
         require_image_memory("task.images_per_prompt", width=side, height=side, batch=len(truth),
                              device=torch.device("cpu"))  # ... and every image, gathered on the CPU
         model, sampler, precision = model_and_sampler(ctx, task="shapes-eval")
-        prompts = [data.caption_of(*combo, words=c.shape_words) for combo in combinations
-                   for _ in range(c.images_per_prompt)]
+        prompts = [caption for _, caption in captioned for _ in range(c.images_per_prompt)]
         seeds = [ctx.seed + i for i in range(len(prompts))]
         images = sample_batched(model, prompts, seeds, sampler=sampler, guidance=ctx.config.guidance,
                                 size=data.config.size, batch_size=c.batch_size, desc="eval", precision=precision)
         scores = accuracy(classify_batch(images, colours=data.colours, shapes=candidates), truth)
         targets = {"colour": c.colour_target, "background": c.colour_target, "shape": c.shape_target}
         print(format_table(scores, count=len(truth), targets=targets))
-        summary: dict[str, Any] = {"images": len(truth), "prompts": len(combinations), **scores,
+        summary: dict[str, Any] = {"images": len(truth), "prompts": len(captioned), **scores,
                                    "targets_met": all(scores[k] >= v for k, v in targets.items())}
         if c.grid:
             path = str(Path(ctx.output_dir) / c.grid)
@@ -96,9 +95,9 @@ class ShapesEvalTask:
             summary["grid"] = path
         return summary
 
-    def _combinations(self, data: Any) -> list[tuple[int, int, int]]:
-        """The split's label triples less those whose prompt ``exclude_prompts`` names; a
-        ConfigError names an excluded prompt that is not one of the split's, or an empty rest."""
+    def _captioned(self, data: Any) -> list[tuple[tuple[int, int, int], str]]:
+        """``(label triple, prompt)`` of the split, less those whose prompt ``exclude_prompts``
+        names; a ConfigError names an excluded prompt that is not one of the split's, or an empty rest."""
         words = self.config.shape_words
         excluded = set(self.config.exclude_prompts)
         prompts = [data.caption_of(*combo, words=words) for combo in data.combinations]
@@ -106,7 +105,7 @@ class ShapesEvalTask:
         if unknown:
             raise ConfigError(f"task.exclude_prompts: {'; '.join(repr(p) for p in unknown)} is not a prompt of "
                               f"the [data] split ({len(prompts)} prompts, e.g. {prompts[0]!r})")
-        kept = [combo for combo, prompt in zip(data.combinations, prompts) if prompt not in excluded]
+        kept = [(combo, prompt) for combo, prompt in zip(data.combinations, prompts) if prompt not in excluded]
         if not kept:
             raise ConfigError("task.exclude_prompts leaves no prompt of the [data] split")
         return kept

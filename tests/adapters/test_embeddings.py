@@ -240,6 +240,19 @@ def test_a_file_with_only_an_embedding_loads(tmp_path):
     assert report.embeddings == ("sks",) and report.targets == 0
 
 
+def test_a_bundled_vector_of_any_leading_shape_is_read_as_rows(tmp_path):
+    """A one-token word's vector stored as ``(dim,)`` or ``(1, 1, dim)`` is one row, which the
+    word's token then takes (against the stored numbers)."""
+    for shape in ((6,), (1, 1, 6)):
+        vec = torch.randn(shape)
+        path = str(tmp_path / "e.safetensors")
+        save_file({"bundle_emb.sks.string_to_param.*": vec}, path)
+        model = Bundle()
+        loaded, _ = load_lora(model, path, KEYMAP)
+        assert loaded.embeddings.vectors[0].shape == (1, 6)
+        assert torch.equal(model.text.emb(model.text.ids("a sks"))[0, 2], vec.reshape(6))
+
+
 def test_bundle_errors(tmp_path):
     with pytest.raises(CheckpointError, match="bundle_emb.sks.clip_l is not in the SD 1.x/2.x layout"):
         split_bundle({"bundle_emb.sks.clip_l": torch.zeros(1, 6)}, source="f")

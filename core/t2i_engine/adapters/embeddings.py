@@ -85,8 +85,7 @@ class TokenEmbeddings(nn.Module):
             raise ValueError(f"lr_scale must be positive, not {lr_scale}")
         self.words = list(vectors)
         self.lr_scale = float(lr_scale)
-        self.params = nn.ParameterList([nn.Parameter(torch.as_tensor(v).detach().clone().reshape(
-            -1, torch.as_tensor(v).shape[-1]) / self.lr_scale) for v in vectors.values()])
+        self.params = nn.ParameterList([nn.Parameter(_rows(v) / self.lr_scale) for v in vectors.values()])
         self.enabled = True
         self.__dict__["_host"] = None  # not a submodule: the text encoder is the model's
         self.__dict__["_hook"] = None
@@ -188,6 +187,13 @@ class TokenEmbeddings(nn.Module):
         return output
 
 
+def _rows(vectors: Tensor) -> Tensor:
+    """A detached copy of ``vectors`` as ``(n, dim)`` rows, leading dimensions flattened (a file's
+    ``(dim,)`` vector is one row); the one place token vectors are reshaped."""
+    v = torch.as_tensor(vectors).detach().clone()
+    return v.reshape(-1, v.shape[-1])
+
+
 def _slots(ids: Tensor, pattern: Sequence[int]) -> Tensor:
     """For ids ``(B, L)``: ``k`` at the ``k``-th position of each run of ``pattern``, else -1."""
     n = len(pattern)
@@ -208,8 +214,9 @@ def _slots(ids: Tensor, pattern: Sequence[int]) -> Tensor:
 
 
 def split_bundle(tensors: Mapping[str, Tensor], *, source: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``(LoRA tensors, {word: (n, dim)})``: the bundled embeddings of a LoRA file taken out.
-    A ``bundle_emb.`` key of another layout (SDXL's ``.clip_l``/``.clip_g``) is an error naming it."""
+    """``(LoRA tensors, {word: vectors})``: the bundled embeddings of a LoRA file taken out, as
+    stored (:class:`TokenEmbeddings` makes them ``(n, dim)``). A ``bundle_emb.`` key of another
+    layout (SDXL's ``.clip_l``/``.clip_g``) is an error naming it."""
     rest: dict[str, Tensor] = {}
     found: dict[str, Tensor] = {}
     for key, t in tensors.items():
@@ -220,7 +227,7 @@ def split_bundle(tensors: Mapping[str, Tensor], *, source: str) -> tuple[dict[st
             raise CheckpointError(f"{source}: bundled embedding {key} is not in the SD 1.x/2.x layout "
                                   f"(bundle_emb.<word>{BUNDLE_SUFFIX}); other layouts are not supported")
         word = key[len(BUNDLE_PREFIX): -len(BUNDLE_SUFFIX)]
-        found[word] = t.reshape(-1, t.shape[-1])
+        found[word] = t
     return rest, found
 
 

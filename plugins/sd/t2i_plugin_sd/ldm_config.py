@@ -191,6 +191,13 @@ def conditioning_problem(key: str | None, width: int | None, latent: int) -> str
             f"editors (hybrid, {2 * latent}); got {key} with in_channels {width}")
 
 
+def conditioning_key_of(width: int, latent: int) -> str:
+    """The ``conditioning_key`` the yaml writer gives a UNet of ``width`` input channels over a
+    ``latent``-channel latent: ``hybrid`` where :func:`conditioning_problem` accepts it (an
+    InstructPix2Pix editor), else ``crossattn``."""
+    return "hybrid" if conditioning_problem("hybrid", width, latent) is None else "crossattn"
+
+
 def _check_conditioning(p: Mapping[str, Any], where: str) -> None:
     """``conditioning_key`` against ``unet_config.params.in_channels`` (:func:`conditioning_problem`)."""
     key = p.get("conditioning_key")
@@ -289,20 +296,21 @@ def ldm_yaml(arch: Architecture) -> dict[str, Any]:
                 "params": {"freeze": True, "layer": "penultimate" if t.skip_last_layers else "last"}}
     if s.beta_schedule not in _DIFFUSERS_BETAS:
         raise CheckpointError(f"schedule {s.beta_schedule!r} has no latent-diffusion name")
+    key = conditioning_key_of(u.in_channels, v.latent_channels)
     params: dict[str, Any] = {
         "linear_start": s.beta_start, "linear_end": s.beta_end, "num_timesteps_cond": 1, "log_every_t": 200,
         "timesteps": s.num_train_timesteps, "beta_schedule": _DIFFUSERS_BETAS[s.beta_schedule],
         "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": 64, "channels": v.latent_channels,
-        "cond_stage_trainable": False, "conditioning_key": "crossattn", "monitor": "val/loss_simple_ema",
+        "cond_stage_trainable": False, "conditioning_key": key, "monitor": "val/loss_simple_ema",
         "scale_factor": float(v.scaling_factor), "use_ema": False, "parameterization": arch.prediction,
         "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
         "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": vae},
         "cond_stage_config": text,
     }
     target = "ldm.models.diffusion.ddpm.LatentDiffusion"
-    if u.in_channels == 2 * v.latent_channels:  # an InstructPix2Pix editor, as timbrooks' generate.yaml
+    if key == "hybrid":  # an InstructPix2Pix editor, as timbrooks' generate.yaml
         target = "ldm.models.diffusion.ddpm_edit.LatentDiffusion"
-        params |= {"conditioning_key": "hybrid", "first_stage_key": "edited", "cond_stage_key": "edit"}
+        params |= {"first_stage_key": "edited", "cond_stage_key": "edit"}
     return {"model": {"base_learning_rate": 1.0e-4, "target": target, "params": params}}
 
 
@@ -337,5 +345,5 @@ def hints_from_metadata(text: str, *, where: str) -> dict[str, Any]:
     return hints
 
 
-__all__ = ["ARCH_METADATA_KEY", "architecture_metadata", "hints_from_metadata", "inexpressible", "ldm_yaml",
-           "ldm_yaml_hints", "read_yaml_config"]
+__all__ = ["ARCH_METADATA_KEY", "architecture_metadata", "conditioning_key_of", "conditioning_problem",
+           "hints_from_metadata", "inexpressible", "ldm_yaml", "ldm_yaml_hints", "read_yaml_config"]

@@ -50,10 +50,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_pipeline import _cpu_model, _resident  # noqa: E402
+from sd_pipeline import _resident  # noqa: E402
 
 from t2i_engine.kernels import cpu_paths  # noqa: E402
-from t2i_engine.kernels.cpu_paths import default_clock, paired_ratios  # noqa: E402
+from t2i_engine.kernels.cpu_paths import cpu_description, default_clock, paired_ratios  # noqa: E402
 
 Call = Callable[[], Any]
 
@@ -218,7 +218,7 @@ def main() -> None:
         folder = str(Path(tmp.name) / args.preset)
         DiffusersFolder().save(build_model(None, PRESETS[args.preset], seed=0), folder)
     clock = {"cpu": time.process_time, "wall": time.perf_counter, "auto": default_clock()}[args.clock]
-    print(f"CPU: {_cpu_model()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"{args.preset} at {args.size}x{args.size}; {args.pairs} pairs per row; clock {clock.__name__}", flush=True)
     choices = cpu_paths.select()  # what the sample task settles before it runs (cached per machine)
     print("CPU paths on this machine (fast/PyTorch time, kept):",

@@ -222,16 +222,9 @@ def _summary(runs: list[dict[str, float]]) -> dict[str, float]:
     return {"seconds": min(m["seconds"] for m in runs), "peak_mib": median}
 
 
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        return f"{fields.get('Model name', '?').strip()}, {fields.get('CPU(s)', '?').strip()} CPUs"
-    except OSError:
-        return "unknown CPU"
-
-
 def main() -> None:
+    from t2i_engine.kernels.cpu_paths import cpu_description
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up (best is kept)")
@@ -263,7 +256,7 @@ def main() -> None:
         DiffusersFolder().save(build_model(None, PRESETS[args.preset], seed=0), folder)
     jobs = [j for j in ("generate", "train") if args.only in (None, j)]
     rows = []
-    print(f"CPU: {_cpu_model()}; torch {torch.__version__}; threads {args.threads or torch.get_num_threads()}")
+    print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {args.threads or torch.get_num_threads()}")
     for job in jobs:
         for precision in args.precisions.split(","):
             runs: dict[str, list[dict[str, float]]] = {"ours": [], "diffusers": []}

@@ -243,3 +243,19 @@ def test_prepare_for_inference_selects_on_the_cpu(timings: list[int]) -> None:
     prepare_for_inference(Model())  # type: ignore[arg-type]
     assert timings == [1] and cpu_paths.cache_file().exists()
     assert not Model.denoiser[0].weight.is_mkldnn  # the machine said packing does not pay
+
+
+def test_cpu_description_names_the_cpu_as_lscpu_does():
+    """What the benchmarks print: the model name and CPU count lscpu reports (an independent reader)."""
+    import shutil
+    import subprocess
+
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if shutil.which("lscpu") is None or not cpuinfo.exists() or "model name" not in cpuinfo.read_text():
+        pytest.skip("no lscpu, or a /proc/cpuinfo without model names (the name then comes from platform)")
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, env={"LC_ALL": "C"}).stdout
+    fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in out.splitlines())}
+    text = cpu_paths.cpu_description()
+    assert text.startswith(fields["Model name"]) and text.endswith(f", {fields['CPU(s)']} CPUs")

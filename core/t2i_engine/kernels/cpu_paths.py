@@ -45,7 +45,7 @@ import torch
 
 from t2i_engine.errors import T2IError
 
-__all__ = ["CPU_PATHS_ENV", "KEEP_BELOW", "LONG_SCORES", "PATHS", "Choice", "cache_file", "default_clock", "enabled", "machine_key",
+__all__ = ["CPU_PATHS_ENV", "KEEP_BELOW", "LONG_SCORES", "PATHS", "Choice", "cache_file", "cpu_description", "default_clock", "enabled", "machine_key",
            "measure", "paired_ratios", "reset", "select"]
 
 CPU_PATHS_ENV = "T2I_CPU_PATHS"
@@ -133,6 +133,12 @@ def _cpu_model_and_flags() -> tuple[str, tuple[str, ...]]:
         pass
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return model, tuple(f for f in wanted if f in flags)
+
+
+def cpu_description() -> str:
+    """This machine's CPU for a report: model name, the ISA flags the paths depend on, logical CPUs."""
+    model, flags = _cpu_model_and_flags()
+    return f"{model} [{' '.join(flags)}], {os.cpu_count() or '?'} CPUs"
 
 
 def machine_key(threads: int | None = None) -> str:

@@ -212,10 +212,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def unet_rel(ours, pipe) -> float:
-    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 700.0]), torch.randn(2, 77, 32)
+    """Relative difference of our UNet and diffusers' (``pipe.unet``, as many input channels:
+    4, or an InstructPix2Pix editor's 8) on one random input."""
+    x, t = torch.randn(2, pipe.unet.config.in_channels, 8, 8), torch.tensor([3.0, 700.0])
+    ctx = torch.randn(2, 77, 32)
     with torch.no_grad():
         return rel(ours.unet(x, t, Conditioning(text=TextEmbedding(ctx))),
                    pipe.unet(x, t, encoder_hidden_states=ctx).sample)
+
+
+def nemo_padded(pipe, prompts) -> torch.Tensor:
+    """The text embeddings NeMo's FrozenCLIPEmbedder gives, from diffusers' own tokenizer and text
+    encoder: 77 tokens zero-padded to a multiple of 8 (80)."""
+    ids = pipe.tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        return torch.nn.functional.pad(pipe.text_encoder(ids).last_hidden_state, (0, 0, 0, 3))
 
 
 def text_rel(ours, pipe) -> float:
@@ -300,9 +312,7 @@ def test_images_match_nemo_padded_conditioning(sd1_folder, tmp_path):
     ref_pipe = StableDiffusionPipeline(**{**pipe.components, "scheduler": DDIMScheduler.from_pretrained(
         str(folder), subfolder="scheduler", set_alpha_to_one=True)})
     ours = build_model(load_checkpoint(str(hf_archive(tmp_path, pipe))), PRESETS["sd-1"])
-    ids = ours.text_encoder.tokenize(["a red square", ""])
-    with torch.no_grad():
-        emb = torch.nn.functional.pad(pipe.text_encoder(ids).last_hidden_state, (0, 0, 0, 3))  # 77 -> 80
+    emb = nemo_padded(pipe, ["a red square", ""])  # 77 -> 80
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     ref = ref_pipe(prompt_embeds=emb[:1], negative_prompt_embeds=emb[1:], latents=noise.clone(), num_inference_steps=4,
                    guidance_scale=7.5, height=16, width=16, output_type="pt").images

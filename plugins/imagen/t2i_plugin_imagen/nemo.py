@@ -60,15 +60,22 @@ def _member(path: str, name: str) -> bytes:
     return data
 
 
-def read_nemo(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(config, state dict)`` of a ``.nemo`` archive (the config's ``model:`` level unwrapped)."""
+def read_nemo_config(path: str) -> dict[str, Any]:
+    """The ``model_config.yaml`` of a ``.nemo`` archive (its ``model:`` level unwrapped); the
+    archive's weights are not read."""
     import yaml
 
     if not tarfile.is_tarfile(path):
         raise CheckpointError(f"{path}: not a .nemo archive (a tar file)")
     cfg = yaml.safe_load(_member(path, CONFIG_MEMBER)) or {}
-    cfg = cfg.get("model", cfg)
-    return cfg, read_archive_weights(path)
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: {CONFIG_MEMBER} is not a mapping")
+    return cfg.get("model", cfg)
+
+
+def read_nemo(path: str) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(config, state dict)`` of a ``.nemo`` archive (the config's ``model:`` level unwrapped)."""
+    return read_nemo_config(path), read_archive_weights(path)
 
 
 def _precond(cfg: dict[str, Any], path: str) -> Preconditioning:
@@ -149,8 +156,9 @@ def load_nemo_stage(path: str, *, t5: str, tokenizer: str, lowres_size: int | No
     """A stage from a NeMo Imagen ``.nemo`` and the user's T5 folders (``T5EncoderModel`` and
     ``spiece.model``); ``lowres_size`` is the input side of a super-resolution stage (``sr`` and
     ``sr-unet``). ``ema_checkpoint``: take the UNet's weights from NeMo's EMA checkpoint
-    (:func:`read_ema_weights`) instead of the archive's (the trained weights, NeMo's default)."""
-    cfg, state = read_nemo(path)
+    (:func:`read_ema_weights`) instead of the archive's (the trained weights, NeMo's default); the
+    archive's ``model_weights.ckpt`` is then not read at all (only its ``model_config.yaml``)."""
+    cfg = read_nemo_config(path)
     unet_type = cfg.get("unet_type", "base")
     if unet_type not in UNET_TYPES:
         raise CheckpointError(f"{path}: unet_type = {unet_type!r} is not supported ({', '.join(UNET_TYPES)})")
@@ -176,9 +184,10 @@ def load_nemo_stage(path: str, *, t5: str, tokenizer: str, lowres_size: int | No
         unet = build_unet(kind, options)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: model_config.yaml unet: {e}") from e
-    source = path
     if ema_checkpoint is not None:
         state, source = read_ema_weights(ema_checkpoint), ema_checkpoint
+    else:
+        state, source = read_archive_weights(path), path
     load_state_dict_strict(unet, _unet_state(state, source, base=kind == "base"), source=f"{source} (unet)")
     text = T5TextEncoder.from_folders(t5, tokenizer, max_length=int(conditioning.get("token_length", 128)),
                                       zero_padding=True, lowercase=False, zero_empty=True)

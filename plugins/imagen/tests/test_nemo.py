@@ -229,6 +229,36 @@ def test_ema_checkpoint_weights_replace_the_archives(tmp_path, make_stage, t5_fo
         read_ema_weights(str(tmp_path / "flat-EMA.ckpt"))
 
 
+def _archive(dst, members):
+    """A tar of ``{name: bytes}``, as ``.nemo`` archives are laid out."""
+    with tarfile.open(dst, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"./{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_ema_checkpoint_means_the_archives_weights_are_not_read(tmp_path, make_stage, t5_folders):
+    """With ``ema_checkpoint`` only the archive's ``model_config.yaml`` is read: an archive whose
+    ``model_weights.ckpt`` is corrupt (not a pickle) or absent still loads, with the EMA weights;
+    without ``ema_checkpoint`` the same archives are refused, naming the member."""
+    stage = make_stage("base", d_model=32)
+    save_nemo(stage, str(tmp_path / "m.nemo"))
+    cfg, state = read_nemo(str(tmp_path / "m.nemo"))
+    ema = {k: v + 0.01 for k, v in state.items()}
+    _lightning_ckpt(tmp_path / "m-EMA.ckpt", ema)
+    config = yaml.safe_dump({"model": cfg}).encode()
+    _archive(tmp_path / "corrupt.nemo", {"model_config.yaml": config, "model_weights.ckpt": b"not a pickle"})
+    _archive(tmp_path / "absent.nemo", {"model_config.yaml": config})
+    folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]))
+    want = {k[len(P):]: v for k, v in ema.items() if not k.startswith(P + "init_conv.")}
+    for name, error in (("corrupt.nemo", "cannot be read"), ("absent.nemo", "no model_weights.ckpt")):
+        built = load_nemo_stage(str(tmp_path / name), ema_checkpoint=str(tmp_path / "m-EMA.ckpt"), **folders)
+        torch.testing.assert_close(built.unet.state_dict(), want)
+        with pytest.raises(CheckpointError, match=error):
+            load_nemo_stage(str(tmp_path / name), **folders)
+
+
 def test_ema_checkpoint_with_omegaconf_hyper_parameters_runs_none_of_their_code(tmp_path, make_stage, monkeypatch):
     """NeMo's Lightning checkpoints pickle ``hyper_parameters`` as OmegaConf objects (and their type):
     such globals are read as inert placeholders, so a checkpoint whose classes are not even

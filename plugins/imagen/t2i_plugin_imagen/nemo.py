@@ -21,7 +21,9 @@ names, as NeMo's loaders do.
 EMA: NeMo's ``EMA`` callback keeps the moving average outside the module and its
 ``NeMoModelCheckpoint`` writes it as a separate Lightning checkpoint ``<name>-EMA.ckpt`` (the
 model's names, EMA values); the ``.nemo`` (``save_to``) holds the trained weights, which is what
-NeMo's inference (``ImagenPipeline``) samples with. :func:`read_ema_weights` reads such a file.
+NeMo's inference (``ImagenPipeline``) samples with. :func:`read_ema_weights` reads such a file,
+recognised by its contents (``EMAOptimizer``'s state, or the first callback's ``ema_weights``), the
+name deciding only where the contents cannot tell.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ NEUTRAL_UNET_KEYS = ("gradient_checkpointing", "stable_attention", "flash_attent
 _OBJECTIVES = {"noise": "eps", "x_start": "x0"}
 # NeMo unet_type -> this plugin's UNet (sr-unet: the base UNet with low_res_cond)
 UNET_TYPES = {"base": "base", "sr": "sr", "sr-unet": "base"}
+# NeMoModelCheckpoint._ema_format_filepath: the EMA copy of <name>.ckpt
+EMA_SUFFIX = "-EMA.ckpt"
 # UNetModel's state dict names its first conv twice: init_conv (an attribute) and input_blocks.0
 _INIT_CONV_ALIAS = {"init_conv.0.weight": "input_blocks.0.0.weight", "init_conv.0.bias": "input_blocks.0.0.bias"}
 
@@ -107,18 +111,9 @@ def _tensors(named: dict[str, Any], path: str) -> dict[str, Tensor]:
     return named
 
 
-def read_ema_weights(path: str) -> dict[str, Tensor]:
-    """The EMA weights in a NeMo Lightning checkpoint (read with ``weights_only=True``), under the
-    model's names: the ``state_dict`` of an ``<name>-EMA.ckpt`` (NeMo's ``NeMoModelCheckpoint``
-    writes the EMA copy there, the file named by ``_ema_format_filepath``), or, in a checkpoint of
-    NeMo's first EMA callback, its ``ema_weights`` list (ordered as the ``state_dict``). A file
-    with neither is a :class:`CheckpointError`."""
-    ckpt = safe_torch_load(path, inert_globals=True)  # NeMo pickles its hyper_parameters as OmegaConf
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a NeMo (Lightning) checkpoint: it has no state_dict")
-    if Path(path).name.endswith("-EMA.ckpt"):
-        return _tensors(dict(state), path)
+def _callback_ema_weights(ckpt: dict[str, Any], state: dict[str, Any], path: str) -> dict[str, Tensor] | None:
+    """The ``ema_weights`` of NeMo's first EMA callback (its ``state_dict``, kept in the
+    checkpoint's ``callbacks``: one tensor per ``state_dict`` entry, in its order), or None."""
     for callback in (ckpt.get("callbacks") or {}).values():
         if isinstance(callback, dict) and callback.get("ema_weights") is not None:
             weights = list(callback["ema_weights"])
@@ -126,8 +121,72 @@ def read_ema_weights(path: str) -> dict[str, Tensor]:
                 raise CheckpointError(f"{path}: the EMA callback holds {len(weights)} tensors for "
                                       f"{len(state)} in state_dict; they cannot be matched by name")
             return _tensors(dict(zip(state, weights)), path)
-    raise CheckpointError(f"{path}: holds no EMA weights (NeMo's EMA callback writes them to a separate "
-                          "<name>-EMA.ckpt beside each checkpoint; give that file as ema_checkpoint)")
+    return None
+
+
+def _are_state_tensors(tensors: list[Any], state: dict[str, Any]) -> bool:
+    """Whether every tensor of ``tensors`` is (equal to) a distinct tensor of ``state``: the
+    parameters in any order (the optimizer's groups), buffers and aliases of ``state`` left over."""
+    pool: dict[tuple[Any, ...], list[Tensor]] = {}
+    for value in state.values():
+        if isinstance(value, Tensor):
+            pool.setdefault((tuple(value.shape), value.dtype), []).append(value)
+    for t in tensors:
+        if not isinstance(t, Tensor):
+            return False
+        candidates = pool.get((tuple(t.shape), t.dtype), [])
+        shared = [i for i, c in enumerate(candidates)  # saved together: one storage
+                  if c.data_ptr() == t.data_ptr() and c.stride() == t.stride()]
+        found = shared[:1] or [i for i, c in enumerate(candidates) if torch.equal(c, t)][:1]
+        if not found:
+            return False
+        del candidates[found[0]]
+    return True
+
+
+def read_ema_weights(path: str) -> dict[str, Tensor]:
+    """The EMA weights in a NeMo Lightning checkpoint (read with ``weights_only=True``), under the
+    model's names, told by the file's contents first:
+
+    * ``callbacks`` holding ``ema_weights``: NeMo's first EMA callback (its state, one tensor per
+      ``state_dict`` entry, in that order); taken whatever the file's name;
+    * ``optimizer_states`` holding ``EMAOptimizer``'s state (``opt``, ``ema``, ...): NeMo's current
+      EMA callback. ``NeMoModelCheckpoint`` writes ``<name>-EMA.ckpt`` with the EMA weights swapped
+      into the module, where ``ema`` is the module's parameters, so the ``state_dict`` is the EMA
+      copy when every ``ema`` tensor is one of its tensors (a renamed file is recognised);
+      otherwise the ``state_dict`` holds the trained weights (refused: ``ema`` is unnamed);
+    * ``optimizer_states`` of a plain optimizer: the regular ``<name>.ckpt`` (``EMA`` saves it
+      with the wrapped optimizer's state), or a run without EMA: refused, whatever the name;
+    * no ``optimizer_states`` (a weights-only checkpoint): the contents cannot tell, so the name
+      decides: ``<name>-EMA.ckpt`` is the EMA copy, any other name is refused.
+    """
+    ckpt = safe_torch_load(path, inert_globals=True)  # NeMo pickles its hyper_parameters as OmegaConf
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a NeMo (Lightning) checkpoint: it has no state_dict")
+    from_callback = _callback_ema_weights(ckpt, state, path)
+    if from_callback is not None:
+        return from_callback
+    named = Path(path).name.endswith(EMA_SUFFIX)
+    looked = f"{path}: holds no EMA weights: no callbacks entry with ema_weights (NeMo's first EMA callback)"
+    optimizers = ckpt.get("optimizer_states")
+    if not optimizers:
+        if named:
+            return _tensors(dict(state), path)
+        raise CheckpointError(f"{looked} and no optimizer_states (a weights-only checkpoint), so only the name "
+                              f"could tell, and it does not end in {EMA_SUFFIX} (NeMo's name for the EMA copy)")
+    ema_states = [s for s in optimizers if isinstance(s, dict) and "ema" in s and "opt" in s]
+    if not ema_states:
+        raise CheckpointError(f"{looked}, and its optimizer_states are a plain optimizer's, not EMAOptimizer's "
+                              f"(opt, ema), as in NeMo's regular <name>.ckpt"
+                              + (f" (the name {EMA_SUFFIX} alone is not trusted)" if named else "")
+                              + f"; NeMo's EMA callback writes the EMA copy to <name>{EMA_SUFFIX}: give that file")
+    ema = [t for s in ema_states for t in s["ema"]]
+    if ema and _are_state_tensors(ema, state):
+        return _tensors(dict(state), path)
+    raise CheckpointError(f"{path}: its EMAOptimizer state's ema tensors are not its state_dict's: the state_dict "
+                          "holds the trained weights (NeMo's <name>-EMA.ckpt holds the EMA copy in both), and ema "
+                          "is unnamed (the optimizer's parameter order); give the <name>-EMA.ckpt")
 
 
 def _unet_state(state: dict[str, Tensor], path: str, *, base: bool) -> dict[str, Tensor]:

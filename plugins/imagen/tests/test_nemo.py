@@ -183,9 +183,39 @@ def test_nemo_state_dict_names_inductor_and_sr_unet_refusals(tmp_path, t5_folder
             load_nemo_stage(str(tmp_path / "bad.nemo"), **folders)
 
 
-def _lightning_ckpt(path, state, **extra):
-    """A Lightning checkpoint as NeMo's trainer writes it (the parts that are plain data)."""
-    torch.save({"epoch": 0, "global_step": 10, "state_dict": state, "optimizer_states": [{"state": {}}], **extra}, path)
+def _optimizer(groups):
+    """A torch optimizer's ``state_dict`` (Adam before its first step) over ``groups`` parameter counts."""
+    start = [sum(groups[:i]) for i in range(len(groups))]
+    return {"state": {}, "param_groups": [{"lr": 1e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0,
+                                           "params": list(range(a, a + n))} for a, n in zip(start, groups)]}
+
+
+def _lightning_ckpt(path, state, *, optimizer_states=None, **extra):
+    """A Lightning checkpoint as NeMo's trainer writes it (the parts that are plain data); by default
+    the regular ``<name>.ckpt`` of an EMA run: ``EMA.save_original_optimizer_state`` makes
+    ``EMAOptimizer.state_dict()`` the wrapped optimizer's own."""
+    if optimizer_states is None:
+        optimizer_states = [_optimizer([len(state)])]
+    torch.save({"epoch": 0, "global_step": 10, "state_dict": state, "optimizer_states": optimizer_states, **extra}, path)
+
+
+def _ema_optimizer_state(ema):
+    """``EMAOptimizer.state_dict()``: the wrapped optimizer's, its ``ema`` list and counters."""
+    return {"opt": _optimizer([len(ema)]), "ema": list(ema), "current_step": 10, "decay": 0.999, "every_n_steps": 1}
+
+
+def _ema_copy(path, ema_state, **extra):
+    """``<name>-EMA.ckpt`` as ``NeMoModelCheckpoint._save_checkpoint`` writes it inside
+    ``EMA.save_ema_model``: the EMA values swapped into the module's parameters, so the
+    ``state_dict`` holds them and ``EMAOptimizer``'s ``ema`` is ``list(all_parameters())``: the same
+    parameters (saved together: shared storage), each once (NeMo's ``init_conv`` alias is one
+    parameter), in the optimizer's order (Megatron's groups: weights, then biases and norms)."""
+    params = {id(v): torch.nn.Parameter(v) for v in ema_state.values()}
+    state = {k: params[id(v)].detach() for k, v in ema_state.items()}
+    groups = [[p for p in params.values() if p.ndim > 1], [p for p in params.values() if p.ndim <= 1]]
+    opt = _ema_optimizer_state(groups[0] + groups[1])
+    opt["opt"] = _optimizer([len(g) for g in groups])
+    _lightning_ckpt(path, state, optimizer_states=[opt], **extra)
 
 
 def test_ema_checkpoint_weights_replace_the_archives(tmp_path, make_stage, t5_folders):
@@ -202,8 +232,8 @@ def test_ema_checkpoint_weights_replace_the_archives(tmp_path, make_stage, t5_fo
     ema = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
     for end in ("weight", "bias"):  # one parameter under both names: one EMA value
         ema[P + "init_conv.0." + end] = ema[P + "input_blocks.0.0." + end]
-    _lightning_ckpt(tmp_path / "imagen--step=10-EMA.ckpt", ema)
-    _lightning_ckpt(tmp_path / "imagen--step=10.ckpt", state,
+    _ema_copy(tmp_path / "imagen--step=10-EMA.ckpt", ema)
+    _lightning_ckpt(tmp_path / "imagen--step=10.ckpt", state,  # NeMo's first EMA callback
                     callbacks={"EMA": {"ema_weights": list(ema.values()), "cur_step": 10}})
     _lightning_ckpt(tmp_path / "plain.ckpt", state)
     folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]))
@@ -229,6 +259,49 @@ def test_ema_checkpoint_weights_replace_the_archives(tmp_path, make_stage, t5_fo
         read_ema_weights(str(tmp_path / "flat-EMA.ckpt"))
 
 
+def test_ema_checkpoint_is_told_by_its_contents_not_its_name(tmp_path, make_stage, t5_folders):
+    """The EMA copy is recognised by what NeMo writes into it, the name only where the contents
+    cannot tell: a renamed ``-EMA.ckpt`` loads; a first-callback checkpoint named ``-EMA.ckpt``
+    gives its callback state (not its trained state_dict); a regular checkpoint (a plain
+    optimizer's state) named ``-EMA.ckpt`` is refused, and so is a checkpoint whose ``EMAOptimizer``
+    state is not its state_dict's (saved outside ``save_ema_model``: trained weights, unnamed
+    ``ema``); a weights-only checkpoint is taken as EMA only when named ``-EMA.ckpt``."""
+    from t2i_plugin_imagen.nemo import read_ema_weights
+
+    stage = make_stage("base", d_model=32)
+    save_nemo(stage, str(tmp_path / "m.nemo"))
+    _, state = read_nemo(str(tmp_path / "m.nemo"))
+    torch.manual_seed(3)
+    ema = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    for end in ("weight", "bias"):
+        ema[P + "init_conv.0." + end] = ema[P + "input_blocks.0.0." + end]
+
+    def same(got, want):
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    _ema_copy(tmp_path / "averaged.ckpt", ema)  # NeMo's -EMA.ckpt, renamed
+    same(read_ema_weights(str(tmp_path / "averaged.ckpt")), ema)
+    folders = dict(t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]))
+    built = load_nemo_stage(str(tmp_path / "m.nemo"), ema_checkpoint=str(tmp_path / "averaged.ckpt"), **folders)
+    torch.testing.assert_close(built.unet.state_dict(), {k[len(P):]: v for k, v in ema.items()
+                                                         if not k.startswith(P + "init_conv.")})
+    _lightning_ckpt(tmp_path / "first-EMA.ckpt", state, callbacks={"EMA": {"ema_weights": list(ema.values()),
+                                                                           "cur_step": 10}})
+    same(read_ema_weights(str(tmp_path / "first-EMA.ckpt")), ema)
+    _lightning_ckpt(tmp_path / "regular-EMA.ckpt", state)  # NeMo's <name>.ckpt, renamed
+    with pytest.raises(CheckpointError, match=r"plain optimizer's.*name -EMA.ckpt alone is not trusted"):
+        read_ema_weights(str(tmp_path / "regular-EMA.ckpt"))
+    params = [v for k, v in ema.items() if not k.startswith(P + "init_conv.")]
+    _lightning_ckpt(tmp_path / "outside-EMA.ckpt", state, optimizer_states=[_ema_optimizer_state(params)])
+    with pytest.raises(CheckpointError, match="ema tensors are not its state_dict's"):
+        read_ema_weights(str(tmp_path / "outside-EMA.ckpt"))
+    torch.save({"epoch": 0, "global_step": 10, "state_dict": ema}, tmp_path / "weights-EMA.ckpt")
+    same(read_ema_weights(str(tmp_path / "weights-EMA.ckpt")), ema)
+    torch.save({"epoch": 0, "global_step": 10, "state_dict": ema}, tmp_path / "weights.ckpt")
+    with pytest.raises(CheckpointError, match="weights-only checkpoint.*does not end in -EMA.ckpt"):
+        read_ema_weights(str(tmp_path / "weights.ckpt"))
+
+
 def _archive(dst, members):
     """A tar of ``{name: bytes}``, as ``.nemo`` archives are laid out."""
     with tarfile.open(dst, "w") as tar:
@@ -246,7 +319,7 @@ def test_ema_checkpoint_means_the_archives_weights_are_not_read(tmp_path, make_s
     save_nemo(stage, str(tmp_path / "m.nemo"))
     cfg, state = read_nemo(str(tmp_path / "m.nemo"))
     ema = {k: v + 0.01 for k, v in state.items()}
-    _lightning_ckpt(tmp_path / "m-EMA.ckpt", ema)
+    _ema_copy(tmp_path / "m-EMA.ckpt", ema)
     config = yaml.safe_dump({"model": cfg}).encode()
     _archive(tmp_path / "corrupt.nemo", {"model_config.yaml": config, "model_weights.ckpt": b"not a pickle"})
     _archive(tmp_path / "absent.nemo", {"model_config.yaml": config})
@@ -300,8 +373,8 @@ def test_ema_checkpoint_with_omegaconf_hyper_parameters_runs_none_of_their_code(
     stage = make_stage("base", d_model=32)
     save_nemo(stage, str(tmp_path / "m.nemo"))
     _, state = read_nemo(str(tmp_path / "m.nemo"))
-    _lightning_ckpt(tmp_path / "n-EMA.ckpt", state, hyper_parameters=DictConfig({"cfg": {"unet_type": "base"}}),
-                    hparams_type=DictConfig, extra=Reduced())
+    _ema_copy(tmp_path / "n-EMA.ckpt", state, hyper_parameters=DictConfig({"cfg": {"unet_type": "base"}}),
+              hparams_type=DictConfig, extra=Reduced())
     monkeypatch.undo()  # the classes are gone: the loader must not need them
     assert "omegaconf.dictconfig" not in sys.modules
     got = read_ema_weights(str(tmp_path / "n-EMA.ckpt"))
@@ -312,6 +385,6 @@ def test_ema_checkpoint_with_omegaconf_hyper_parameters_runs_none_of_their_code(
         def __reduce__(self):
             return os.system, ("true",)
 
-    _lightning_ckpt(tmp_path / "evil-EMA.ckpt", state, extra=System())
+    _ema_copy(tmp_path / "evil-EMA.ckpt", state, extra=System())
     with pytest.raises(CheckpointError, match="refusing"):
         read_ema_weights(str(tmp_path / "evil-EMA.ckpt"))

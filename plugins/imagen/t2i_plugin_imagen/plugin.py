@@ -50,13 +50,17 @@ class ImagenStageConfig:
     """``[model] type = "imagen-stage"``: one Imagen UNet stage, from a file or built from keys."""
 
     checkpoint: str | None = existing_path(default=None, kind="file",
-                                           help="a stage written by this plugin (.safetensors) or a NeMo Imagen "
-                                           ".nemo; or give the keys below")
-    t5: str | None = existing_path(default=None, kind="dir", help=".nemo only: the T5EncoderModel folder")
-    tokenizer: str | None = existing_path(default=None, kind="dir", help=".nemo only: the T5 tokenizer folder")
+                                           help="a stage written by this plugin (.safetensors), a NeMo Imagen "
+                                           ".nemo or a NeMo Imagen Lightning .ckpt; or give the keys below")
+    t5: str | None = existing_path(default=None, kind="dir", help="NeMo .nemo / .ckpt only: the T5EncoderModel folder")
+    tokenizer: str | None = existing_path(default=None, kind="dir",
+                                          help="NeMo .nemo / .ckpt only: the T5 tokenizer folder")
     ema_checkpoint: str | None = existing_path(
-        default=None, kind="file", help=".nemo only: NeMo's <name>-EMA.ckpt; its EMA weights replace the archive's "
-        "(default: the archive's trained weights, as NeMo's inference)")
+        default=None, kind="file", help="NeMo .nemo / .ckpt only: NeMo's <name>-EMA.ckpt; its EMA weights replace the "
+        "checkpoint's (default: the trained weights, as NeMo's inference)")
+    nemo_config: str | None = existing_path(
+        default=None, kind="file", help="NeMo .ckpt only: the run's hparams.yaml (cfg:) or NeMo config yaml (model:); "
+        "default: the checkpoint's hyper_parameters.cfg")
     unet_type: Literal["base", "sr"] | None = option(default=None, help="base UNet or Efficient U-Net (sr)")
     unet: dict[str, Any] | None = option(default=None, help="the UNet's keys (NeMo's names, see docs/imagen.md)")
     text: WordT5Config | None = option(default=None, help="the word-level T5 encoder")
@@ -77,10 +81,12 @@ def build_imagen_stage(config: ImagenStageConfig) -> Any:
     from t2i_engine.errors import ConfigError
 
     keys = ("unet_type", "unet", "text", "text_from", "precond", "image_size", "lowres_size", "noise_aug")
-    if config.checkpoint is not None and config.checkpoint.endswith(".nemo"):
+    if config.checkpoint is not None and config.checkpoint.endswith((".nemo", ".ckpt")):
         return _nemo_stage(config)
-    if config.t5 is not None or config.tokenizer is not None or config.ema_checkpoint is not None:
-        raise ConfigError("model.t5 / model.tokenizer / model.ema_checkpoint: only for a NeMo .nemo checkpoint")
+    nemo_keys = ("t5", "tokenizer", "ema_checkpoint", "nemo_config")
+    if any(getattr(config, k) is not None for k in nemo_keys):
+        raise ConfigError("model.t5 / model.tokenizer / model.ema_checkpoint / model.nemo_config: only for a NeMo "
+                          ".nemo or .ckpt checkpoint")
     if config.checkpoint is not None:
         given = [k for k in keys if getattr(config, k) is not None]
         if given:
@@ -108,19 +114,28 @@ def build_imagen_stage(config: ImagenStageConfig) -> Any:
 
 
 def _nemo_stage(config: ImagenStageConfig) -> Any:
-    from t2i_plugin_imagen.nemo import load_nemo_stage
+    """A stage from a NeMo ``.nemo`` archive or Lightning ``.ckpt`` (the architecture from its config)."""
+    from t2i_plugin_imagen.nemo import load_nemo_checkpoint_stage, load_nemo_stage
 
     from t2i_engine.errors import ConfigError
 
+    archive = config.checkpoint.endswith(".nemo")  # type: ignore[union-attr]
+    kind = ".nemo" if archive else ".ckpt"
     given = [k for k in ("unet_type", "unet", "text", "text_from", "precond", "image_size", "noise_aug")
              if getattr(config, k) is not None]
     if given:
-        raise ConfigError(f"model: {', '.join(given)} cannot be set with a .nemo checkpoint (its model_config.yaml "
+        raise ConfigError(f"model: {', '.join(given)} cannot be set with a NeMo {kind} checkpoint (its NeMo config "
                           "holds the architecture)")
     if config.t5 is None or config.tokenizer is None:
-        raise ConfigError("model: a .nemo checkpoint needs t5 and tokenizer (NeMo encodes text with an external T5)")
-    return load_nemo_stage(config.checkpoint, t5=config.t5, tokenizer=config.tokenizer,  # type: ignore[arg-type]
-                           lowres_size=config.lowres_size, ema_checkpoint=config.ema_checkpoint)
+        raise ConfigError(f"model: a NeMo {kind} checkpoint needs t5 and tokenizer (NeMo encodes text with an "
+                          "external T5)")
+    folders = dict(t5=config.t5, tokenizer=config.tokenizer, lowres_size=config.lowres_size,
+                   ema_checkpoint=config.ema_checkpoint)
+    if archive:
+        if config.nemo_config is not None:
+            raise ConfigError("model.nemo_config: only for a NeMo .ckpt (a .nemo holds its model_config.yaml)")
+        return load_nemo_stage(config.checkpoint, **folders)  # type: ignore[arg-type]
+    return load_nemo_checkpoint_stage(config.checkpoint, config=config.nemo_config, **folders)  # type: ignore[arg-type]
 
 
 build_imagen_stage.Config = ImagenStageConfig  # type: ignore[attr-defined]

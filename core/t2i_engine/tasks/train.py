@@ -4,7 +4,8 @@ The model's :meth:`~t2i_engine.interfaces.LatentDiffusionModel.trainable` wrappe
 trains (Stable Diffusion: the UNet, optionally the text encoder); ``[train]`` configures the loop
 and ``[data]`` the dataset (images and captions, or ``type = "precached"`` shards written by the
 ``precache`` task). When ``train.ema`` is on, the EMA weights are copied into the model after the
-final checkpoint, so ``export`` writes them.
+final checkpoint, so ``export`` writes them. A run stopped early (SIGTERM) writes no export: its
+checkpoint holds the progress and the resumed run exports.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class TrainTask:
 
     def run(self, ctx: RunContext) -> Mapping[str, Any]:
         from t2i_engine.training.config import TrainConfig
-        from t2i_engine.training.loop import fit
+        from t2i_engine.training.loop import fit, interrupted
 
         if ctx.config.data is None:
             raise ConfigError("data: task 'train' needs a [data] table (type = a dataset, e.g. \"shapes\")")
@@ -79,7 +80,7 @@ class TrainTask:
         dataset = ctx.plugins.build(ctx.config.data)
         summary = fit(trainable, dataset, train, output_dir=ctx.output_dir,
                       seed=ctx.seed, hooks=ctx.plugins.hook, copy_ema=True)
-        if self.config.export:
+        if self.config.export and not interrupted(summary):  # a partial model must not replace the export
             url = output_path(ctx, self.config.export)
             model.save(url, format=self.config.export_format)
             summary = {**summary, "exported": url}

@@ -48,13 +48,16 @@ def _job_table(name: str) -> dict:
     return tomllib.loads((EXAMPLES / name).read_text())
 
 
-def test_base_example_trains_the_noise_levels_that_decide_colour():
-    """A flat colour at 32 px is decided while the noise is still large: the mean of 1024 pixels
-    carries noise sigma / 32, so colours (1 to 2 apart in [-1, 1]) are fixed around sigma 10-40,
-    where the prompt is all the model has. The first shipped base drew its training sigmas with
-    NeMo's log-normal (P_mean -0.6 there, -1.2 in NeMo), i.e. under 1 % of them at sigma >= 10,
-    and read the prompt's colours 36 % of the time; this checks the example keeps >= 10 % there
-    (the normal CDF written out) and still trains the low levels that sharpen the shapes."""
+def test_base_example_trains_the_noise_levels_that_decide_colour_and_shape():
+    """Colour and shape are decided while the noise is still large. A flat colour at 32 px is the
+    mean of 1024 pixels, whose noise is sigma / 32: colours (1 to 2 apart in [-1, 1]) are fixed
+    around sigma 10-40, where the prompt is all the model has; the first shipped base drew its
+    training sigmas with NeMo's log-normal (P_mean -0.6 there, -1.2 in NeMo), under 1 % of them at
+    sigma >= 10, and read the prompt's colours 36 % of the time. A shape is decided at sigma 2-16
+    (a Bayes denoiser of the data reads it from the image 100 / 81 / 50 / 23 % of the time at sigma
+    2 / 4 / 8 / 16): with 37 % of the draws there (log-normal 0.5, 1.6) the base drew blobs (shape
+    38 %); with 58 % there and batches of 64 it learnt the shapes (docs/imagen.md). This checks the
+    example keeps those shares (the normal CDF written out) and still trains the low levels."""
     pre = _job_table("imagen-train-base.toml")["model"]["precond"]
     assert pre.get("kind", "edm") == "edm"
 
@@ -62,8 +65,9 @@ def test_base_example_trains_the_noise_levels_that_decide_colour():
         z = (math.log(sigma) - pre["p_mean"]) / pre["p_std"]
         return 0.5 * math.erfc(z / math.sqrt(2))
 
-    assert above(10.0) >= 0.10
-    assert 1 - above(0.5) >= 0.15
+    assert above(10.0) >= 0.08
+    assert above(2.0) - above(16.0) >= 0.5
+    assert 1 - above(1.0) >= 0.1
 
 
 def test_sr_example_samples_where_its_denoiser_is_trained():

@@ -64,7 +64,8 @@ def test_one_thread_times_cpu_not_wall() -> None:
 
 
 def test_first_select_times_and_caches_then_reads(timings: list[int]) -> None:
-    assert all(cpu_paths.enabled(p) for p in PATHS)  # nothing selected yet: every path on
+    # nothing selected yet: every path this CPU can run is on
+    assert all(cpu_paths.enabled(p) for p in PATHS if cpu_paths.unsupported_reason(p) is None)
     choices = cpu_paths.select()
     assert choices == ALL_OFF and timings == [1]
     assert not any(cpu_paths.enabled(p) for p in PATHS)
@@ -206,6 +207,9 @@ def test_packing_follows_its_switch(monkeypatch: pytest.MonkeyPatch, dtype: torc
     def net() -> torch.nn.Module:
         return torch.nn.Sequential(ops.Conv2d(8, 8, 3, padding=1), ops.Conv2d(8, 8, 3, padding=1)).to(dtype)
 
+    if cpu_paths.unsupported_reason(path):
+        pytest.skip(f"this CPU cannot pack {dtype}: {cpu_paths.unsupported_reason(path)}")
+
     _select(monkeypatch, **{path: False})
     assert pack_conv_weights(net(), min_in_channels=1) == 0
     cpu_paths.reset()
@@ -230,6 +234,56 @@ def test_attention_dispatch_follows_its_switch(monkeypatch: pytest.MonkeyPatch, 
         on = dispatch.attention(q, q, q)
     assert used == [1]
     torch.testing.assert_close(off.float(), on.float(), atol=2e-2, rtol=0)
+
+
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/cpuinfo"), reason="reads /proc/cpuinfo")
+def test_bf16_packing_support_follows_the_cpu_flags() -> None:
+    """oneDNN's bf16 weight reorder needs AVX-512 BW+VL+DQ or AVX-NE-CONVERT (its error says so);
+    the flags in /proc/cpuinfo are the independent truth of which this CPU has."""
+    from t2i_engine.kernels.dense.dispatch import onednn_available
+
+    if not onednn_available():
+        pytest.skip("PyTorch without oneDNN")
+    flags = _cpu_flags()
+    capable = {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
+    assert (cpu_paths.unsupported_reason("conv_pack_bf16") is None) == capable
+    assert cpu_paths.unsupported_reason("conv_pack_fp32") is None
+
+
+def test_an_unsupported_path_is_off_untimed_and_never_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU whose oneDNN refuses the bf16 reorder (AVX2 only): measure() must not crash (it did
+    on an AMD Zen 3), the path is off with no ratio, and even the ``fixed`` policy keeps it off."""
+    from t2i_engine.kernels.dense import dispatch
+    from t2i_engine.nn import ops
+    from t2i_engine.nn.cpu_inference import pack_conv_weights
+
+    real = dispatch.pack_conv_weight
+
+    def refuse_bf16(weight: torch.Tensor, **kw: object) -> torch.Tensor:
+        if weight.dtype == torch.bfloat16:
+            raise RuntimeError("mkldnn_reorder_conv2d_weight: bf16 path needs the cpu support avx512bw")
+        return real(weight, **kw)
+
+    monkeypatch.setattr(dispatch, "pack_conv_weight", refuse_bf16)
+    cpu_paths.reset()
+    assert "avx512bw" in (cpu_paths.unsupported_reason("conv_pack_bf16") or "")
+    monkeypatch.setattr(cpu_paths, "PAIRS", 1)
+    choices = cpu_paths.measure()
+    if dispatch.onednn_available():
+        assert choices["conv_pack_bf16"] == Choice("conv_pack_bf16", False, None)
+        assert choices["conv_pack_fp32"].ratio is not None  # the other paths are still timed
+    monkeypatch.setenv(cpu_paths.CPU_PATHS_ENV, "fixed")
+    cpu_paths.select()
+    assert not cpu_paths.enabled("conv_pack_bf16") and cpu_paths.enabled("conv_pack_fp32") == dispatch.onednn_available()
+    net = torch.nn.Sequential(ops.Conv2d(8, 8, 3, padding=1)).to(torch.bfloat16)
+    assert pack_conv_weights(net, min_in_channels=1) == 0
 
 
 def test_prepare_for_inference_selects_on_the_cpu(timings: list[int]) -> None:

@@ -46,7 +46,8 @@ import torch
 from t2i_engine.errors import T2IError
 
 __all__ = ["CPU_PATHS_ENV", "KEEP_BELOW", "LONG_SCORES", "PATHS", "Choice", "cache_file", "cpu_description", "default_clock", "enabled", "machine_key",
-           "measure", "paired_ratios", "reset", "select"]
+           "measure", "paired_ratios", "reset", "select",
+           "unsupported_reason"]
 
 CPU_PATHS_ENV = "T2I_CPU_PATHS"
 POLICIES = ("auto", "measure", "fixed", "off")
@@ -98,16 +99,42 @@ def policy() -> str:
 
 
 def enabled(path: str) -> bool:
-    """Whether the dispatchers may take fast path ``path`` (a key of :data:`PATHS`)."""
+    """Whether the dispatchers may take fast path ``path`` (a key of :data:`PATHS`): never where
+    this CPU cannot run it (:func:`unsupported_reason`), whatever the policy."""
+    if unsupported_reason(path) is not None:
+        return False
     if _SELECTED is None:
         return policy() != "off"
     return _SELECTED[path].enabled
 
 
+@functools.cache
+def unsupported_reason(path: str) -> str | None:
+    """Why this CPU cannot run fast path ``path`` at all, or None. oneDNN packs bf16 convolution
+    weights only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (AMD Zen 3) the
+    reorder raises, so the path is tried once on a tiny weight instead of assumed."""
+    if path not in PATHS:
+        raise KeyError(f"unknown CPU path {path!r}; the paths are {', '.join(PATHS)}")
+    if path != "conv_pack_bf16":
+        return None
+    from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight
+
+    if not onednn_available():
+        return "PyTorch without oneDNN"
+    try:
+        pack_conv_weight(torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16), stride=(1, 1), padding=(1, 1),
+                         dilation=(1, 1), groups=1)
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
 def reset() -> None:
-    """Forget this process's selection (tests; a later :func:`select` reads the cache again)."""
+    """Forget this process's selection and support checks (tests; a later :func:`select` reads the
+    cache again)."""
     global _SELECTED, _SELECTED_KEY
     _SELECTED = _SELECTED_KEY = None
+    unsupported_reason.cache_clear()
 
 
 def cache_file() -> Path:
@@ -175,8 +202,9 @@ def paired_ratios(fast: Callable[[], Any], plain: Callable[[], Any], *, pairs: i
     return ratios
 
 
-def _probes() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """(fast, plain) callables per path on SD-1.5-sized shapes (256 px, guidance batch of 2)."""
+def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], Any]]]]:
+    """Per path, a builder of its (fast, plain) callables on SD-1.5-sized shapes (256 px, guidance
+    batch of 2); built only for the paths this CPU supports."""
     from t2i_engine.kernels.attention.cpu import bmm_attention
     from t2i_engine.kernels.dense.dispatch import OneDNNLinear, pack_conv_weight
 
@@ -219,23 +247,28 @@ def _probes() -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
         return (lambda: bmm_attention(q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
     return {
-        "dense_fp32": (dense_fast, dense_plain),
-        "dense_fp32_train": (train_fast, train_plain),
-        "conv_pack_fp32": conv_pair(torch.float32),
-        "conv_pack_bf16": conv_pair(torch.bfloat16),
-        "attention_bf16_short": attention_pair(256, 80),  # SD's 16x16-latent self-attention
-        "attention_bf16_long": attention_pair(1024, 40),  # 32x32 latents: 256 px images
+        "dense_fp32": lambda: (dense_fast, dense_plain),
+        "dense_fp32_train": lambda: (train_fast, train_plain),
+        "conv_pack_fp32": lambda: conv_pair(torch.float32),
+        "conv_pack_bf16": lambda: conv_pair(torch.bfloat16),
+        "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention
+        "attention_bf16_long": lambda: attention_pair(1024, 40),  # 32x32 latents: 256 px images
     }
 
 
 def measure() -> dict[str, Choice]:
-    """Time every path against PyTorch's op now (about a second): a :class:`Choice` per path."""
+    """Time every path against PyTorch's op now (about a second): a :class:`Choice` per path; a
+    path this CPU cannot run (:func:`unsupported_reason`) is off and untimed."""
     from t2i_engine.kernels.dense.dispatch import onednn_available
 
     if not onednn_available():
         return {p: Choice(p, False, None) for p in PATHS}
     choices = {}
-    for path, (fast, plain) in _probes().items():
+    for path, build in _probes().items():
+        if unsupported_reason(path) is not None:
+            choices[path] = Choice(path, False, None)
+            continue
+        fast, plain = build()
         with contextlib.nullcontext() if path.endswith("_train") else torch.inference_mode():
             ratio = statistics.median(paired_ratios(fast, plain, pairs=PAIRS))
         choices[path] = Choice(path, ratio < KEEP_BELOW, round(ratio, 3))

@@ -85,7 +85,8 @@ def random_if_arch(seed: int, *, sample_size: int) -> dict:
     up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention)]
     return dict(block_out_channels=channels, down_block_types=down, up_block_types=up,
                 layers_per_block=rng.choice([1, 2]), attention_head_dim=rng.choice([8, 16]),
-                addition_embed_type_num_heads=rng.choice([1, 2]), cross_attention_dim=rng.choice([24, 32]),
+                addition_embed_type_num_heads=rng.choice([1, 2]),
+                cross_attention_dim=rng.choice([32, 64]),  # diffusers' norm_cross: 32 groups
                 norm_num_groups=rng.choice([4, 8]), norm_eps=rng.choice([1e-5, 1e-6]), sample_size=sample_size)
 
 

@@ -145,7 +145,8 @@ def load_if_stage(folder: str | Path, *, max_length: int = 77, text_encoder: T5T
         path = root / "image_noising_scheduler" / "scheduler_config.json"
         noising = if_scheduler_config(read_json(path), source=str(path))
     if (root / "text_encoder").is_dir():
-        text, source = T5TextEncoder.from_folders(root / "text_encoder", root / "tokenizer", max_length=max_length), "T5"
+        source = "T5"
+        text = T5TextEncoder.from_folders(root / "text_encoder", root / "tokenizer", max_length=max_length)
     elif text_encoder is not None:
         text, source = text_encoder, "lent T5 (no text_encoder/ here)"
     else:

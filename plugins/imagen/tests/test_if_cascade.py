@@ -154,8 +154,9 @@ def test_if_sizes_chain(tmp_path, run_job, if_folders, stage_files):
     cases = [
         (_stage(if_folders[2]), r"task.stages\[0\].checkpoint: .*stage2 is deepfloyd-if stage II \(super-resolution, "
          r"32 px\); here the cascade needs a base stage"),
-        (_stage(if_folders[1]) + _stage(if_folders[1]), r"task.stages\[1\].checkpoint: .*stage1 is deepfloyd-if stage I "
-         r"\(a base stage, 16 px\); here the cascade needs a super-resolution stage from 16 px"),
+        (_stage(if_folders[1]) + _stage(if_folders[1]),
+         r"task.stages\[1\].checkpoint: .*stage1 is deepfloyd-if stage I \(a base stage, 16 px\); "
+         r"here the cascade needs a super-resolution stage from 16 px"),
         (_stage(if_folders[1]) + ours_sr, r"task.stages\[1\].checkpoint: .*sr.safetensors is .*here the cascade needs "
          r"a super-resolution stage from 16 px"),  # our SR stage takes 8 px
         (_stage(if_folders[1]) + _stage(if_folders[2]) + _stage(if_folders[2]),  # stage II from its own size
@@ -202,7 +203,8 @@ def test_load_if_stage_without_t5(make_if_folders, tmp_path):
 
 
 def test_shapes_eval_runs_an_if_cascade(tmp_path, run_job, if_folders):
-    data = '[data]\ntype = "shapes"\nsize = 32\nsplit = "heldout"\nheldout_fraction = 0.1\ncolours = ["red", "blue", "white"]'
+    data = ('[data]\ntype = "shapes"\nsize = 32\nsplit = "heldout"\nheldout_fraction = 0.1\n'
+            'colours = ["red", "blue", "white"]')
     task = 'name = "imagen-shapes-eval"\nimages_per_prompt = 1\nbatch_size = 8\ngrid = "g.png"'
     summary = run_job(tmp_path, "eval", _stage(if_folders[1]) + _stage(if_folders[2]), task, data)
     assert {"stage0_16px", "stage1_32px"} <= set(summary)

@@ -14,13 +14,19 @@ dynamic thresholding p and max) and, for super-resolution stages, augmentation l
     guidance = { guidance_scale = 2.0 }
     aug_level = 0.05
     sigma_min = 1.0       # EDM sampling range (default: the stage file's precond.sigma_min / sigma_max)
+
+A ``checkpoint`` that is a folder is a DeepFloyd IF stage (diffusers ``IFPipeline`` /
+``IFSuperResolutionPipeline`` folder) with its own keys: :mod:`t2i_plugin_imagen.if_cascade`.
+Stage ``k`` of image ``i`` starts from the noise of seed ``engine.seed + i + 1000 k``; its
+generator (seeded by the batch's first such seed) draws the augmentation noise of a
+super-resolution stage first, then the sampler's noise.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 import torch
@@ -41,9 +47,10 @@ _ge1 = attrs.validators.ge(1)
 class StageConfig:
     """One ``[[task.stages]]`` entry."""
 
-    checkpoint: str = existing_path(kind="file", help="the stage file (.safetensors written by this plugin)")
-    sampler: dict[str, Any] = option(factory=lambda: {"name": "edm"},
-                                     help="the stage's sampler table: name and the sampler's keys (steps, s_churn ...)")
+    checkpoint: str = existing_path(help="the stage file (.safetensors written by this plugin) or a diffusers "
+                                    "DeepFloyd IF folder (IFPipeline stage I, IFSuperResolutionPipeline stage II)")
+    sampler: dict[str, Any] | None = option(default=None, help="the stage's sampler table: name and the sampler's keys "
+                                            "(steps, s_churn ...); default edm (stage files), ddpm (IF folders)")
     guidance: dict[str, Any] = option(factory=dict, help="the stage's guidance keys (guidance_scale, dynamic_threshold ...)")
     aug_level: float | None = option(default=None, help="super-resolution: the augmentation sigma of the low-res "
                                      "input (default: the stage's noise_aug.sample_sigma)")
@@ -51,68 +58,127 @@ class StageConfig:
                                      "step to 0 (default: the stage file's precond.sigma_min)")
     sigma_max: float | None = option(default=None, help="EDM stages: the sampling sigma the run starts from "
                                      "(default: the stage file's precond.sigma_max)")
+    noise_level: int | None = option(default=None, help="IF stage II folders: the DDPM timestep the low-res input "
+                                     "is noised to (default 250, IF's)")
+
+
+class CascadeStep(Protocol):
+    """One loaded stage of a cascade: a stage file (:class:`BuiltStage`) or an IF folder
+    (:class:`t2i_plugin_imagen.if_cascade.IFStep`)."""
+
+    @property
+    def image_size(self) -> int:
+        """The side this stage samples."""
+
+    @property
+    def description(self) -> str:
+        """What size-chain errors call this stage."""
+
+    def follows(self, previous: int | None) -> bool:
+        """Whether this stage can follow a stage of side ``previous`` (None: be the first)."""
+
+    def sample(self, prompts: Sequence[str], noise: Tensor, *, lowres: Tensor | None,
+               generator: torch.Generator) -> Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1] from ``noise`` (and the previous stage's ``lowres``)."""
 
 
 @attrs.frozen
 class BuiltStage:
-    """A stage loaded and its sampler and guidance built."""
+    """A stage file of this plugin loaded, its sampler and guidance built."""
 
     stage: Any
     sampler: Any
     guidance: GuidanceConfig
     aug_level: float | None
 
+    @property
+    def image_size(self) -> int:
+        """The side this stage samples."""
+        return int(self.stage.image_size)
 
-def build_stages(ctx: RunContext, stages: Sequence[StageConfig]) -> list[BuiltStage]:
-    """Load each stage and build its sampler and guidance; check the sizes chain."""
+    @property
+    def description(self) -> str:
+        """What size-chain errors call this stage."""
+        return str(self.stage.description)
+
+    def follows(self, previous: int | None) -> bool:
+        """Whether this stage can follow a stage of side ``previous`` (None: be the first)."""
+        return self.stage.lowres_size == previous
+
+    def sample(self, prompts: Sequence[str], noise: Tensor, *, lowres: Tensor | None,
+               generator: torch.Generator) -> Tensor:
+        """Images ``(B, 3, S, S)`` in [-1, 1] (:func:`t2i_plugin_imagen.cascade.sample_stage`)."""
+        from t2i_plugin_imagen.cascade import sample_stage
+
+        return sample_stage(self.stage, prompts, noise, sampler=self.sampler, guidance=self.guidance, lowres=lowres,
+                            aug_sigma=self.aug_level, generator=generator)
+
+
+def check_chain(key: str, checkpoint: str, step: CascadeStep, previous: int | None) -> None:
+    """A base stage first, then each super-resolution stage from the previous stage's size."""
+    if not step.follows(previous):
+        need = "a base stage" if previous is None else f"a super-resolution stage from {previous} px"
+        raise ConfigError(f"{key}.checkpoint: {checkpoint} is {step.description}; here the cascade needs {need}")
+
+
+def _imagen_step(ctx: RunContext, key: str, sc: StageConfig) -> BuiltStage:
+    """A stage file with its sampler, guidance, augmentation level and sampling range."""
     from t2i_plugin_imagen.stage import load_imagen_stage
+
+    if sc.noise_level is not None:
+        raise ConfigError(f"{key}.noise_level: only for an IF stage II folder (a stage file sets aug_level)")
+    table = dict(sc.sampler or {"name": "edm"})
+    name = table.pop("name", None)
+    if not isinstance(name, str):
+        raise ConfigError(f"{key}.sampler: needs name = \"<sampler>\" (e.g. \"edm\")")
+    factory = ctx.plugins.get("sampler", name, key=f"{key}.sampler.name").factory
+    config_cls = getattr(factory, "Config", None)
+    sampler = factory(structure(config_cls, table, f"{key}.sampler")) if config_cls else factory()
+    guidance = structure(GuidanceConfig, sc.guidance, f"{key}.guidance")
+    stage = load_imagen_stage(sc.checkpoint).to(ctx.device)
+    if sc.aug_level is not None and stage.lowres_size is None:
+        raise ConfigError(f"{key}.aug_level: a base stage has no low-resolution input to augment")
+    try:
+        stage.set_sampling_range(sigma_min=sc.sigma_min, sigma_max=sc.sigma_max)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from e
+    return BuiltStage(stage, sampler, guidance, sc.aug_level)
+
+
+def build_stages(ctx: RunContext, stages: Sequence[StageConfig]) -> list[CascadeStep]:
+    """Load each stage (a stage file or an IF folder) with its sampling keys; check the sizes chain."""
+    from t2i_plugin_imagen.if_cascade import IFStep, build_if_step, is_if_folder
 
     if not stages:
         raise ConfigError("task.stages: a cascade needs at least one [[task.stages]] entry")
-    built = []
+    built: list[CascadeStep] = []
     for i, sc in enumerate(stages):
         key = f"task.stages[{i}]"
-        table = dict(sc.sampler)
-        name = table.pop("name", None)
-        if not isinstance(name, str):
-            raise ConfigError(f"{key}.sampler: needs name = \"<sampler>\" (e.g. \"edm\")")
-        factory = ctx.plugins.get("sampler", name, key=f"{key}.sampler.name").factory
-        config_cls = getattr(factory, "Config", None)
-        sampler = factory(structure(config_cls, table, f"{key}.sampler")) if config_cls else factory()
-        guidance = structure(GuidanceConfig, sc.guidance, f"{key}.guidance")
-        stage = load_imagen_stage(sc.checkpoint).to(ctx.device)
-        previous = built[-1].stage.image_size if built else None
-        if stage.lowres_size != previous:
-            want = "a base stage" if previous is None else f"a super-resolution stage from {previous} px"
-            raise ConfigError(f"{key}.checkpoint: {sc.checkpoint} is {stage.description}; here the cascade needs {want}")
-        if sc.aug_level is not None and stage.lowres_size is None:
-            raise ConfigError(f"{key}.aug_level: a base stage has no low-resolution input to augment")
-        try:
-            stage.set_sampling_range(sigma_min=sc.sigma_min, sigma_max=sc.sigma_max)
-        except ConfigError as e:
-            raise ConfigError(f"{key}: {e}") from e
-        built.append(BuiltStage(stage, sampler, guidance, sc.aug_level))
+        if is_if_folder(sc.checkpoint):
+            lender = next((b.stage for b in reversed(built) if isinstance(b, IFStep)), None)
+            step: CascadeStep = build_if_step(key, sc, text_from=lender, device=ctx.device)
+        else:
+            step = _imagen_step(ctx, key, sc)
+        check_chain(key, sc.checkpoint, step, built[-1].image_size if built else None)
+        built.append(step)
     return built
 
 
-def run_cascade(stages: Sequence[BuiltStage], prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int,
+def run_cascade(stages: Sequence[CascadeStep], prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int,
                 device: torch.device) -> list[Tensor]:
     """Every stage's images ``(N, 3, S_k, S_k)`` in [-1, 1] (CPU float32), one per (prompt, seed);
     stage ``k``'s noise and generator are seeded by ``seed + 1000 k``."""
     from tqdm.auto import tqdm
-
-    from t2i_plugin_imagen.cascade import sample_stage
 
     outputs: list[list[Tensor]] = [[] for _ in stages]
     for start in tqdm(range(0, len(prompts), batch_size), desc="cascade", unit="batch"):
         chunk, chunk_seeds = list(prompts[start:start + batch_size]), list(seeds[start:start + batch_size])
         low = None
         for k, b in enumerate(stages):
-            size = b.stage.image_size
+            size = b.image_size
             noise = seeded_noise([s + 1000 * k for s in chunk_seeds], (3, size, size)).to(device)
             gen = torch.Generator(device=device).manual_seed(chunk_seeds[0] + 1000 * k)
-            low = sample_stage(b.stage, chunk, noise, sampler=b.sampler, guidance=b.guidance, lowres=low,
-                               aug_sigma=b.aug_level, generator=gen)
+            low = b.sample(chunk, noise, lowres=low, generator=gen)
             outputs[k].append(low.float().cpu())
     return [torch.cat(o) for o in outputs]
 
@@ -155,7 +221,7 @@ class CascadeTask:
         images = run_cascade(stages, prompts, seeds, batch_size=c.batch_size, device=ctx.device)
         grid = side_by_side(images) if c.side_by_side else images[-1]
         per_row = len(images) if c.side_by_side else 1
-        captions = [f"{p} [{b.stage.image_size}px]" for p in prompts for b in stages] if c.side_by_side else prompts
+        captions = [f"{p} [{b.image_size}px]" for p in prompts for b in stages] if c.side_by_side else prompts
         path = str(Path(ctx.output_dir) / c.filename)
         save_png(make_grid(grid, nrow=per_row, captions=captions), path,
                  metadata={"prompts": "\n".join(c.prompts), "seed": str(ctx.seed),
@@ -193,8 +259,8 @@ class CascadeEvalTask:
         c = self.config
         data = shapes_data(ctx, task="imagen-shapes-eval")
         stages = build_stages(ctx, c.stages)
-        if stages[-1].stage.image_size != data.config.size:
-            raise ConfigError(f"data.size: the cascade ends at {stages[-1].stage.image_size} px, not {data.config.size}")
+        if stages[-1].image_size != data.config.size:
+            raise ConfigError(f"data.size: the cascade ends at {stages[-1].image_size} px, not {data.config.size}")
         truth = [ShapeLabels(*combo) for combo in data.combinations for _ in range(c.images_per_prompt)]
         prompts = [data.caption_of(t.colour, t.shape, t.background) for t in truth]
         seeds = [ctx.seed + i for i in range(len(prompts))]
@@ -203,11 +269,11 @@ class CascadeEvalTask:
         summary: dict[str, Any] = {"images": len(truth), "prompts": len(data.combinations)}
         for k, stage_images in enumerate(images):
             scores = accuracy(classify_batch(stage_images, colours=data.colours, shapes=data.shapes), truth)
-            side = stages[k].stage.image_size
+            side = stages[k].image_size
             print(f"stage {k} ({side} px):")
             print(format_table(scores, count=len(truth), targets=targets))
             summary[f"stage{k}_{side}px"] = scores
-        final = summary[f"stage{len(images) - 1}_{stages[-1].stage.image_size}px"]
+        final = summary[f"stage{len(images) - 1}_{stages[-1].image_size}px"]
         summary["targets_met"] = all(final[k] >= v for k, v in targets.items())
         if c.grid:
             path = str(Path(ctx.output_dir) / c.grid)

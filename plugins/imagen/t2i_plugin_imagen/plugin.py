@@ -37,7 +37,7 @@ def build_imagen(config: ImagenConfig) -> Any:
     stage = load_if_stage(config.checkpoint, max_length=config.token_length)
     if stage.stage != 1:
         raise ConfigError(f"model.checkpoint: {config.checkpoint} is an IF stage II (super-resolution) folder; "
-                          "the sample task runs stage I (stage II: t2i_plugin_imagen.model.IFStage.generate)")
+                          "the sample task runs stage I (stage II: a [[task.stages]] entry of imagen-cascade)")
     stage.text_encoder.zero_padding = config.zero_padding
     return stage
 

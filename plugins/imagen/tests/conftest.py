@@ -45,8 +45,9 @@ def t5_folders(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return root / "text_encoder", root / "tokenizer"
 
 
-def tiny_if_unet(*, stage: int, encoder_dim: int = 32):
-    """diffusers' tiny IF UNets (the configs of diffusers' tests/pipelines/deepfloyd_if)."""
+def tiny_if_unet(*, stage: int, encoder_dim: int = 32, **arch):
+    """diffusers' tiny IF UNets (the configs of diffusers' tests/pipelines/deepfloyd_if); ``arch``
+    replaces config keys (:func:`random_if_arch`)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(stage)
@@ -58,16 +59,35 @@ def tiny_if_unet(*, stage: int, encoder_dim: int = 32):
                   addition_embed_type="text", addition_embed_type_num_heads=2, cross_attention_norm="group_norm",
                   resnet_time_scale_shift="scale_shift", act_fn="gelu", norm_num_groups=8)
     if stage == 1:
-        unet = UNet2DConditionModel(sample_size=16, in_channels=3, **common)
+        config = dict(common, sample_size=16, in_channels=3)
     else:
-        unet = UNet2DConditionModel(sample_size=32, in_channels=6, class_embed_type="timestep",
-                                    mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
-                                    resnet_skip_time_act=True, resnet_out_scale_factor=1.414, **common)
+        config = dict(common, sample_size=32, in_channels=6, class_embed_type="timestep", mid_block_scale_factor=1.414,
+                      time_embedding_act_fn="gelu", resnet_skip_time_act=True, resnet_out_scale_factor=1.414)
+    unet = UNet2DConditionModel(**{**config, **arch})
     with torch.no_grad():  # diffusers zero-initialises some outputs; random weights test more
         for p in unet.parameters():
             if (p == 0).all():
                 p.normal_(0, 0.05)
     return unet.eval()
+
+
+def random_if_arch(seed: int, *, sample_size: int) -> dict:
+    """Randomized tiny IF UNet config keys for :func:`tiny_if_unet`: levels, widths, which levels
+    cross-attend, blocks per level, head size, pooling heads, text projection width, norm eps."""
+    import random
+
+    rng = random.Random(seed)
+    levels = rng.choice([2, 3])
+    c0 = rng.choice([16, 32])
+    channels = [c0 * m for m in rng.choice([(1, 2, 2), (1, 2, 4), (1, 1, 2)])[:levels]]
+    attention = [rng.random() < 0.5 for _ in range(levels - 1)] + [True]
+    down = ["SimpleCrossAttnDownBlock2D" if a else "ResnetDownsampleBlock2D" for a in attention]
+    up = ["SimpleCrossAttnUpBlock2D" if a else "ResnetUpsampleBlock2D" for a in reversed(attention)]
+    return dict(block_out_channels=channels, down_block_types=down, up_block_types=up,
+                layers_per_block=rng.choice([1, 2]), attention_head_dim=rng.choice([8, 16]),
+                addition_embed_type_num_heads=rng.choice([1, 2]),
+                cross_attention_dim=rng.choice([32, 64]),  # diffusers' norm_cross: 32 groups
+                norm_num_groups=rng.choice([4, 8]), norm_eps=rng.choice([1e-5, 1e-6]), sample_size=sample_size)
 
 
 @pytest.fixture(scope="session")
@@ -85,22 +105,43 @@ def if_scheduler():
                          prediction_type="epsilon", variance_type="learned_range")
 
 
-@pytest.fixture(scope="session")
-def if_folders(tmp_path_factory: pytest.TempPathFactory, t5_folders) -> dict[int, Path]:
-    """Stage I and stage II folders written by diffusers' ``save_pretrained`` (tiny random weights)."""
+def write_if_folders(root: Path, tokenizer_dir: Path, *, t5_width: int = 32, stage1: dict | None = None,
+                     stage2: dict | None = None, stage2_text: bool = True) -> dict[int, Path]:
+    """Stage I and stage II folders written by diffusers' ``save_pretrained`` (tiny random
+    weights; ``stage1`` / ``stage2`` replace UNet config keys). ``stage2_text=False`` saves stage
+    II as its users do (``text_encoder=None, tokenizer=None``: stage I's prompt embeddings)."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline
-    from transformers import T5EncoderModel, T5Tokenizer
+    from transformers import T5Tokenizer
 
-    root = tmp_path_factory.mktemp("if")
-    common = dict(tokenizer=T5Tokenizer.from_pretrained(str(t5_folders[1])),
-                  text_encoder=T5EncoderModel.from_pretrained(str(t5_folders[0])),
-                  safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-    IFPipeline(unet=tiny_if_unet(stage=1), scheduler=if_scheduler(), **common).save_pretrained(root / "stage1")
+    text = dict(tokenizer=T5Tokenizer.from_pretrained(str(tokenizer_dir)), text_encoder=tiny_t5(t5_width))
+    common = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+    IFPipeline(unet=tiny_if_unet(stage=1, encoder_dim=t5_width, **(stage1 or {})), scheduler=if_scheduler(),
+               **text, **common).save_pretrained(root / "stage1")
     noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", beta_start=0.0001,
                             beta_end=0.02)
-    IFSuperResolutionPipeline(unet=tiny_if_unet(stage=2), scheduler=if_scheduler(), image_noising_scheduler=noising,
+    IFSuperResolutionPipeline(unet=tiny_if_unet(stage=2, encoder_dim=t5_width, **(stage2 or {})),
+                              scheduler=if_scheduler(), image_noising_scheduler=noising,
+                              **(text if stage2_text else dict(tokenizer=None, text_encoder=None)),
                               **common).save_pretrained(root / "stage2")
     return {1: root / "stage1", 2: root / "stage2"}
+
+
+@pytest.fixture(scope="session")
+def make_if_folders(t5_folders):
+    """:func:`write_if_folders` with the session's tokenizer: ``make_if_folders(root, **keys)``."""
+    return lambda root, **kw: write_if_folders(root, t5_folders[1], **kw)
+
+
+@pytest.fixture(scope="session")
+def if_folders(tmp_path_factory: pytest.TempPathFactory, make_if_folders) -> dict[int, Path]:
+    """Stage I and stage II folders written by diffusers' ``save_pretrained`` (tiny random weights)."""
+    return make_if_folders(tmp_path_factory.mktemp("if"))
+
+
+@pytest.fixture(scope="session")
+def make_random_if_arch():
+    """:func:`random_if_arch`."""
+    return random_if_arch
 
 
 WORDS = ["a", "on", "background", "circle", "square", "triangle", "red", "green", "blue", "white"]
@@ -145,3 +186,33 @@ def stage_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tiny_stage("base").save(str(files["base"]))
     tiny_stage("sr", seed=1).save(str(files["sr"]))
     return files
+
+
+def write_and_run_job(tmp_path: Path, name: str, stages: str, task: str = "", data: str = "") -> dict:
+    """Write a job (``[engine]`` with the imagen plugin, seed 3; ``[task]``; the stages; ``[data]``)
+    and run it as ``t2i-engine run`` does (config loader, then the runner)."""
+    import t2i_plugin_imagen.plugin as plugin
+    from t2i_engine.config.loader import load_config
+    from t2i_engine.plugins.manager import EnginePluginManager
+    from t2i_engine.runner import run_config
+
+    toml = tmp_path / f"{name}.toml"
+    toml.write_text(f"""
+[engine]
+plugins = ["imagen"]
+output_dir = "{name}"
+seed = 3
+[task]
+{task}
+{stages}
+{data}
+""")
+    pm = EnginePluginManager().load(autoload=False)
+    pm.register(plugin, name="imagen", distribution="t2i-plugin-imagen")
+    return run_config(load_config(toml, pm), pm)
+
+
+@pytest.fixture(scope="session")
+def run_job():
+    """:func:`write_and_run_job`."""
+    return write_and_run_job

@@ -11,28 +11,6 @@ from t2i_engine.errors import ConfigError
 BASE = 'sampler = {{ name = "edm", steps = {steps}, s_churn = 0.0 }}\nguidance = {{ guidance_scale = {cfg} }}'
 
 
-def _run(tmp_path, name: str, stages: str, task: str = "", data: str = ""):
-    import t2i_plugin_imagen.plugin as plugin
-    from t2i_engine.config.loader import load_config
-    from t2i_engine.plugins.manager import EnginePluginManager
-    from t2i_engine.runner import run_config
-
-    toml = tmp_path / f"{name}.toml"
-    toml.write_text(f"""
-[engine]
-plugins = ["imagen"]
-output_dir = "{name}"
-seed = 3
-[task]
-{task}
-{stages}
-{data}
-""")
-    pm = EnginePluginManager().load(autoload=False)
-    pm.register(plugin, name="imagen", distribution="t2i-plugin-imagen")
-    return run_config(load_config(toml, pm), pm)
-
-
 def _stages(files, *, base_steps=2, base_cfg=3.0, sr_steps=2, sr_cfg=1.0, aug: str = "", sr_threshold: str = "",
             base_extra: str = "") -> str:
     sr_guidance = f"{{ guidance_scale = {sr_cfg}{sr_threshold} }}"
@@ -42,43 +20,43 @@ def _stages(files, *, base_steps=2, base_cfg=3.0, sr_steps=2, sr_cfg=1.0, aug: s
             f'sampler = {{ name = "edm", steps = {sr_steps}, s_churn = 0.0 }}\nguidance = {sr_guidance}\n{aug}\n')
 
 
-def _grid(tmp_path, name, files, *, side=True, **kw) -> np.ndarray:
+def _grid(run_job, tmp_path, name, files, *, side=True, **kw) -> np.ndarray:
     from PIL import Image
 
     task = f'name = "imagen-cascade"\nprompts = ["a red circle", "a blue square"]\nside_by_side = {str(side).lower()}'
-    summary = _run(tmp_path, name, _stages(files, **kw), task)
+    summary = run_job(tmp_path, name, _stages(files, **kw), task)
     return np.array(Image.open(summary["image"])).astype(np.float32)
 
 
-def test_cascade_keys_have_an_effect(tmp_path, stage_files):
-    ref = _grid(tmp_path, "ref", stage_files)
-    assert np.array_equal(ref, _grid(tmp_path, "again", stage_files))  # seeded
-    final_only = _grid(tmp_path, "final", stage_files, side=False)
+def test_cascade_keys_have_an_effect(run_job, tmp_path, stage_files):
+    ref = _grid(run_job, tmp_path, "ref", stage_files)
+    assert np.array_equal(ref, _grid(run_job, tmp_path, "again", stage_files))  # seeded
+    final_only = _grid(run_job, tmp_path, "final", stage_files, side=False)
     assert final_only.shape[1] < ref.shape[1]  # one tile per row instead of base | SR
     for name, kw in {"base_steps": dict(base_steps=3), "base_cfg": dict(base_cfg=1.0), "sr_steps": dict(sr_steps=3),
                      "sr_cfg": dict(sr_cfg=3.0), "aug": dict(aug="aug_level = 0.5"),
                      "sr_sigma_min": dict(aug="sigma_min = 0.5"), "base_sigma_max": dict(base_extra="sigma_max = 10.0"),
                      "base_sigma_min": dict(base_extra="sigma_min = 0.3")}.items():
-        assert np.abs(_grid(tmp_path, name, stage_files, **kw) - ref).max() > 0, name
-    guided = _grid(tmp_path, "guided", stage_files, sr_cfg=3.0)
-    capped = _grid(tmp_path, "capped", stage_files, sr_cfg=3.0,
+        assert np.abs(_grid(run_job, tmp_path, name, stage_files, **kw) - ref).max() > 0, name
+    guided = _grid(run_job, tmp_path, "guided", stage_files, sr_cfg=3.0)
+    capped = _grid(run_job, tmp_path, "capped", stage_files, sr_cfg=3.0,
                    sr_threshold=", dynamic_threshold = 0.6, dynamic_threshold_max = 1.2")
     assert np.abs(guided - capped).max() > 0  # the stage's dynamic thresholding (p, max)
 
-def test_cascade_checks_the_stage_order(tmp_path, stage_files):
+def test_cascade_checks_the_stage_order(run_job, tmp_path, stage_files):
     swapped = {"base": stage_files["sr"], "sr": stage_files["base"]}
     with pytest.raises(ConfigError, match=r"task.stages\[0\].checkpoint.*needs a base stage"):
-        _grid(tmp_path, "swapped", swapped)
+        _grid(run_job, tmp_path, "swapped", swapped)
     task = 'name = "imagen-cascade"\nprompts = ["a red circle"]'
     bad = f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\naug_level = 0.1\n'
     with pytest.raises(ConfigError, match="aug_level: a base stage"):
-        _run(tmp_path, "badaug", bad, task)
+        run_job(tmp_path, "badaug", bad, task)
     for bad_range, match in (("sigma_min = 90.0", "0 < sigma_min < sigma_max"), ("sigma_min = 0.0", "0 < sigma_min")):
         with pytest.raises(ConfigError, match=rf"task.stages\[0\]: the sampling range needs {match}"):
-            _run(tmp_path, "badrange", f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\n{bad_range}\n', task)
+            run_job(tmp_path, "badrange", f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\n{bad_range}\n', task)
     nosampler = f'[[task.stages]]\ncheckpoint = "{stage_files["base"]}"\nsampler = {{ steps = 2 }}\n'
     with pytest.raises(ConfigError, match="sampler: needs name"):
-        _run(tmp_path, "nosampler", nosampler, task)
+        run_job(tmp_path, "nosampler", nosampler, task)
 
 
 def test_sampling_range_is_the_karras_grid_between_the_new_ends(make_stage):
@@ -105,20 +83,20 @@ def test_sampling_range_refuses_continuous_ddpm(make_stage):
         ddpm.set_sampling_range(sigma_min=0.5)
 
 
-def test_shapes_eval_scores_every_stage(tmp_path, stage_files):
+def test_shapes_eval_scores_every_stage(run_job, tmp_path, stage_files):
     data = '[data]\ntype = "shapes"\nsize = 16\nsplit = "heldout"\nheldout_fraction = 0.1\ncolours = ["red", "blue", "white"]'
     task = 'name = "imagen-shapes-eval"\nimages_per_prompt = 1\nbatch_size = 8\ngrid = "g.png"'
-    summary = _run(tmp_path, "eval", _stages(stage_files), task, data)
+    summary = run_job(tmp_path, "eval", _stages(stage_files), task, data)
     assert set(summary["stage0_8px"]) >= {"colour", "shape", "background"}
     assert "stage1_16px" in summary and summary["targets_met"] in (True, False)
     with pytest.raises(ConfigError, match="data.size"):
-        _run(tmp_path, "eval32", _stages(stage_files), task, data.replace("size = 16", "size = 32"))
+        run_job(tmp_path, "eval32", _stages(stage_files), task, data.replace("size = 16", "size = 32"))
 
 
-def test_core_sample_task_drives_a_base_stage(tmp_path, stage_files):
+def test_core_sample_task_drives_a_base_stage(run_job, tmp_path, stage_files):
     from PIL import Image
 
     task = 'name = "sample"\nprompts = ["a red circle"]\nwidth = 8\nheight = 8'
     model = f'[model]\ntype = "imagen-stage"\ncheckpoint = "{stage_files["base"]}"\n[sampler]\nname = "edm"\nsteps = 2\n'
-    summary = _run(tmp_path, "sample", model, task)
+    summary = run_job(tmp_path, "sample", model, task)
     assert np.array(Image.open(summary["images"][0])).shape == (8, 8, 3)

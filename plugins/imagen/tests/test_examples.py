@@ -77,3 +77,18 @@ def test_sr_example_samples_where_its_denoiser_is_trained():
     pre = _job_table("imagen-train-sr.toml")["model"]["precond"]
     assert pre["sigma_min"] >= 0.5
     assert pre["p_mean"] - 2 * pre["p_std"] <= math.log(pre["sigma_min"])  # trained at and below where it stops
+
+
+
+def test_if_cascade_example_runs_on_tiny_folders(tmp_path, if_folders, run_job):
+    """examples/if-cascade.toml names folders the user holds: with tiny IF folders in their place
+    (and 2 steps a stage), its [task] and every stage key load and run."""
+    import re
+
+    text = (EXAMPLES / "if-cascade.toml").read_text()
+    for name, folder in (("IF-I-XL-v1.0", if_folders[1]), ("IF-II-L-v1.0", if_folders[2])):
+        assert text.count(f'checkpoint = "{name}"') == 1
+        text = text.replace(f'"{name}"', f'"{folder}"')
+    text = re.sub(r"steps = \d+", "steps = 2", text)
+    summary = run_job(tmp_path, "if-example", "", text.split("[task]\n", 1)[1])
+    assert (summary["stages"], summary["images"]) == (2, 1)

@@ -18,8 +18,9 @@ dynamic thresholding p and max) and, for super-resolution stages, augmentation l
 A ``checkpoint`` that is a folder is a DeepFloyd IF stage (diffusers ``IFPipeline`` /
 ``IFSuperResolutionPipeline`` folder) with its own keys: :mod:`t2i_plugin_imagen.if_cascade`.
 Stage ``k`` of image ``i`` starts from the noise of seed ``engine.seed + i + 1000 k``; its
-generator (seeded by the batch's first such seed) draws the augmentation noise of a
-super-resolution stage first, then the sampler's noise.
+generator (seeded by :func:`generator_seed` from the batch's first such seed, a stream apart
+from the starting noises) draws the augmentation noise of a super-resolution stage first, then the
+sampler's noise.
 """
 
 from __future__ import annotations
@@ -164,10 +165,24 @@ def build_stages(ctx: RunContext, stages: Sequence[StageConfig]) -> list[Cascade
     return built
 
 
+def generator_seed(first_seed: int, stage: int) -> int:
+    """The seed of stage ``stage``'s generator for a batch whose first image has seed
+    ``first_seed``: 32 bits of ``numpy.random.SeedSequence((first_seed, stage))``.
+
+    Seeded like the batch's first starting noise, the generator would draw that very noise again
+    as the first image's augmentation (or churn, or DDPM step) noise; an offset cannot avoid it,
+    since the CPU generator keeps only the low 32 bits of a seed.
+    """
+    import numpy as np
+
+    return int(np.random.SeedSequence([first_seed % 2**64, stage]).generate_state(1)[0])
+
+
 def run_cascade(stages: Sequence[CascadeStep], prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int,
                 device: torch.device) -> list[Tensor]:
     """Every stage's images ``(N, 3, S_k, S_k)`` in [-1, 1] (CPU float32), one per (prompt, seed);
-    stage ``k``'s noise and generator are seeded by ``seed + 1000 k``."""
+    stage ``k``'s starting noise is seeded by ``seed + 1000 k``, its generator by
+    :func:`generator_seed`."""
     from tqdm.auto import tqdm
 
     outputs: list[list[Tensor]] = [[] for _ in stages]
@@ -177,7 +192,7 @@ def run_cascade(stages: Sequence[CascadeStep], prompts: Sequence[str], seeds: Se
         for k, b in enumerate(stages):
             size = b.image_size
             noise = seeded_noise([s + 1000 * k for s in chunk_seeds], (3, size, size)).to(device)
-            gen = torch.Generator(device=device).manual_seed(chunk_seeds[0] + 1000 * k)
+            gen = torch.Generator(device=device).manual_seed(generator_seed(chunk_seeds[0], k))
             low = b.sample(chunk, noise, lowres=low, generator=gen)
             outputs[k].append(low.float().cpu())
     return [torch.cat(o) for o in outputs]

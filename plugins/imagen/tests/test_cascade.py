@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from t2i_engine.errors import ConfigError
 
@@ -100,3 +101,24 @@ def test_core_sample_task_drives_a_base_stage(run_job, tmp_path, stage_files):
     model = f'[model]\ntype = "imagen-stage"\ncheckpoint = "{stage_files["base"]}"\n[sampler]\nname = "edm"\nsteps = 2\n'
     summary = run_job(tmp_path, "sample", model, task)
     assert np.array(Image.open(summary["images"][0])).shape == (8, 8, 3)
+
+
+def test_the_generator_never_redraws_a_starting_noise() -> None:
+    """Seeded like the batch's first starting noise, a stage's generator drew that noise again as
+    image 0's augmentation / churn / step noise. Its first draws must differ from every image's
+    starting noise."""
+    from t2i_engine.pipeline import seeded_noise
+    from t2i_plugin_imagen.cascade_task import run_cascade
+
+    class Echo:  # a stage that returns its generator's first draw
+        image_size = 4
+
+        def sample(self, prompts, noise, *, lowres, generator):
+            return torch.randn(noise.shape, generator=generator)
+
+    seeds = [7, 8, 9]
+    drawn = run_cascade([Echo(), Echo()], ["a"] * 3, seeds, batch_size=3, device=torch.device("cpu"))
+    for k, images in enumerate(drawn):
+        starts = seeded_noise([s + 1000 * j for j in range(2) for s in seeds], (3, 4, 4))
+        for image in images:
+            assert not any(torch.allclose(image, start) for start in starts), f"stage {k} redrew a starting noise"

@@ -1,7 +1,7 @@
 """DeepFloyd IF folders as ``[[task.stages]]`` of the cascade jobs. The truth is diffusers'
 ``IFPipeline.from_pretrained`` then ``IFSuperResolutionPipeline.from_pretrained`` on the same
 folders (randomized tiny architectures, saved by diffusers), given the job's starting noise and a
-generator seeded as the job seeds stage ``k`` (``engine.seed + 1000 k``)."""
+generator seeded as the job seeds stage ``k`` (``generator_seed``)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_engine.pipeline import seeded_noise
+from t2i_plugin_imagen.cascade_task import generator_seed
 
 PROMPTS = ["a red circle", "a green square on a white background"]
 TASK = f'name = "imagen-cascade"\nprompts = {PROMPTS!r}\nbatch_size = 8'.replace("'", '"')
@@ -66,7 +67,7 @@ def _diffusers_cascade(folders, *, steps, scales, noise_level, stage2_text):
         extra = {} if k == 0 else dict(image=low, noise_level=noise_level)
         low = pipe(**text, **extra, num_inference_steps=steps[k], guidance_scale=scales[k], height=size, width=size,
                    output_type="pt", clean_caption=False,
-                   generator=torch.Generator().manual_seed(SEED + 1000 * k)).images
+                   generator=torch.Generator().manual_seed(generator_seed(SEED, k))).images
         images.append(low)
     return images
 

@@ -186,10 +186,11 @@ def test_sigterm_saves_checkpoint_and_returns(tmp_path):
 
 def test_interrupted_reads_the_loops_flag():
     """The tasks' export rule (training.loop.interrupted): the flag fit returns; a summary
-    without it (a stand-in loop's) is a finished run."""
+    without it is an error naming the key, not a finished run."""
     assert interrupted({"step": 3, "interrupted": True})
     assert not interrupted({"step": 10, "interrupted": False})
-    assert not interrupted({"step": 0})
+    with pytest.raises(TrainingError, match=r"no 'interrupted' key \(it has \['step'\]\)"):
+        interrupted({"step": 10})
 
 
 @pytest.mark.slow

@@ -385,6 +385,13 @@ def interrupted(summary: Mapping[str, Any]) -> bool:
     """Whether ``summary`` (what :func:`fit` returns) is of a run stopped before ``max_steps``
     (SIGTERM, preemption). Its checkpoints hold the progress but its model is partial: a training
     task then writes no export (a partial model must not replace a finished one) and returns;
-    resuming the job finishes the run and exports. A summary without the flag (a stand-in loop's
-    in tests) counts as finished."""
-    return bool(summary.get("interrupted", False))
+    resuming the job finishes the run and exports.
+
+    Raises:
+        TrainingError: ``summary`` has no ``"interrupted"`` key (``fit`` always returns it: a loop,
+            or a stand-in for one, that does not is a bug, and its run must not count as finished).
+    """
+    if "interrupted" not in summary:
+        raise TrainingError(f"the training loop's summary has no 'interrupted' key (it has {sorted(summary)}); "
+                            "fit() always returns it, so a stand-in for fit must too")
+    return bool(summary["interrupted"])

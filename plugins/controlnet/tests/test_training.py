@@ -5,6 +5,7 @@ on a tiny random model (2-step smoke runs, exact resume, exports read back by di
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -339,7 +340,9 @@ def _captured(monkeypatch) -> dict:
 
     def fake_fit(model, dataset, cfg, **kw):
         seen.update(model=model, dataset=dataset, cfg=cfg)
-        return {"step": 0, "interrupted": True}
+        # what the real fit returns for a run stopped before its first step
+        return {"step": 0, "checkpoint": str(Path(kw["output_dir"]) / "checkpoints"), "interrupted": True,
+                "nonfinite_skipped": 0, "skipped_samples": 0, "first_skipped": [], "loss": math.nan}
 
     monkeypatch.setattr(loop, "fit", fake_fit)
     return seen

@@ -8,6 +8,7 @@ they check) so that the job runs in a second; the exports still run after it.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,10 @@ def captured(monkeypatch):
 
     def fake_fit(model, dataset, cfg, **kwargs):
         got.update(model=model, dataset=dataset, cfg=cfg, **kwargs)
-        return {"step": 0}
+        # what the real fit returns for a run that reached max_steps
+        return {"step": cfg.max_steps, "checkpoint": str(Path(kwargs["output_dir"]) / "checkpoints"),
+                "interrupted": False, "nonfinite_skipped": 0, "skipped_samples": 0, "first_skipped": [],
+                "loss": math.nan}
 
     monkeypatch.setattr(loop, "fit", fake_fit)
 

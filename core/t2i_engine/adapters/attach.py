@@ -309,6 +309,8 @@ class _Slot:
 
 
 def _base_weight(root: nn.Module, target: Target) -> Tensor:
+    """The base weight ``target`` adapts in ``root``: its ``param`` (weight-form targets) or its
+    module's ``weight`` (shared with :mod:`t2i_engine.adapters.load`)."""
     module = root.get_submodule(target.module)
     return module.get_parameter(target.param) if target.param else module.weight
 

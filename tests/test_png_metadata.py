@@ -242,6 +242,9 @@ def test_parameters_carry_sampler_options_img2img_precision_and_conditioners(tmp
     ddim = parse_a1111(_metadata_for(_job({"name": "ddim", "eta": 0.3, "karras": True, "rho": 5.0}))["parameters"])
     assert ddim["Eta DDIM"] == "0.3" and ddim["Schedule type"] == "Karras" and ddim["Schedule rho"] == "5.0"
     assert "Timestep spacing" not in ddim and "Denoising strength" not in ddim and "Precision" not in ddim
+    guided = _metadata_for(_job({"name": "euler"}, guidance={"guidance_scale": 4.0, "guidance_interval": [0.28, 5.42]}))
+    assert parse_a1111(guided["parameters"])["Guidance interval"] == "0.28-5.42"
+    assert "guidance_interval = [0.28, 5.42]" in guided["t2i_engine_job"]  # what --from-png re-runs
     plain = parse_a1111(_metadata_for(_job({"name": "euler_ancestral"}))["parameters"])
     assert "Eta" not in plain and "Sigma noise" not in plain  # A1111's defaults are left out, as A1111 does
     assert parse_a1111(_metadata_for(_job({"name": "euler_ancestral", "eta": 0.5}))["parameters"])["Eta"] == "0.5"

@@ -123,3 +123,38 @@ def test_guided_denoiser_chain():
     assert isinstance(m, StaticClip) and isinstance(m.model, DualCFGDenoiser)
     with pytest.raises(ValueError):
         guided_denoiser(Inner(), GuidanceConfig(image_guidance_scale=1.5), cond=cond(1.0), uncond=cond(0.0))
+
+
+def test_guidance_interval_guides_only_the_sigmas_inside():
+    """Kynkaanniemi et al. 2024: CFG for sigma in (lo, hi], the conditional prediction elsewhere."""
+    ref = Inner()
+    d_u, d_c = ref(X, SIGMA, cond(0.0)), ref(X, SIGMA, cond(1.0))
+    full = d_u + 4.0 * (d_c - d_u)
+    inner = Inner()
+    out = CFGDenoiser(inner, cond(1.0), cond(0.0), scale=4.0, interval=(1.0, 3.0))(X, SIGMA)  # sigma 2 in, 0.5 out
+    torch.testing.assert_close(out[0], full[0])
+    torch.testing.assert_close(out[1], d_c[1])
+    assert inner.batches == [4]
+    none_inside = Inner()
+    out = CFGDenoiser(none_inside, cond(1.0), cond(0.0), scale=4.0, interval=(2.0, 3.0))(X, SIGMA)  # (2, 3]: 2 is out
+    torch.testing.assert_close(out, d_c)
+    assert none_inside.batches == [2]  # no uncond forward at all
+    edge = CFGDenoiser(Inner(), cond(1.0), cond(0.0), scale=4.0, interval=(0.25, 2.0))(X, SIGMA)  # hi is inside
+    torch.testing.assert_close(edge, full)
+
+
+def test_guidance_interval_config():
+    from t2i_engine.config.structure import structure
+    from t2i_engine.errors import ConfigError
+
+    assert GuidanceConfig(guidance_interval=[0, 5]).guidance_interval == (0.0, 5.0)
+    for bad, words in (([1.0], "2 values"), ([3.0, 1.0], "lo < hi"), ([-1, 2], "lo < hi"), ("ab", "a list"),
+                       ([True, 2], r"interval\[0\]: expected a number")):
+        with pytest.raises(ConfigError, match=words):
+            structure(GuidanceConfig, {"guidance_interval": bad}, "guidance")
+    config = GuidanceConfig(guidance_scale=2.0, image_guidance_scale=1.5, guidance_interval=[0.5, 5.0])
+    with pytest.raises(ValueError, match="guidance_interval"):
+        guided_denoiser(Inner(), config, cond=cond(1.0), uncond=cond(0.0), image_only=cond(0.5, 1.0))
+    model = guided_denoiser(Inner(), GuidanceConfig(guidance_scale=3.0, guidance_interval=[1, 3]), cond=cond(1.0),
+                            uncond=cond(0.0))
+    assert model.interval == (1.0, 3.0)

@@ -1,7 +1,9 @@
 """Guidance as denoiser wrappers: each turns ``D(x, sigma, cond)`` into ``model(x, sigma)``.
 
 * :class:`CFGDenoiser` - classifier-free guidance (Ho & Salimans 2022), cond and uncond in one
-  batched forward, with optional guidance rescale (Lin et al. 2023, eq. 15-16).
+  batched forward, with optional guidance rescale (Lin et al. 2023, eq. 15-16) and an optional
+  guidance interval (Kynkaanniemi et al. 2024: guidance only for sigma in ``(lo, hi]``, the
+  conditional prediction alone elsewhere).
 * :class:`DualCFGDenoiser` - InstructPix2Pix's dual guidance (Brooks et al. 2023, eq. 3):
   uncond, image-only and image+text in one forward, separate image and text scales.
 * :class:`DynamicThreshold` / :class:`StaticClip` - Imagen's dynamic thresholding (Saharia et al.
@@ -36,6 +38,15 @@ def _as_batch(sigma: Tensor, x: Tensor) -> Tensor:
     return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma
 
 
+def in_interval(sigma: Tensor, interval: tuple[float, float] | None) -> Tensor | None:
+    """Per sample, whether ``sigma`` lies in the guidance interval ``(lo, hi]``; None when there is
+    no interval (guidance at every sigma)."""
+    if interval is None:
+        return None
+    lo, hi = interval
+    return (sigma > lo) & (sigma <= hi)
+
+
 def rescale_guidance(eps_cfg: Tensor, eps_cond: Tensor, phi: float) -> Tensor:
     """Lin et al. 2023 (eq. 15-16): match the per-sample std of the guided prediction to the
     conditional one and blend ``phi`` of it with the plain guided prediction."""
@@ -49,12 +60,14 @@ class CFGDenoiser:
 
     ``rescale > 0`` applies guidance rescale to the network's raw output (eps, or v for a
     v-prediction network: ``inner.prediction``), as diffusers' ``guidance_rescale`` does.
-    ``scale == 1`` skips the uncond branch.
+    ``scale == 1`` skips the uncond branch. ``interval = (lo, hi)`` guides only the samples whose
+    sigma is in ``(lo, hi]``; the others get ``D_c``, and a step with none inside runs the cond
+    branch alone.
     """
 
     def __init__(self, inner: CondDenoiser, cond: Conditioning, uncond: Conditioning, *,
-                 scale: float, rescale: float = 0.0) -> None:
-        self.inner, self.scale, self.rescale = inner, scale, rescale
+                 scale: float, rescale: float = 0.0, interval: tuple[float, float] | None = None) -> None:
+        self.inner, self.scale, self.rescale, self.interval = inner, scale, rescale, interval
         self.prediction, self.sigma_data = _output_kind(inner).values()
         self.cond = cond
         self.both = Conditioning.cat([uncond, cond]) if scale != 1 else cond
@@ -62,7 +75,8 @@ class CFGDenoiser:
     def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
         """``x`` ``(B, ...)``, ``sigma`` ``(B,)`` -> guided x0 ``(B, ...)``."""
         sigma = _as_batch(sigma, x)
-        if self.scale == 1:
+        inside = in_interval(sigma, self.interval)
+        if self.scale == 1 or (inside is not None and not bool(inside.any())):
             return self.inner(x, sigma, self.cond)
         out = self.inner(torch.cat([x, x]), torch.cat([sigma, sigma]), self.both)  # (2B, ...)
         d_uncond, d_cond = out.chunk(2)
@@ -73,6 +87,8 @@ class CFGDenoiser:
             kw = _output_kind(self.inner)
             out_cfg, out_cond = from_x0(guided, x, sigma, **kw), from_x0(d_cond, x, sigma, **kw)
             guided = to_x0(rescale_guidance(out_cfg, out_cond, self.rescale), x, sigma, **kw)
+        if inside is not None:
+            guided = torch.where(inside.reshape(-1, *([1] * (x.ndim - 1))), guided, d_cond)
         return guided
 
 
@@ -170,6 +186,19 @@ class GuidanceConfig:
         if value is not None and self.dynamic_threshold is None:
             raise ValueError("'dynamic_threshold_max' needs 'dynamic_threshold' (the percentile) to be set")
     clip_denoised: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    guidance_interval: tuple[float, float] | None = attrs.field(  # (lo, hi]: CFG only for sigma inside
+        default=None, converter=lambda v: _interval(v) if v is not None else None)
+
+
+def _interval(value: Any) -> tuple[float, float]:
+    """attrs converter of ``guidance_interval``: two sigmas ``[lo, hi]``, ``0 <= lo < hi``."""
+    if (isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+        raise TypeError(f"'guidance_interval' must be two sigmas [lo, hi], got {value!r}")
+    lo, hi = float(value[0]), float(value[1])
+    if not 0.0 <= lo < hi:
+        raise ValueError(f"'guidance_interval' needs 0 <= lo < hi, got [{lo:g}, {hi:g}]")
+    return lo, hi
 
 
 def guided_denoiser(inner: CondDenoiser, config: GuidanceConfig, *, cond: Conditioning,
@@ -180,11 +209,14 @@ def guided_denoiser(inner: CondDenoiser, config: GuidanceConfig, *, cond: Condit
     if config.image_guidance_scale is not None:
         if image_only is None:
             raise ValueError("image_guidance_scale needs the image-only conditioning")
+        if config.guidance_interval is not None:
+            raise ValueError("guidance_interval is for classifier-free guidance; InstructPix2Pix's dual "
+                             "guidance (image_guidance_scale) does not take it")
         model = DualCFGDenoiser(inner, cond, image_only, uncond, text_scale=config.guidance_scale,
                                 image_scale=config.image_guidance_scale)
     else:
         model = CFGDenoiser(inner, cond, uncond, scale=config.guidance_scale,
-                            rescale=config.guidance_rescale)
+                            rescale=config.guidance_rescale, interval=config.guidance_interval)
     if config.dynamic_threshold is not None:
         model = DynamicThreshold(model, percentile=config.dynamic_threshold, ceiling=config.dynamic_threshold_max)
     elif config.clip_denoised:
@@ -194,5 +226,5 @@ def guided_denoiser(inner: CondDenoiser, config: GuidanceConfig, *, cond: Condit
 
 __all__ = [
     "CFGDenoiser", "CondDenoiser", "DualCFGDenoiser", "DynamicThreshold", "GuidanceConfig",
-    "StaticClip", "float_field", "guided_denoiser", "rescale_guidance", "to_float",
+    "StaticClip", "float_field", "guided_denoiser", "in_interval", "rescale_guidance", "to_float",
 ]

@@ -87,7 +87,13 @@ def _guidance_params(guidance: Any) -> dict[str, Any]:
             "CFG Rescale": guidance.guidance_rescale or None,
             "Dynamic threshold": guidance.dynamic_threshold,
             "Dynamic threshold max": guidance.dynamic_threshold_max,
-            "Clip denoised": True if guidance.clip_denoised else None}
+            "Clip denoised": True if guidance.clip_denoised else None,
+            "Guidance interval": _interval_text(guidance.guidance_interval)}
+
+
+def _interval_text(interval: tuple[float, float] | None) -> str | None:
+    """``(lo, hi)`` as ``"lo-hi"``: one infotext value (A1111 has no key for it)."""
+    return None if interval is None else f"{interval[0]:g}-{interval[1]:g}"
 
 
 def _component_text(component: Any) -> str:

@@ -9,13 +9,13 @@ import torch
 
 from t2i_engine.errors import ConfigError
 
-BASE = 'sampler = {{ name = "edm", steps = {steps}, s_churn = 0.0 }}\nguidance = {{ guidance_scale = {cfg} }}'
+BASE = 'sampler = {{ name = "edm", steps = {steps}, s_churn = 0.0 }}\nguidance = {{ guidance_scale = {cfg}{guide} }}'
 
 
 def _stages(files, *, base_steps=2, base_cfg=3.0, sr_steps=2, sr_cfg=1.0, aug: str = "", sr_threshold: str = "",
-            base_extra: str = "") -> str:
+            base_extra: str = "", base_guide: str = "") -> str:
     sr_guidance = f"{{ guidance_scale = {sr_cfg}{sr_threshold} }}"
-    return (f'[[task.stages]]\ncheckpoint = "{files["base"]}"\n' + BASE.format(steps=base_steps, cfg=base_cfg) +
+    return (f'[[task.stages]]\ncheckpoint = "{files["base"]}"\n' + BASE.format(steps=base_steps, cfg=base_cfg, guide=base_guide) +
             f"\n{base_extra}" +
             f'\n[[task.stages]]\ncheckpoint = "{files["sr"]}"\n'
             f'sampler = {{ name = "edm", steps = {sr_steps}, s_churn = 0.0 }}\nguidance = {sr_guidance}\n{aug}\n')
@@ -39,6 +39,13 @@ def test_cascade_keys_have_an_effect(run_job, tmp_path, stage_files):
                      "sr_sigma_min": dict(aug="sigma_min = 0.5"), "base_sigma_max": dict(base_extra="sigma_max = 10.0"),
                      "base_sigma_min": dict(base_extra="sigma_min = 0.3")}.items():
         assert np.abs(_grid(run_job, tmp_path, name, stage_files, **kw) - ref).max() > 0, name
+    # the base's guidance interval: around one of its sigmas it changes the images; around none of
+    # them (EDM sigmas 80 ... 0.002 here) it is guidance off, i.e. CFG 1
+    inside = _grid(run_job, tmp_path, "interval", stage_files, base_steps=3, base_guide=", guidance_interval = [1.0, 90.0]")
+    assert np.abs(inside - _grid(run_job, tmp_path, "steps3", stage_files, base_steps=3)).max() > 0
+    outside = _grid(run_job, tmp_path, "outside", stage_files, base_steps=3,
+                    base_guide=", guidance_interval = [100.0, 200.0]")
+    assert np.array_equal(outside, _grid(run_job, tmp_path, "cfg1", stage_files, base_steps=3, base_cfg=1.0))
     guided = _grid(run_job, tmp_path, "guided", stage_files, sr_cfg=3.0)
     capped = _grid(run_job, tmp_path, "capped", stage_files, sr_cfg=3.0,
                    sr_threshold=", dynamic_threshold = 0.6, dynamic_threshold_max = 1.2")

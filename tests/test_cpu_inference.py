@@ -108,3 +108,37 @@ def test_training_gradients_through_onednn_equal_pytorchs(monkeypatch: pytest.Mo
     assert len(calls) == n
     for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_layer_repacks_for_each_new_input_shape(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype):
+    """oneDNN's weight layout can depend on the input shape (AVX2: 2x2 and 4x4 differ), and a
+    weight packed for another shape is reordered again on every call (20x slower on a Zen 3). A
+    packed layer repacks once per new shape, keeps one copy, and stays equal to F.conv2d."""
+    from t2i_engine.kernels import cpu_paths
+    from t2i_engine.kernels.dense import dispatch
+
+    if not dispatch.onednn_available() or cpu_paths.unsupported_reason(
+            "conv_pack_bf16" if dtype == torch.bfloat16 else "conv_pack_fp32"):
+        pytest.skip(f"this CPU / PyTorch cannot pack {dtype}")
+    torch.manual_seed(0)
+    layer = ops.Conv2d(24, 16, 3, padding=1).to(dtype)
+    plain_weight = layer.weight.detach().clone()
+    with torch.inference_mode():
+        assert pack_conv_weights(layer, min_in_channels=1) == 1
+    packs: list[tuple[int, ...]] = []
+    real = dispatch.pack_conv_weight
+    monkeypatch.setattr(dispatch, "pack_conv_weight",
+                        lambda w, **kw: packs.append(kw["input_size"]) or real(w, **kw))
+    shapes = [(2, 24, 16, 16), (2, 24, 2, 2), (2, 24, 2, 2), (3, 24, 5, 7), (2, 24, 16, 16)]
+    with torch.inference_mode():
+        for shape in shapes:
+            x = torch.randn(shape).to(dtype)
+            want = torch.nn.functional.conv2d(x.float(), plain_weight.float(), layer.bias.float(), padding=1)
+            got = layer(x).float()
+            tol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+            assert layer.weight.is_mkldnn and layer.packed_for == shape
+    # packed for (2, 24, 16, 16) at first: no repack for it; one per change of shape
+    assert packs == [(2, 24, 2, 2), (3, 24, 5, 7), (2, 24, 16, 16)]
+    assert [p for p in layer.parameters() if p.is_mkldnn] == [layer.weight]  # one copy

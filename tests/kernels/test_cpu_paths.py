@@ -132,6 +132,20 @@ def test_a_corrupt_or_foreign_cache_is_timed_again(timings: list[int]) -> None:
     assert timings == [1, 1]
 
 
+def test_an_earlier_format_is_timed_again_without_a_warning(timings: list[int]) -> None:
+    """Format 1's convolution probes packed for another shape than they ran (a wrong ratio on AVX2)."""
+    import warnings
+
+    file = cpu_paths.cache_file()
+    file.parent.mkdir(parents=True)
+    entry = {p: {"enabled": True, "ratio": 0.5} for p in PATHS}
+    file.write_text(json.dumps({"format": cpu_paths.FORMAT - 1, "machines": {cpu_paths.machine_key(): entry}}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_paths.select() == ALL_OFF
+    assert timings == [1] and json.loads(file.read_text())["format"] == cpu_paths.FORMAT
+
+
 def test_an_unwritable_cache_warns_and_still_selects(timings: list[int], monkeypatch: pytest.MonkeyPatch,
                                                       tmp_path) -> None:
     blocker = tmp_path / "file"

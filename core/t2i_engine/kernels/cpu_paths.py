@@ -54,7 +54,7 @@ POLICIES = ("auto", "measure", "fixed", "off")
 KEEP_BELOW = 0.95
 """A fast path is kept where its median time is below this fraction of PyTorch's op."""
 PAIRS = 7
-FORMAT = 1
+FORMAT = 2  # 2: the convolution probes pack for their input's shape
 
 PATHS: dict[str, str] = {
     "dense_fp32": "float32 linear and 1x1 convolutions through oneDNN (kernels/dense)",
@@ -237,7 +237,8 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
     def conv_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
         xd = torch.randn(2, 1280, 8, 8, generator=g).to(dtype)
         wd = (torch.randn(1280, 1280, 3, 3, generator=g) / 100).to(dtype)
-        packed = pack_conv_weight(wd, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+        packed = pack_conv_weight(wd, stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1,
+                                  input_size=tuple(xd.shape))  # as ops.Conv2d repacks for its input
         return (lambda: torch.ops.mkldnn._convolution_pointwise(xd, packed, None, [1, 1], [1, 1], [1, 1], 1,
                                                                 "none", [], ""),
                 lambda: torch.nn.functional.conv2d(xd, wd, padding=1))
@@ -280,6 +281,8 @@ def _read_cache(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("format"), int) and data["format"] < FORMAT:
+            return {}  # an earlier version's probes: time again, silently
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("machines"), dict):
             raise ValueError("not a cpu-paths cache of this version")
         return data["machines"]

@@ -10,6 +10,10 @@ fewer channels and larger activations gain nothing (320 channels at 32x32, the U
 at 256 px) or lose (256 channels at 256x256, the KL decoder's size: 12 % slower), so layers below
 ``min_in_channels`` stay plain.
 
+oneDNN's layout can depend on the input's shape (on AVX2-only CPUs it does): a packed
+:class:`t2i_engine.nn.ops.Conv2d` repacks its weight when its input shape changes, so each layer
+runs the layout of the shape it sees (once per shape change: a sampling run repacks once).
+
 A packed model is for inference only: the weights become oneDNN tensors (no autograd, no
 ``state_dict`` to save, no ``.to(device)``). The inference tasks pack the denoiser of the model they
 own (:func:`t2i_engine.tasks.common.prepare_for_inference`).
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from t2i_engine.kernels import cpu_paths
-from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight
+from t2i_engine.kernels.dense.dispatch import PACK_PROBE_SIZE, onednn_available, pack_conv_weight
 from t2i_engine.nn import ops
 
 __all__ = ["PACKABLE_DTYPES", "pack_conv_weights"]
@@ -60,5 +64,6 @@ def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
         packed = pack_conv_weight(w, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
                                   groups=layer.groups)
         layer.weight = nn.Parameter(packed, requires_grad=False)
+        layer.packed_for = (2, w.shape[1] * layer.groups, PACK_PROBE_SIZE, PACK_PROBE_SIZE)  # the default
         count += 1
     return count

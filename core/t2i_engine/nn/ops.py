@@ -88,7 +88,23 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.padding_mode != "zeros":
             return super().forward(x)
+        if self.weight.is_mkldnn:
+            self._fit_packing(tuple(x.shape))
         return conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _fit_packing(self, shape: tuple[int, ...]) -> None:
+        """Repack a packed weight (:func:`t2i_engine.nn.cpu_inference.pack_conv_weights`) for
+        inputs of ``shape`` when it was packed for another: oneDNN's weight layout can depend on
+        the input's shape, and a mismatched one is reordered again on every call. One copy is
+        kept; a sampling run, whose shapes do not change, repacks each layer once."""
+        if getattr(self, "packed_for", None) == shape:
+            return
+        from t2i_engine.kernels.dense.dispatch import pack_conv_weight
+
+        packed = pack_conv_weight(self.weight, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                  groups=self.groups, input_size=shape)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.packed_for = shape
 
 
 def add_(out: Tensor, other: Tensor) -> Tensor:

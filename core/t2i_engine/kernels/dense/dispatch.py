@@ -145,17 +145,31 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
     return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
+PACK_PROBE_SIZE = 16
+"""The side of the input a weight is first packed for (:func:`pack_conv_weight` without
+``input_size``); :class:`t2i_engine.nn.ops.Conv2d` repacks for the input it actually gets."""
+
+
 def pack_conv_weight(weight: Tensor, *, stride: tuple[int, ...], padding: tuple[int, ...],
-                     dilation: tuple[int, ...], groups: int) -> Tensor:
-    """``weight`` (plain float32 or bf16 CPU) reordered once into oneDNN's blocked layout.
+                     dilation: tuple[int, ...], groups: int, input_size: tuple[int, ...] | None = None) -> Tensor:
+    """``weight`` (float32 or bf16 CPU, plain or already packed) reordered into the blocked layout
+    oneDNN's convolution takes for inputs of shape ``input_size`` ``(N, C, H, W)`` (default
+    ``(2, C, 16, 16)``).
 
     A convolution on a plain weight reorders it into that layout on every call: for the deep
     levels of a UNet (1280 channels at 4x4 to 16x16 pixels) that reorder costs as much as the
-    convolution itself. Run a packed weight with :func:`packed_conv2d`.
+    convolution itself. The layout depends on the input's shape on some CPUs: with AVX2 only
+    (AMD Zen 3) oneDNN's brgemm convolution takes 24-row blocks at 4x4 and 16x16 but 32-row blocks
+    at 2x2, and a weight packed for another shape is reordered again on every call by a slow
+    generic reorder (1.2 s for 1280x1280x3x3, 20x the convolution). So pack for the shape the
+    layer will see (:class:`t2i_engine.nn.ops.Conv2d` repacks when its input shape changes). Run a
+    packed weight with :func:`packed_conv2d`.
     """
-    probe = [2, weight.shape[1] * groups, 16, 16]  # the layout depends on ISA and dtype, not on H, W
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(padding), list(stride),
-                                                      list(dilation), groups, probe)
+    if input_size is None:
+        input_size = (2, weight.shape[1] * groups, PACK_PROBE_SIZE, PACK_PROBE_SIZE)
+    plain = weight.to_dense() if weight.is_mkldnn else weight.detach()
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(plain.to_mkldnn(), list(padding), list(stride),
+                                                      list(dilation), groups, list(input_size))
 
 
 def packed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[int, ...],

@@ -117,7 +117,7 @@ def _if_steps(key: str, table: Mapping[str, Any] | None, default: int) -> int:
     table = dict(table or {"name": "ddpm"})
     if table.get("name") != "ddpm":
         raise ConfigError(f"{key}.sampler.name: {table.get('name')!r} cannot sample an IF stage; IF stages sample "
-                          "with IF's DDPM (learned-range variance): sampler = {{ name = \"ddpm\", steps = N }}")
+                          "with IF's DDPM (learned-range variance): sampler = { name = \"ddpm\", steps = N }")
     extra = sorted(set(table) - {"name", "steps"})
     if extra:
         raise ConfigError(f"{key}.sampler.{extra[0]}: not a key of an IF stage's DDPM (its only key is steps; the "

@@ -142,3 +142,29 @@ def test_a_packed_layer_repacks_for_each_new_input_shape(monkeypatch: pytest.Mon
     # packed for (2, 24, 16, 16) at first: no repack for it; one per change of shape
     assert packs == [(2, 24, 2, 2), (3, 24, 5, 7), (2, 24, 16, 16)]
     assert [p for p in layer.parameters() if p.is_mkldnn] == [layer.weight]  # one copy
+
+
+@pytest.mark.parametrize("precision", ["bf16-autocast", "bf16-true", "fp32"])
+def test_bf16_on_a_cpu_without_onednn_bf16_warns(monkeypatch: pytest.MonkeyPatch, precision: str):
+    """Without AVX-512 BW/VL/DQ oneDNN has no bf16 convolution; the fallback ran the SD UNet about
+    20x slower than float32 on an AVX2 EPYC. The tasks say so instead of silently crawling."""
+    import warnings
+    from types import SimpleNamespace
+
+    from t2i_engine.kernels import cpu_paths
+    from t2i_engine.tasks.common import prepare_for_inference
+
+    monkeypatch.setattr(cpu_paths, "unsupported_reason", lambda path: "bf16 path needs avx512bw")
+    monkeypatch.setattr(cpu_paths, "select", lambda: {})
+    deep = torch.nn.Sequential(ops.Conv2d(8, 8, 3, padding=1))
+    if precision == "bf16-true":
+        deep = deep.to(torch.bfloat16)
+    model = SimpleNamespace(text_encoder=None, autoencoder=None, denoiser=deep)
+    autocast = torch.bfloat16 if precision == "bf16-autocast" else None
+    if precision == "fp32":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            prepare_for_inference(model, autocast_dtype=autocast)
+    else:
+        with pytest.warns(UserWarning, match=r"precision = \"32-true\".*|avx512bw"):
+            prepare_for_inference(model, autocast_dtype=autocast)

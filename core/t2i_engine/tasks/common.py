@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,20 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
     if isinstance(model.denoiser, torch.nn.Module):
         if any(p.device.type == "cpu" for p in model.denoiser.parameters()):
             cpu_paths.select()  # this machine's fast paths: cached, timed on the first run here
+            warn_slow_cpu_bf16(model.denoiser, autocast_dtype)
         pack_conv_weights(model.denoiser)  # CPU layers only: it skips the others
+
+
+def warn_slow_cpu_bf16(denoiser: torch.nn.Module, autocast_dtype: torch.dtype | None) -> None:
+    """Warn when a CPU denoiser runs in bf16 where oneDNN has no bf16 convolution (it needs
+    AVX-512 BW/VL/DQ or AVX-NE-CONVERT): PyTorch then takes its generic im2col convolution, and
+    the SD-1.5 UNet ran about 20x slower than in float32 (AVX2 AMD EPYC, docs/benchmarks.md)."""
+    bf16 = autocast_dtype == torch.bfloat16 or any(p.dtype == torch.bfloat16 for p in denoiser.parameters())
+    reason = cpu_paths.unsupported_reason("conv_pack_bf16") if bf16 else None
+    if reason is not None:
+        warnings.warn(f"bf16 on this CPU runs convolutions through PyTorch's generic path, many times slower "
+                      f"than float32 (oneDNN: {reason}); set [engine] precision = \"32-true\" for speed",
+                      stacklevel=3)
 
 
 def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[Any, torch.dtype]:

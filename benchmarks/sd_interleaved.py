@@ -229,7 +229,9 @@ def main() -> None:
             for name, (mine, theirs) in components.items():
                 ratios = paired_ratios(mine, theirs, pairs=args.pairs, clock=clock)
                 rows.append((name, precision, *median_interval(ratios)))
-                print(f"  {name} {precision}: " + " ".join(f"{r:.2f}" for r in ratios), flush=True)
+                med, low, high = rows[-1][2:]
+                print(f"  {name} {precision}: " + " ".join(f"{r:.2f}" for r in ratios) +
+                      f"  -> median {med:.2f}x, 95% interval {low:.2f}-{high:.2f}", flush=True)  # kept if stopped later
 
         if set(wanted) & {"text", "unet", "decode"}:
             ours, pipe = _models(folder, args.preset, precision)

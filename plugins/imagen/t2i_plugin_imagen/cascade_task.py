@@ -25,6 +25,8 @@ sampler's noise.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -66,6 +68,8 @@ class StageConfig:
 class CascadeStep(Protocol):
     """One loaded stage of a cascade: a stage file (:class:`BuiltStage`) or an IF folder
     (:class:`t2i_plugin_imagen.if_cascade.IFStep`)."""
+
+    stage: Any  # the loaded model: its denoiser, text_encoder and autoencoder
 
     @property
     def image_size(self) -> int:
@@ -178,12 +182,27 @@ def generator_seed(first_seed: int, stage: int) -> int:
     return int(np.random.SeedSequence([first_seed % 2**64, stage]).generate_state(1)[0])
 
 
+def prepare_precision(ctx: RunContext, stages: Sequence[CascadeStep]) -> tuple[Any, torch.dtype]:
+    """``engine.precision`` for every stage (:func:`t2i_engine.tasks.common.inference_precision`:
+    ``*-mixed`` casts the autocast weights once and samples under autocast, ``*-true`` casts the
+    stage and its noise; on the CPU, deep convolutions are packed): the ``(autocast context,
+    noise dtype)`` that :func:`run_cascade` takes."""
+    from t2i_engine.tasks.common import inference_precision
+
+    precision: tuple[Any, torch.dtype] = (contextlib.nullcontext(), torch.float32)
+    for b in stages:
+        precision = inference_precision(ctx, b.stage)
+    return precision
+
+
 def run_cascade(stages: Sequence[CascadeStep], prompts: Sequence[str], seeds: Sequence[int], *, batch_size: int,
-                device: torch.device) -> list[Tensor]:
+                device: torch.device, precision: tuple[Any, torch.dtype] | None = None) -> list[Tensor]:
     """Every stage's images ``(N, 3, S_k, S_k)`` in [-1, 1] (CPU float32), one per (prompt, seed);
     stage ``k``'s starting noise is seeded by ``seed + 1000 k``, its generator by
-    :func:`generator_seed`."""
+    :func:`generator_seed`; ``precision`` is :func:`prepare_precision`'s (default: float32)."""
     from tqdm.auto import tqdm
+
+    autocast, dtype = precision or (contextlib.nullcontext(), torch.float32)
 
     outputs: list[list[Tensor]] = [[] for _ in stages]
     for start in tqdm(range(0, len(prompts), batch_size), desc="cascade", unit="batch"):
@@ -191,9 +210,10 @@ def run_cascade(stages: Sequence[CascadeStep], prompts: Sequence[str], seeds: Se
         low = None
         for k, b in enumerate(stages):
             size = b.image_size
-            noise = seeded_noise([s + 1000 * k for s in chunk_seeds], (3, size, size)).to(device)
+            noise = seeded_noise([s + 1000 * k for s in chunk_seeds], (3, size, size), dtype=dtype).to(device)
             gen = torch.Generator(device=device).manual_seed(generator_seed(chunk_seeds[0], k))
-            low = b.sample(chunk, noise, lowres=low, generator=gen)
+            with autocast:
+                low = b.sample(chunk, noise, lowres=low, generator=gen)
             outputs[k].append(low.float().cpu())
     return [torch.cat(o) for o in outputs]
 
@@ -233,7 +253,8 @@ class CascadeTask:
         stages = build_stages(ctx, c.stages)
         prompts = [p for p in c.prompts for _ in range(c.images_per_prompt)]
         seeds = [ctx.seed + i for i in range(len(prompts))]
-        images = run_cascade(stages, prompts, seeds, batch_size=c.batch_size, device=ctx.device)
+        images = run_cascade(stages, prompts, seeds, batch_size=c.batch_size, device=ctx.device,
+                             precision=prepare_precision(ctx, stages))
         grid = side_by_side(images) if c.side_by_side else images[-1]
         per_row = len(images) if c.side_by_side else 1
         captions = [f"{p} [{b.image_size}px]" for p in prompts for b in stages] if c.side_by_side else prompts
@@ -279,7 +300,8 @@ class CascadeEvalTask:
         truth = [ShapeLabels(*combo) for combo in data.combinations for _ in range(c.images_per_prompt)]
         prompts = [data.caption_of(t.colour, t.shape, t.background) for t in truth]
         seeds = [ctx.seed + i for i in range(len(prompts))]
-        images = run_cascade(stages, prompts, seeds, batch_size=c.batch_size, device=ctx.device)
+        images = run_cascade(stages, prompts, seeds, batch_size=c.batch_size, device=ctx.device,
+                             precision=prepare_precision(ctx, stages))
         targets = {"colour": c.colour_target, "background": c.colour_target, "shape": c.shape_target}
         summary: dict[str, Any] = {"images": len(truth), "prompts": len(data.combinations)}
         for k, stage_images in enumerate(images):

@@ -188,9 +188,10 @@ def stage_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return files
 
 
-def write_and_run_job(tmp_path: Path, name: str, stages: str, task: str = "", data: str = "") -> dict:
-    """Write a job (``[engine]`` with the imagen plugin, seed 3; ``[task]``; the stages; ``[data]``)
-    and run it as ``t2i-engine run`` does (config loader, then the runner)."""
+def write_and_run_job(tmp_path: Path, name: str, stages: str, task: str = "", data: str = "",
+                      engine: str = "") -> dict:
+    """Write a job (``[engine]`` with the imagen plugin, seed 3, and ``engine``'s lines; ``[task]``;
+    the stages; ``[data]``) and run it as ``t2i-engine run`` does (config loader, then the runner)."""
     import t2i_plugin_imagen.plugin as plugin
     from t2i_engine.config.loader import load_config
     from t2i_engine.plugins.manager import EnginePluginManager
@@ -202,6 +203,7 @@ def write_and_run_job(tmp_path: Path, name: str, stages: str, task: str = "", da
 plugins = ["imagen"]
 output_dir = "{name}"
 seed = 3
+{engine}
 [task]
 {task}
 {stages}

@@ -129,3 +129,34 @@ def test_the_generator_never_redraws_a_starting_noise() -> None:
         starts = seeded_noise([s + 1000 * j for j in range(2) for s in seeds], (3, 4, 4))
         for image in images:
             assert not any(torch.allclose(image, start) for start in starts), f"stage {k} redrew a starting noise"
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_engine_precision_reaches_the_cascade(run_job, tmp_path, stage_files, precision):
+    """``[engine] precision`` was silently ignored by the cascade jobs: each stage now samples in
+    it (autocast, or cast weights and noise), close to float32 but not equal."""
+    from PIL import Image
+
+    def grid(name: str, engine: str) -> np.ndarray:
+        task = 'name = "imagen-cascade"\nprompts = ["a red circle", "a blue square"]'
+        summary = run_job(tmp_path, name, _stages(stage_files), task, engine=engine)
+        return np.array(Image.open(summary["image"])).astype(np.float32)
+
+    full = grid("fp32", "")
+    assert np.array_equal(full, grid("fp32-said", 'precision = "32-true"'))
+    with pytest.warns(UserWarning) if _slow_cpu_bf16() else _no_warning():
+        half = grid(precision, f'precision = "{precision}"')
+    diff = np.abs(half - full)
+    assert diff.max() > 0 and diff.mean() < 12  # 0-255 pixels: bf16 rounding, not another image
+
+
+def _slow_cpu_bf16() -> bool:
+    from t2i_engine.kernels import cpu_paths
+
+    return cpu_paths.unsupported_reason("conv_pack_bf16") is not None
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from t2i_engine.kernels import cpu_paths
-from t2i_engine.kernels.dense.dispatch import PACK_PROBE_SIZE, onednn_available, pack_conv_weight
+from t2i_engine.kernels.dense.dispatch import default_pack_input, onednn_available, pack_conv_weight
 from t2i_engine.nn import ops
 
 __all__ = ["PACKABLE_DTYPES", "pack_conv_weights"]
@@ -61,9 +61,10 @@ def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
             or isinstance(layer.padding, str)
         ):
             continue
+        shape = default_pack_input(w, layer.groups)
         packed = pack_conv_weight(w, stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
-                                  groups=layer.groups)
+                                  groups=layer.groups, input_size=shape)
         layer.weight = nn.Parameter(packed, requires_grad=False)
-        layer.packed_for = (2, w.shape[1] * layer.groups, PACK_PROBE_SIZE, PACK_PROBE_SIZE)  # the default
+        layer.packed_for = shape  # ops.Conv2d repacks when a call brings another shape
         count += 1
     return count

@@ -26,7 +26,6 @@ sampler's noise.
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol

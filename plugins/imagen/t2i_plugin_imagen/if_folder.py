@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -44,11 +45,13 @@ def read_unet_weights(folder: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"{folder}: no UNet weights (looked for {', '.join(_WEIGHT_FILES + _INDEXES)})")
 
 
-def load_if_unet(folder: str | Path) -> IFUNet:
+def load_if_unet(folder: str | Path, *, raw_config: dict[str, Any] | None = None) -> IFUNet:
     """An :class:`IFUNet` from a diffusers ``unet/`` folder: architecture from ``config.json``
-    (unsupported keys refused by name), weights loaded strictly."""
+    (unsupported keys refused by name; ``raw_config``: that file already read), weights loaded
+    strictly."""
     folder = Path(folder)
-    config = if_unet_config(read_json(folder / "config.json"), source=str(folder / "config.json"))
+    raw = read_json(folder / "config.json") if raw_config is None else raw_config
+    config = if_unet_config(raw, source=str(folder / "config.json"))
     net = IFUNet(config)
     load_state_dict_strict(net, read_unet_weights(folder), source=f"{folder} (IF UNet)")
     return net.eval()

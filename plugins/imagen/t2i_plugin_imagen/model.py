@@ -137,7 +137,8 @@ def load_if_stage(folder: str | Path, *, max_length: int = 77, text_encoder: T5T
     root = Path(folder)
     if not (root / "unet").is_dir():
         raise CheckpointError(f"{root}: not a diffusers IF folder (no unet/)")
-    unet = load_if_unet(root / "unet")
+    unet_config = read_json(root / "unet" / "config.json")
+    unet = load_if_unet(root / "unet", raw_config=unet_config)
     scheduler = if_scheduler_config(read_json(root / "scheduler" / "scheduler_config.json"),
                                     source=str(root / "scheduler" / "scheduler_config.json"))
     noising = None
@@ -155,7 +156,7 @@ def load_if_stage(folder: str | Path, *, max_length: int = 77, text_encoder: T5T
     if text.dim != unet.config.encoder_hid_dim:
         raise CheckpointError(f"{root}: the {source} width {text.dim} is not the UNet's encoder_hid_dim "
                               f"{unet.config.encoder_hid_dim}")
-    size = _sample_size(read_json(root / "unet" / "config.json").get("sample_size"))
+    size = _sample_size(unet_config.get("sample_size"))
     return IFStage(unet, text, scheduler, noising=noising, sample_size=size).eval()
 
 

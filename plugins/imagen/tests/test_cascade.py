@@ -144,7 +144,9 @@ def test_engine_precision_reaches_the_cascade(run_job, tmp_path, stage_files, pr
 
     full = grid("fp32", "")
     assert np.array_equal(full, grid("fp32-said", 'precision = "32-true"'))
-    with pytest.warns(UserWarning) if _slow_cpu_bf16() else _no_warning():
+    import contextlib
+
+    with pytest.warns(UserWarning, match="32-true") if _slow_cpu_bf16() else contextlib.nullcontext():
         half = grid(precision, f'precision = "{precision}"')
     diff = np.abs(half - full)
     assert diff.max() > 0 and diff.mean() < 12  # 0-255 pixels: bf16 rounding, not another image
@@ -154,9 +156,3 @@ def _slow_cpu_bf16() -> bool:
     from t2i_engine.kernels import cpu_paths
 
     return cpu_paths.unsupported_reason("conv_pack_bf16") is not None
-
-
-def _no_warning():
-    import contextlib
-
-    return contextlib.nullcontext()

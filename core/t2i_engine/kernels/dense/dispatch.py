@@ -34,7 +34,7 @@ from t2i_engine.kernels._backend import cpu_inference_unsupported, cpu_path_unsu
 from t2i_engine.kernels.dense import reference
 
 __all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
-           "onednn_unsupported_reason", "pack_conv_weight", "packed_conv2d"]
+           "default_pack_input", "onednn_unsupported_reason", "pack_conv_weight", "packed_conv2d"]
 
 MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
 
@@ -150,6 +150,11 @@ PACK_PROBE_SIZE = 16
 ``input_size``); :class:`t2i_engine.nn.ops.Conv2d` repacks for the input it actually gets."""
 
 
+def default_pack_input(weight: Tensor, groups: int) -> tuple[int, int, int, int]:
+    """The input shape a weight is packed for until a call brings its own: ``(2, C, 16, 16)``."""
+    return (2, weight.shape[1] * groups, PACK_PROBE_SIZE, PACK_PROBE_SIZE)
+
+
 def pack_conv_weight(weight: Tensor, *, stride: tuple[int, ...], padding: tuple[int, ...],
                      dilation: tuple[int, ...], groups: int, input_size: tuple[int, ...] | None = None) -> Tensor:
     """``weight`` (float32 or bf16 CPU, plain or already packed) reordered into the blocked layout
@@ -166,7 +171,7 @@ def pack_conv_weight(weight: Tensor, *, stride: tuple[int, ...], padding: tuple[
     packed weight with :func:`packed_conv2d`.
     """
     if input_size is None:
-        input_size = (2, weight.shape[1] * groups, PACK_PROBE_SIZE, PACK_PROBE_SIZE)
+        input_size = default_pack_input(weight, groups)
     plain = weight.to_dense() if weight.is_mkldnn else weight.detach()
     return torch._C._nn.mkldnn_reorder_conv2d_weight(plain.to_mkldnn(), list(padding), list(stride),
                                                       list(dilation), groups, list(input_size))

@@ -134,6 +134,7 @@ def test_if_stage_defaults_are_ifs(if_folders):
     (1, 'sampler = { name = "ddpm", steps = 0 }', r"task.stages\[0\].sampler.steps"),
     (1, "guidance = { guidance_rescale = 0.5 }", r"task.stages\[0\].guidance.guidance_rescale: not available"),
     (1, "guidance = { clip_denoised = true }", r"task.stages\[0\].guidance.clip_denoised: not available"),
+    (1, "guidance = { guidance_interval = [0.5, 5.0] }", r"task.stages\[0\].guidance.guidance_interval: not available"),
     (1, "guidance = { dynamic_threshold_max = 1.2 }", r"task.stages\[0\].guidance.*needs 'dynamic_threshold'"),
     (1, "aug_level = 0.1", r"task.stages\[0\].aug_level: not an IF stage's key"),
     (1, "sigma_min = 0.5", r"task.stages\[0\].sigma_min: not an IF stage's key"),

@@ -1,5 +1,5 @@
 """The core's model tasks run in-process through the config loader and the run context:
-the on_sample_step hook, fit's EMA hand-back, precache -> train from precached shards."""
+the on_sample_step hook, [guidance] guidance_interval, fit's EMA hand-back, precache -> train from precached shards."""
 
 from __future__ import annotations
 
@@ -146,3 +146,29 @@ def test_sample_precision_follows_engine_precision(tmp_path):
         images[precision] = np.asarray(Image.open(path), dtype=np.float64)
     for precision in ("bf16-mixed", "bf16-true"):
         assert np.abs(images[precision] - images["32-true"]).max() <= 24  # of 255
+
+
+def test_guidance_interval_key_reaches_the_sample_task(tmp_path):
+    """[guidance] guidance_interval through the job: an interval holding every step's sigma is plain
+    CFG, one holding none is no guidance (scale 1), one holding some steps is neither."""
+    import numpy as np
+    from PIL import Image
+
+    recorder = StepRecorder()
+    pm = _pm((recorder, "step-recorder"))
+
+    def image(name: str, *sets: str) -> np.ndarray:
+        config = load_config(EXAMPLES / "sd-sample.toml", pm, overrides=[
+            f"engine.output_dir={str(tmp_path / name)!r}", "task.prompts=['a red square']",
+            "task.images_per_prompt=1", "task.width=16", "task.height=16", "sampler.steps=3", *sets])
+        return np.asarray(Image.open(run_config(config, pm)["images"][0]), dtype=np.int16)
+
+    guided = image("cfg")
+    sigmas = [s for _, _, s in recorder.calls]
+    top, bottom = max(sigmas), min(sigmas)
+    assert np.array_equal(image("all", f"guidance.guidance_interval=[0, {top * 2}]"), guided)
+    unguided = image("none", f"guidance.guidance_interval=[{top * 2}, {top * 4}]")
+    assert np.array_equal(unguided, image("scale1", "guidance.guidance_scale=1.0"))
+    assert np.abs(unguided - guided).max() > 0
+    some = image("some", f"guidance.guidance_interval=[{bottom}, {top * 2}]")  # all but the last step
+    assert np.abs(some - guided).max() > 0 and np.abs(some - unguided).max() > 0

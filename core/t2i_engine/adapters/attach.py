@@ -30,7 +30,8 @@ from torch import Tensor, nn
 from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host
 from t2i_engine.adapters.layers import ConvShape, LoRA
 
-__all__ = ["Adapter", "Target", "attach", "create_adapter", "find_targets", "match_targets", "trainable_parameters"]
+__all__ = ["Adapter", "Target", "attach", "base_weight", "create_adapter", "find_targets", "match_targets",
+           "trainable_parameters"]
 
 _SLOT = "_t2i_lora_slot"
 
@@ -199,7 +200,7 @@ class Adapter(nn.Module):
             raise RuntimeError(f"adapter {self.name!r} is {'already' if self.merged else 'not'} merged")
         for name, layer in self.items():
             target = self.targets[name]
-            weight = _base_weight(root, target)
+            weight = base_weight(root, target)
             if weight.is_mkldnn:
                 raise RuntimeError(f"{target.module}: its weight is packed for oneDNN inference; merge adapters "
                                    f"before packing (or leave them unmerged)")
@@ -282,7 +283,7 @@ def create_adapter(root: nn.Module, targets: Sequence[str], *, rank: int, alpha:
     """
     layers: dict[str, LoRA] = {}
     for tname, t in match_targets(find_targets(root), targets).items():
-        w = _base_weight(root, t)
+        w = base_weight(root, t)
         layers[tname] = LoRA(t.in_features, t.out_features, rank, alpha=alpha, conv=t.conv,
                              dropout=0.0 if t.weight_form else dropout, device=w.device, dtype=dtype or w.dtype)
     return attach(root, Adapter(layers, name=name, embeddings=embeddings))
@@ -308,9 +309,9 @@ class _Slot:
     remove: Callable[[], None]
 
 
-def _base_weight(root: nn.Module, target: Target) -> Tensor:
+def base_weight(root: nn.Module, target: Target) -> Tensor:
     """The base weight ``target`` adapts in ``root``: its ``param`` (weight-form targets) or its
-    module's ``weight`` (shared with :mod:`t2i_engine.adapters.load`)."""
+    module's ``weight``."""
     module = root.get_submodule(target.module)
     return module.get_parameter(target.param) if target.param else module.weight
 

@@ -8,7 +8,7 @@ import attrs
 import torch
 from torch import Tensor, nn
 
-from t2i_engine.adapters.attach import Adapter, Target, _base_weight, attach, find_targets
+from t2i_engine.adapters.attach import Adapter, Target, attach, base_weight, find_targets
 from t2i_engine.adapters.embeddings import TokenEmbeddings, find_host, split_bundle
 from t2i_engine.adapters.formats import LoRAFile, PeftSettings, group_keys, read_lora_file
 from t2i_engine.adapters.keymaps import KeyMap
@@ -81,7 +81,7 @@ def adapter_from_file(file: LoRAFile, root: nn.Module, keymap: KeyMap, *, partia
                                   f"(a key-map bug in the model plugin)")
         if ours in layers:
             raise CheckpointError(f"{file.source}: {spelled_as[ours]} and {spelling} are both {ours}")
-        layers[ours] = _layer(file, spelling, roles, targets[ours], _base_weight(root, targets[ours]))
+        layers[ours] = _layer(file, spelling, roles, targets[ours], base_weight(root, targets[ours]))
         spelled_as[ours] = spelling
         used += len(roles)
     unmatched = sorted(unmatched)

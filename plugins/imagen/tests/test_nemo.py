@@ -556,7 +556,7 @@ def test_lightning_ckpt_config_from_nemo_config_yaml(tmp_path, make_stage, t5_fo
 
 
 def test_plain_config_of_a_real_omegaconf_pickle(tmp_path):
-    """Where OmegaConf is installed (it is no dependency): a real ``DictConfig`` pickle, read with
+    """A real ``DictConfig`` pickle (OmegaConf is a test dependency only, never a runtime one), read with
     inert globals, gives back the plain config."""
     omegaconf = pytest.importorskip("omegaconf")
     from t2i_engine.checkpoint.io import safe_torch_load

@@ -128,7 +128,8 @@ def train_step(fabric: Fabric, model: nn.Module, optimizer: Any, batches: Iterat
         batch = fabric.to_device(next(batches))
         state.batches += 1
         with fabric.no_backward_sync(model, enabled=micro < cfg.grad_accum - 1):
-            loss = model.training_loss(batch, generator=generator)
+            with fabric.autocast():  # Fabric routes a marked method through autocast only under DDP/FSDP
+                loss = model.training_loss(batch, generator=generator)
             fabric.backward(loss / cfg.grad_accum)
         losses.append(loss.detach().float())
     loss_mean = torch.stack(losses).mean()
@@ -166,7 +167,8 @@ def validate(fabric: Fabric, model: nn.Module, batches: Iterator[Any], *, num_ba
     model.eval()
     total = torch.zeros((), device=fabric.device)
     for _ in range(num_batches):
-        total += model.training_loss(fabric.to_device(next(batches)), generator=generator).float()
+        with fabric.autocast():
+            total += model.training_loss(fabric.to_device(next(batches)), generator=generator).float()
     model.train(was_training)
     return float(fabric.all_reduce(total / num_batches, reduce_op="mean"))
 

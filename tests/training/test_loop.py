@@ -96,6 +96,22 @@ def test_ddp_two_processes_match_one_process_same_global_batch(tmp_path):
     assert list_checkpoints(str(ddp / "checkpoints")) == [4]
 
 
+@pytest.mark.slow
+def test_ddp_bf16_mixed_computes_in_bf16_in_both_processes(tmp_path):
+    """Under DDP the loop's autocast nests inside the one Fabric's wrapper enters: every rank's
+    network runs in bf16, the weights it saves stay float32, the loss stays finite."""
+    log = tmp_path / "dtypes"
+    out = tmp_path / "ddp"
+    _finish(_run(out, {"max_steps": 2, "log_every": 1, "checkpoint_every": 0, "batch_size": 2, "devices": 2,
+                       "strategy": "ddp", "precision": "bf16-mixed"}, {"dtype_log": str(log)}))
+    logs = sorted(tmp_path.glob("dtypes.*"))
+    assert len(logs) == 2  # one per rank
+    for f in logs:
+        assert f.read_text().split() == ["torch.bfloat16"] * 2, f
+    assert all(v.dtype == torch.float32 for v in _final(out, 2).values())
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in (out / "metrics.jsonl").read_text().splitlines())
+
+
 def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
     model = TinyDenoiser(nan_calls=(2,))
     summary = fit(model, DictDataset(), _cfg(max_steps=5, checkpoint_every=0), output_dir=tmp_path, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -17,10 +18,12 @@ class TinyDenoiser(nn.Module):
     (so a sample gets the same noise however the batch is split across ranks).
     ``sleep``: seconds to sleep per call (lets a test kill a run mid-way).
     ``nan_calls``: call numbers (0-based) whose loss is NaN.
+    ``dtype_log``: a file prefix; each process appends the dtype of every network output to
+    ``<prefix>.<pid>`` (what a run in its own processes computed in).
     """
 
     def __init__(self, channels: int = 3, width: int = 8, *, noise_from_index: bool = False,
-                 sleep: float = 0.0, nan_calls: tuple[int, ...] = ()) -> None:
+                 sleep: float = 0.0, nan_calls: tuple[int, ...] = (), dtype_log: str = "") -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(channels + 1, width, 3, padding=1), nn.SiLU(),
@@ -30,12 +33,17 @@ class TinyDenoiser(nn.Module):
         self.noise_from_index = noise_from_index
         self.sleep = sleep
         self.nan_calls = set(nan_calls)
+        self.dtype_log = dtype_log
         self._calls = 0
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         c_in = 1 / torch.sqrt(1 + sigma**2)  # (B,)
         smap = sigma.log().view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
-        return self.net(torch.cat([x * c_in.view(-1, 1, 1, 1), smap], dim=1))
+        out = self.net(torch.cat([x * c_in.view(-1, 1, 1, 1), smap], dim=1))
+        if self.dtype_log:
+            with open(f"{self.dtype_log}.{os.getpid()}", "a") as f:
+                f.write(f"{out.dtype}\n")
+        return out
 
     def _draw(self, x0: Tensor, batch: Mapping[str, Any], generator: torch.Generator | None):
         if self.noise_from_index:

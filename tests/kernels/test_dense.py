@@ -82,9 +82,16 @@ def test_training_keeps_autograd() -> None:
 @pytest.mark.parametrize("shape", [(16, 24), (2, 9, 24)])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("trainable", ["all", "frozen weight", "frozen input"])
+@pytest.mark.parametrize("onednn_backward", [True, False])
 def test_training_linear_runs_onednn_with_reference_gradients(shape: tuple[int, ...], with_bias: bool,
-                                                              trainable: str) -> None:
+                                                              trainable: str, onednn_backward: bool,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both backward GEMM paths (path ``dense_fp32_train_backward`` on: oneDNN on transposed
+    copies; off: ``torch.mm``) give ``F.linear``'s gradients."""
+    from t2i_engine.kernels import cpu_paths
     from t2i_engine.kernels.dense import dispatch
+
+    monkeypatch.setattr(cpu_paths, "enabled", lambda path: path != "dense_fp32_train_backward" or onednn_backward)
 
     g = _gen(4)
     x = torch.randn(*shape, generator=g, requires_grad=trainable != "frozen input")
@@ -95,11 +102,11 @@ def test_training_linear_runs_onednn_with_reference_gradients(shape: tuple[int, 
     calls: list[int] = []
     original = dispatch.OneDNNLinear.apply
     try:
-        dispatch.OneDNNLinear.apply = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+        dispatch.OneDNNLinear.apply = lambda *a: calls.append(a[3]) or original(*a)  # type: ignore[method-assign]
         out = linear(x, w, b)
     finally:
         dispatch.OneDNNLinear.apply = original  # type: ignore[method-assign]
-    assert calls == [1] and out.shape == (*shape[:-1], 40)
+    assert calls == [onednn_backward] and out.shape == (*shape[:-1], 40)
     leaves = [t for t in (x, w, b) if t is not None and t.requires_grad]
     got = torch.autograd.grad((out * up).sum(), leaves)
     want = torch.autograd.grad((F.linear(x, w, b) * up).sum(), leaves)

@@ -58,7 +58,9 @@ FORMAT = 2  # 2: the convolution probes pack for their input's shape
 
 PATHS: dict[str, str] = {
     "dense_fp32": "float32 linear and 1x1 convolutions through oneDNN (kernels/dense)",
-    "dense_fp32_train": "float32 linear forward and backward through oneDNN in training (kernels/dense OneDNNLinear)",
+    "dense_fp32_train": "float32 linear forward through oneDNN in training (kernels/dense OneDNNLinear)",
+    "dense_fp32_train_backward": "its two backward GEMMs through oneDNN too, on transposed copies "
+                                 "(else torch.mm, which reads the transposes in place)",
     "conv_pack_fp32": "float32 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
@@ -226,13 +228,15 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
     wt = (torch.randn(1280, 320, generator=g) / 18).requires_grad_()
     bt = torch.zeros(1280, requires_grad=True)
 
-    def train_fast() -> None:
-        with torch.enable_grad():
-            OneDNNLinear.apply(xt, wt, bt).sum().backward()
+    up = torch.randn(2048, 1280, generator=g)
 
-    def train_plain() -> None:
-        with torch.enable_grad():
-            torch.nn.functional.linear(xt, wt, bt).sum().backward()
+    def train(onednn_backward: bool | None) -> Callable[[], None]:
+        def call() -> None:  # forward and backward of one training linear
+            with torch.enable_grad():
+                out = (torch.nn.functional.linear(xt, wt, bt) if onednn_backward is None
+                       else OneDNNLinear.apply(xt, wt, bt, onednn_backward))
+                out.backward(up)
+        return call
 
     def conv_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
         xd = torch.randn(2, 1280, 8, 8, generator=g).to(dtype)
@@ -249,7 +253,8 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
 
     return {
         "dense_fp32": lambda: (dense_fast, dense_plain),
-        "dense_fp32_train": lambda: (train_fast, train_plain),
+        "dense_fp32_train": lambda: (train(False), train(None)),  # the same backward: the forward's gain
+        "dense_fp32_train_backward": lambda: (train(True), train(False)),  # the same forward: the backward's
         "conv_pack_fp32": lambda: conv_pair(torch.float32),
         "conv_pack_bf16": lambda: conv_pair(torch.bfloat16),
         "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention
@@ -270,7 +275,7 @@ def measure() -> dict[str, Choice]:
             choices[path] = Choice(path, False, None)
             continue
         fast, plain = build()
-        with contextlib.nullcontext() if path.endswith("_train") else torch.inference_mode():
+        with contextlib.nullcontext() if "_train" in path else torch.inference_mode():
             ratio = statistics.median(paired_ratios(fast, plain, pairs=PAIRS))
         choices[path] = Choice(path, ratio < KEEP_BELOW, round(ratio, 3))
     return choices

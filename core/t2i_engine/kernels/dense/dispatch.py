@@ -86,25 +86,32 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 class OneDNNLinear(torch.autograd.Function):
-    """``x @ weight.T + bias`` for a contiguous 2-D float32 CPU ``x`` whose forward and backward
-    GEMMs (``grad @ weight`` and ``grad.T @ x``) all run through oneDNN: the same float32
-    arithmetic as ``F.linear``'s autograd, in another summation order. Once differentiable."""
+    """``x @ weight.T + bias`` for a contiguous 2-D float32 CPU ``x`` whose forward GEMM runs
+    through oneDNN, and its backward GEMMs (``grad @ weight`` and ``grad.T @ x``) too where
+    ``onednn_backward`` (on transposed copies; else ``torch.mm``, as ``F.linear``'s autograd):
+    the same float32 arithmetic as ``F.linear``'s, in another summation order. Once
+    differentiable."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # noqa: D102
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None,  # noqa: D102
+                onednn_backward: bool = True) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.onednn_backward = bias is not None, onednn_backward
         return _onednn_linear(x, weight, bias)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # noqa: D102
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # noqa: D102
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
-        gx = _onednn_linear(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-        gw = _onednn_linear(grad.t().contiguous(), x.t().contiguous(), None) if ctx.needs_input_grad[1] else None
+        if ctx.onednn_backward:
+            gx = _onednn_linear(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
+            gw = _onednn_linear(grad.t().contiguous(), x.t().contiguous(), None) if ctx.needs_input_grad[1] else None
+        else:
+            gx = grad.mm(weight) if ctx.needs_input_grad[0] else None
+            gw = grad.t().mm(x) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -118,7 +125,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if onednn_unsupported_reason(x, weight, bias) is None:
             return _onednn_linear(x, weight, bias)
         if grad_needed(x, weight, bias) and onednn_training_unsupported_reason(x, weight, bias) is None:
-            out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+            out = OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias,
+                                     cpu_paths.enabled("dense_fp32_train_backward"))
             return out.view(*x.shape[:-1], weight.shape[0])
     return reference.linear(x, weight, bias)
 

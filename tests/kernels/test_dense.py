@@ -99,7 +99,7 @@ def test_training_linear_runs_onednn_with_reference_gradients(shape: tuple[int, 
     b = torch.randn(40, generator=g, requires_grad=True) if with_bias else None
     up = torch.randn(*shape[:-1], 40, generator=g)
     assert dispatch.onednn_training_unsupported_reason(x, w, b) is None
-    calls: list[int] = []
+    calls: list[bool] = []
     original = dispatch.OneDNNLinear.apply
     try:
         dispatch.OneDNNLinear.apply = lambda *a: calls.append(a[3]) or original(*a)  # type: ignore[method-assign]

@@ -165,9 +165,11 @@ def _inert(name: str) -> type:
 
 
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], *,
-                           source: str = "checkpoint") -> None:
+                           source: str = "checkpoint", assign: bool = False) -> None:
     """Load ``state`` into ``module``; missing or unexpected keys, or a shape mismatch, are a
-    :class:`CheckpointError` that lists them (the first 20 of each)."""
+    :class:`CheckpointError` that lists them (the first 20 of each). ``assign``: the tensors
+    become the module's parameters and buffers (``nn.Module.load_state_dict(assign=True)``: for a
+    module built on the meta device)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -184,7 +186,7 @@ def load_state_dict_strict(module: nn.Module, state: Mapping[str, Tensor], *,
                     shown = keys[:20]
                 parts.append(f"{label} ({len(keys)}): {', '.join(shown)}{more}")
         raise CheckpointError(f"{source} does not fit {type(module).__name__}: " + "; ".join(parts))
-    module.load_state_dict(dict(state), strict=True)
+    module.load_state_dict(dict(state), strict=True, assign=assign)
 
 
 def read_json_object(path: str | os.PathLike[str], *, required: bool = True) -> dict[str, Any]:

@@ -36,6 +36,36 @@ def test_forward_matches_diffusers(stage, tmp_path, make_if_unet):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
+def test_fp16_variant_loads_as_float32_without_random_init(tmp_path, make_if_unet, monkeypatch):
+    """diffusers' ``variant="fp16"`` save (``diffusion_pytorch_model.fp16.safetensors``) loads as
+    a float32 network equal to the reference cast to half and back; the network is built on the
+    meta device (no random float32 weights beside the file's)."""
+    from t2i_plugin_imagen import if_folder
+
+    ref = make_if_unet(stage=1)
+    ref.half().save_pretrained(tmp_path / "unet", variant="fp16")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    built_on: list[str] = []
+    original = if_folder.IFUNet.__init__
+
+    def init(self, *a, **kw):
+        built_on.append(torch.empty(()).device.type)
+        original(self, *a, **kw)
+
+    monkeypatch.setattr(if_folder.IFUNet, "__init__", init)
+    ours = load_if_unet(tmp_path / "unet")
+    assert built_on == ["meta"]
+    assert {p.device.type for p in ours.parameters()} == {"cpu"}
+    assert {p.dtype for p in ours.parameters()} == {torch.float32}
+    ref = ref.float()
+    g = torch.Generator().manual_seed(1)
+    x, tokens, t = torch.randn(1, 3, 16, 16, generator=g), torch.randn(1, 7, 32, generator=g), torch.tensor([500.0])
+    with torch.no_grad():
+        want = ref(x, t, encoder_hidden_states=tokens).sample
+        got = ours(x, t, Conditioning(text=TextEmbedding(tokens)))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(("key", "value"), [("act_fn", "silu"), ("resnet_time_scale_shift", "default"),
                                              ("class_embeddings_concat", True), ("upcast_attention", True),
                                              ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("some_new_key", 1)])

@@ -53,7 +53,7 @@ def _float32(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_if_unet(folder: str | Path, *, raw_config: dict[str, Any] | None = None) -> IFUNet:
-    """An float32 :class:`IFUNet` from a diffusers ``unet/`` folder: architecture from
+    """A float32 :class:`IFUNet` from a diffusers ``unet/`` folder: architecture from
     ``config.json`` (unsupported keys refused by name; ``raw_config``: that file already read),
     weights loaded strictly. The network is built on the meta device and takes the file's
     tensors as its parameters, so loading holds one float32 copy of the weights, not two (IF-I-XL's

@@ -98,8 +98,8 @@ def test_ddp_two_processes_match_one_process_same_global_batch(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_bf16_mixed_computes_in_bf16_in_both_processes(tmp_path):
-    """Under DDP the loop's autocast nests inside the one Fabric's wrapper enters: every rank's
-    network runs in bf16, the weights it saves stay float32, the loss stays finite."""
+    """bf16-mixed under DDP (the loop's autocast inside the one Fabric's wrapper enters there):
+    every rank's network runs in bf16, the weights saved stay float32, the loss stays finite."""
     log = tmp_path / "dtypes"
     out = tmp_path / "ddp"
     _finish(_run(out, {"max_steps": 2, "log_every": 1, "checkpoint_every": 0, "batch_size": 2, "devices": 2,
@@ -232,26 +232,14 @@ def test_resume_with_an_iterable_webdataset_continues_exactly(tmp_path):
         assert torch.equal(straight[k], resumed[k]), k
 
 
-class _DtypeRecorder(TinyDenoiser):
-    """Records the dtype its network computes in, training and validation calls alike."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[torch.dtype] = []
-
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x, sigma)
-        self.seen.append(out.dtype)
-        return out
-
-
 @pytest.mark.parametrize("precision,dtype", [("32-true", torch.float32), ("bf16-mixed", torch.bfloat16)])
 def test_precision_reaches_the_training_loss_on_one_device(tmp_path, precision, dtype):
     """train.precision = "bf16-mixed" runs the model under autocast on a single device (Fabric
     applies its autocast to a marked method only through a DDP/FSDP wrapper), for the training
     steps and for validation; the parameters stay float32."""
-    model = _DtypeRecorder()
+    model = TinyDenoiser(dtype_log=str(tmp_path / "dtypes"))
     fit(model, DictDataset(), _cfg(max_steps=2, checkpoint_every=0, precision=precision, val_every=2, val_batches=1),
-        output_dir=tmp_path, seed=0, val_dataset=DictDataset(seed=1))
-    assert len(model.seen) == 3 and set(model.seen) == {dtype}  # 2 steps + 1 validation batch
+        output_dir=tmp_path / "run", seed=0, val_dataset=DictDataset(seed=1))
+    (log,) = tmp_path.glob("dtypes.*")
+    assert log.read_text().split() == [str(dtype)] * 3  # 2 steps + 1 validation batch
     assert all(p.dtype == torch.float32 for p in model.parameters())

@@ -69,6 +69,9 @@ PATHS: dict[str, str] = {
 }
 """The fast paths chosen per machine, by name, with what each is."""
 
+_TRAINING_PATHS = frozenset({"dense_fp32_train", "dense_fp32_train_backward"})
+"""The paths whose probes run autograd (the others are timed in ``inference_mode``)."""
+
 LONG_SCORES = 512 * 512
 """Query x key tokens per head from which attention counts as long: on the AMD EPYC (Zen 5) of
 docs/benchmarks.md the batched-matmul attention took 0.48x SDPA's time at 256 x 256 tokens and
@@ -275,7 +278,7 @@ def measure() -> dict[str, Choice]:
             choices[path] = Choice(path, False, None)
             continue
         fast, plain = build()
-        with contextlib.nullcontext() if "_train" in path else torch.inference_mode():
+        with contextlib.nullcontext() if path in _TRAINING_PATHS else torch.inference_mode():
             ratio = statistics.median(paired_ratios(fast, plain, pairs=PAIRS))
         choices[path] = Choice(path, ratio < KEEP_BELOW, round(ratio, 3))
     return choices

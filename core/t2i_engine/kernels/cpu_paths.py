@@ -61,6 +61,9 @@ PATHS: dict[str, str] = {
     "dense_fp32_train": "float32 linear forward through oneDNN in training (kernels/dense OneDNNLinear)",
     "dense_fp32_train_backward": "its two backward GEMMs through oneDNN too, on transposed copies "
                                  "(else torch.mm, which reads the transposes in place)",
+    "conv_gemm_train_fp32": "float32 training convolutions at low resolution as unfold + GEMM "
+                            "(kernels/dense/gemm_conv.py)",
+    "conv_gemm_train_bf16": "the same in bf16 (bf16 tensors, or bf16 CPU autocast)",
     "conv_pack_fp32": "float32 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
@@ -69,7 +72,8 @@ PATHS: dict[str, str] = {
 }
 """The fast paths chosen per machine, by name, with what each is."""
 
-_TRAINING_PATHS = frozenset({"dense_fp32_train", "dense_fp32_train_backward"})
+_TRAINING_PATHS = frozenset({"dense_fp32_train", "dense_fp32_train_backward", "conv_gemm_train_fp32",
+                             "conv_gemm_train_bf16"})
 """The paths whose probes run autograd (the others are timed in ``inference_mode``)."""
 
 LONG_SCORES = 512 * 512
@@ -212,6 +216,7 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
     batch of 2); built only for the paths this CPU supports."""
     from t2i_engine.kernels.attention.cpu import bmm_attention
     from t2i_engine.kernels.dense.dispatch import OneDNNLinear, pack_conv_weight
+    from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 320, generator=g)
@@ -250,6 +255,18 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
                                                                 "none", [], ""),
                 lambda: torch.nn.functional.conv2d(xd, wd, padding=1))
 
+    def gemm_conv_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        xg = torch.randn(2, 1280, 2, 2, generator=g).to(dtype).requires_grad_()  # SD's 2x2 level
+        wg = (torch.randn(1280, 1280, 3, 3, generator=g) / 100).to(dtype).requires_grad_()
+        up = torch.randn(2, 1280, 2, 2, generator=g).to(dtype)
+
+        def call(conv: Callable[..., Any]) -> Callable[[], None]:
+            def run() -> None:  # forward and backward of one deep training convolution
+                with torch.enable_grad():
+                    torch.autograd.grad(conv(xg, wg, None, 1, 1), (xg, wg), up)
+            return run
+        return call(gemm_conv2d), call(torch.nn.functional.conv2d)
+
     def attention_pair(tokens: int, dim: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
         q, k, v = (torch.randn(2, 8, tokens, dim, generator=g).to(torch.bfloat16) for _ in range(3))
         return (lambda: bmm_attention(q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
@@ -258,6 +275,8 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
         "dense_fp32": lambda: (dense_fast, dense_plain),
         "dense_fp32_train": lambda: (train(False), train(None)),  # the same backward: the forward's gain
         "dense_fp32_train_backward": lambda: (train(True), train(False)),  # the same forward: the backward's
+        "conv_gemm_train_fp32": lambda: gemm_conv_pair(torch.float32),
+        "conv_gemm_train_bf16": lambda: gemm_conv_pair(torch.bfloat16),
         "conv_pack_fp32": lambda: conv_pair(torch.float32),
         "conv_pack_bf16": lambda: conv_pair(torch.bfloat16),
         "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention

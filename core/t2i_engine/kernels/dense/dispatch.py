@@ -14,6 +14,10 @@ oneDNN runs an op when all of these hold (:func:`onednn_unsupported_reason` says
 * linear: ``x`` is contiguous with at least :data:`MIN_ROWS` rows; conv2d: a 1x1 kernel with
   stride 1, no padding, no dilation and one group (3x3 convolutions already go to oneDNN).
 
+A CPU convolution that needs a gradient (training) at low resolution runs as unfold + GEMM
+(:mod:`t2i_engine.kernels.dense.gemm_conv`) where :func:`gemm_conv_unsupported_reason` allows and
+the shape is one the GEMM wins on (:func:`~t2i_engine.kernels.dense.gemm_conv.gemm_conv_applies`).
+
 A float32 CPU linear that needs a gradient (training) runs through :class:`OneDNNLinear`
 instead, whose backward GEMMs are oneDNN's too, under the same conditions but autograd's
 (:func:`onednn_training_unsupported_reason`).
@@ -32,9 +36,10 @@ from torch.autograd.function import once_differentiable
 from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels._backend import cpu_inference_unsupported, cpu_path_unsupported, grad_needed
 from t2i_engine.kernels.dense import reference
+from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d, gemm_conv_applies
 
 __all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
-           "default_pack_input", "onednn_unsupported_reason", "pack_conv_weight", "packed_conv2d"]
+           "default_pack_input", "gemm_conv_unsupported_reason", "onednn_unsupported_reason", "pack_conv_weight", "packed_conv2d"]
 
 MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
 
@@ -79,6 +84,32 @@ def onednn_training_unsupported_reason(*tensors: Tensor | None) -> str | None:
     if reason is None and not cpu_paths.enabled("dense_fp32_train"):
         return "the oneDNN training path is off on this machine (t2i_engine.kernels.cpu_paths)"
     return reason
+
+
+def gemm_conv_unsupported_reason(*tensors: Tensor | None) -> str | None:
+    """Why a CPU convolution that needs a gradient should not run as unfold + GEMM, or None when
+    it can: outside ``torch.compile``, ``T2I_KERNELS`` not ``torch``, CPU tensors, float32 without
+    autocast (path ``conv_gemm_train_fp32`` of :mod:`t2i_engine.kernels.cpu_paths`) or bf16
+    (bf16 tensors, or float32 ones under bf16 CPU autocast: ``conv_gemm_train_bf16``)."""
+    reason = cpu_path_unsupported()
+    if reason is not None:
+        return reason
+    if any(t is not None and t.device.type != "cpu" for t in tensors):
+        return "not all tensors are CPU tensors"
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if torch.is_autocast_enabled("cpu"):
+        if torch.get_autocast_dtype("cpu") != torch.bfloat16 or not dtypes <= {torch.float32, torch.bfloat16}:
+            return "CPU autocast to a dtype other than bf16, or inputs neither float32 nor bf16"
+        path = "conv_gemm_train_bf16"
+    elif dtypes == {torch.float32}:
+        path = "conv_gemm_train_fp32"
+    elif dtypes == {torch.bfloat16}:
+        path = "conv_gemm_train_bf16"
+    else:
+        return "tensors neither all float32 nor all bf16"
+    if not cpu_paths.enabled(path):
+        return f"path {path} is off on this machine (t2i_engine.kernels.cpu_paths)"
+    return None
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -136,7 +167,9 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
            groups: int = 1) -> Tensor:
     """2-D convolution; a pointwise (1x1) float32 convolution runs through oneDNN where it
     applies (see the module doc), a weight packed by :func:`pack_conv_weight` through
-    :func:`packed_conv2d`, every other through ``F.conv2d``."""
+    :func:`packed_conv2d`, a low-resolution training one as unfold + GEMM (:func:`gemm_conv2d`
+    where :func:`gemm_conv_unsupported_reason` and ``gemm_conv_applies`` allow), every other
+    through ``F.conv2d``."""
     if weight.is_mkldnn:
         return packed_conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation), groups)
     pointwise = (
@@ -150,6 +183,9 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
     )
     if pointwise and onednn_unsupported_reason(x, weight, bias) is None:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [0, 0], [1, 1], [1, 1], 1, "none", [], "")
+    if (grad_needed(x, weight, bias) and gemm_conv_applies(x, weight, stride, padding, dilation, groups)
+            and gemm_conv_unsupported_reason(x, weight, bias) is None):
+        return gemm_conv2d(x, weight, bias, stride, padding, dilation)  # type: ignore[arg-type]
     return reference.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

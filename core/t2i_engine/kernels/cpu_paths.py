@@ -11,7 +11,8 @@ convolution. So each path is chosen per machine instead of assumed:
   :func:`t2i_engine.tasks.common.prepare_for_inference`) looks up this machine's choices in a
   cache file; on the first run on a machine it times each path against PyTorch's op on a
   representative SD-sized shape, the two alternating call by call, and keeps the fast path only
-  where its median time is below :data:`KEEP_BELOW` of PyTorch's; about a second, once.
+  where its median time is below :data:`KEEP_BELOW` of PyTorch's; about 10 s with one thread
+  on the Zen 4 of docs/benchmarks.md, once.
 * :func:`enabled` answers the dispatchers, per call, from the selected choices (every path is on
   until :func:`select` runs, the behaviour before this module).
 
@@ -285,7 +286,7 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
 
 
 def measure() -> dict[str, Choice]:
-    """Time every path against PyTorch's op now (about a second): a :class:`Choice` per path; a
+    """Time every path against PyTorch's op now (about 10 s with one thread): a :class:`Choice` per path; a
     path this CPU cannot run (:func:`unsupported_reason`) is off and untimed."""
     from t2i_engine.kernels.dense.dispatch import onednn_available
 

@@ -1,7 +1,7 @@
 """Training convolutions at low resolution as one GEMM over unfolded patches (CPU).
 
-PyTorch's CPU convolution reorders the weight into oneDNN's blocked layout on every call, forward
-and backward; inference avoids it by packing once (:func:`t2i_engine.kernels.dense.dispatch.pack_conv_weight`),
+PyTorch's CPU convolution reorders the weight into oneDNN's blocked layout on every call (measured
+for the forward; the backward's share is inferred); inference avoids it by packing once (:func:`t2i_engine.kernels.dense.dispatch.pack_conv_weight`),
 but a training weight changes every step. At the deep levels of a UNet (1280 channels at 2x2 to
 8x8 pixels, a guidance-sized batch) those reorders cost more than the arithmetic: on the AMD
 EPYC (Zen 4) of docs/benchmarks.md a 1280 -> 1280 3x3 convolution at 2x2 took 167 ms forward and
@@ -10,7 +10,8 @@ view and whose backward (``F.fold`` and two GEMMs) autograd derives. With more o
 unfolded patches (``kh * kw`` copies of the input) cost more than the reorders save, so the path
 takes only convolutions with few output rows (:func:`gemm_conv_applies`).
 
-The arithmetic is the convolution's (float32 or bf16 products, float32 sums) in another order.
+The result equals the convolution's up to rounding (the same products, summed in another order;
+tests/kernels/test_gemm_conv.py).
 """
 
 from __future__ import annotations
@@ -38,12 +39,16 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def _output_hw(x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tuple[int, int],
+               dilation: tuple[int, int]) -> tuple[int, int]:
+    return (_output_size(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0]),
+            _output_size(x.shape[3], weight.shape[3], stride[1], padding[1], dilation[1]))
+
+
 def output_rows(x: Tensor, weight: Tensor, stride: int | tuple[int, int], padding: int | tuple[int, int],
                 dilation: int | tuple[int, int]) -> int:
     """Batch x output pixels of the convolution: the GEMM's row count."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
-    ho = _output_size(x.shape[2], weight.shape[2], sh, ph, dh)
-    wo = _output_size(x.shape[3], weight.shape[3], sw, pw, dw)
+    ho, wo = _output_hw(x, weight, _pair(stride), _pair(padding), _pair(dilation))
     return x.shape[0] * ho * wo
 
 
@@ -68,12 +73,11 @@ def gemm_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
     """``F.conv2d(x, weight, bias, stride, padding, dilation)`` (one group, zero padding) as
     ``F.unfold`` + ``F.linear``, differentiable by autograd. Under CPU autocast ``x`` is cast to
     the autocast dtype before it is unfolded (``F.linear`` would cast the nine-fold copy)."""
-    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     n, k = x.shape[0], weight.shape[0]
-    ho = _output_size(x.shape[2], weight.shape[2], sh, ph, dh)
-    wo = _output_size(x.shape[3], weight.shape[3], sw, pw, dw)
+    ho, wo = _output_hw(x, weight, stride, padding, dilation)
     if torch.is_autocast_enabled("cpu"):
         x = x.to(torch.get_autocast_dtype("cpu"))
-    cols = F.unfold(x, tuple(weight.shape[2:]), dilation=(dh, dw), padding=(ph, pw), stride=(sh, sw))  # (N, C*kh*kw, L)
+    cols = F.unfold(x, tuple(weight.shape[2:]), dilation=dilation, padding=padding, stride=stride)  # (N, C*kh*kw, L)
     y = F.linear(cols.transpose(1, 2), weight.reshape(k, -1), bias)  # (N, L, out)
     return y.transpose(1, 2).reshape(n, k, ho, wo).contiguous()  # NCHW, as F.conv2d returns

@@ -243,3 +243,17 @@ def test_precision_reaches_the_training_loss_on_one_device(tmp_path, precision, 
     (log,) = tmp_path.glob("dtypes.*")
     assert log.read_text().split() == [str(dtype)] * 3  # 2 steps + 1 validation batch
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_cpu_training_keeps_freed_memory_in_the_heap(tmp_path, monkeypatch):
+    """A CPU run turns on glibc's heap reuse before its first step (else every step page-faults its
+    freed activations back in; the switch's effect itself: tests/test_cpu_memory.py)."""
+    import t2i_engine.training.loop as loop
+
+    steps: list[int] = []
+    calls: list[int] = []  # the number of steps run when it was called
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append(len(steps)) or True)
+    monkeypatch.setattr(loop, "train_step", lambda *a, **k: (steps.append(1), real_step(*a, **k))[1])
+    fit(TinyDenoiser(), DictDataset(), _cfg(max_steps=2, checkpoint_every=0), output_dir=tmp_path / "run", seed=0)
+    assert calls == [0] and len(steps) == 2

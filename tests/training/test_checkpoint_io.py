@@ -89,6 +89,61 @@ def test_atomic_write_and_safetensors_round_trip_on_memory_fs():
         load_safetensors(url)
 
 
+def test_local_safetensors_round_trip_and_errors(tmp_path):
+    """A local file (memory-mapped) loads what safetensors' own writer saved, every dtype and
+    shape; a missing file, a folder and a corrupt file each fail naming the path."""
+    from safetensors.torch import save_file
+
+    from t2i_engine.errors import StorageError
+
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.ones(2, 2, dtype=torch.bfloat16),
+               "d": torch.randn(4, dtype=torch.float16), "e": torch.zeros(0, 3)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path))
+    back = load_safetensors(str(path))
+    assert back.keys() == tensors.keys()
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    back["a"].add_(1.0)  # the loaded tensors are the caller's to change, not the file's
+    assert torch.equal(load_safetensors(str(path))["a"], tensors["a"])
+    with pytest.raises(CheckpointError, match="checkpoint file not found: .*missing.safetensors"):
+        load_safetensors(str(tmp_path / "missing.safetensors"))
+    with pytest.raises(StorageError, match="cannot read .*Is a directory"):
+        load_safetensors(str(tmp_path))
+    path.write_bytes(path.read_bytes()[:-9])  # truncated
+    with pytest.raises(CheckpointError, match="w.safetensors is not a readable safetensors"):
+        load_safetensors(str(path))
+
+
+_PEAK = """
+import sys, torch
+from t2i_engine.checkpoint.io import load_safetensors
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) * 1024
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident size: earlier peaks would mask this one
+before = status("VmRSS")
+w = load_safetensors(sys.argv[1])
+touched = sum(float(v.sum()) for v in w.values())  # every page of every tensor in memory
+print(status("VmHWM") - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/status peaks")
+def test_local_safetensors_load_holds_the_weights_once(tmp_path):
+    """Loading a local 256 MiB file raises the peak resident memory by about its size, not twice
+    (the file's bytes and the tensors made from them)."""
+    from safetensors.torch import save_file
+
+    path = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(4 << 20) for i in range(16)}, str(path))  # 16 x 16 MiB
+    size = path.stat().st_size
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, check=True)
+    assert int(out.stdout.strip()) < 1.3 * size
+
+
 def test_checkpoints_keep_last_and_latest_on_memory_fs():
     ckpt = "memory://t2i-test/run/checkpoints"
     for step in (1, 2, 3, 4):

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import fsspec
@@ -79,12 +79,19 @@ def _write_then_rename(fs: Any, tmp: str, path: str, data: bytes) -> None:
 def read_bytes(url: str) -> bytes:
     """Read a whole file from a path or fsspec URL; a missing file is a :class:`CheckpointError`."""
     fs, path = fsspec.core.url_to_fs(url)
+    with _reading(url), fs.open(path, "rb") as f:
+        return f.read()
+
+
+@contextlib.contextmanager
+def _reading(url: str) -> Iterator[None]:
+    """A missing file as a :class:`CheckpointError`, any other ``OSError`` (a folder where the file
+    should be, no permission, an I/O error) as a :class:`~t2i_engine.errors.StorageError`."""
     try:
-        with fs.open(path, "rb") as f:
-            return f.read()
+        yield
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint file not found: {url}") from e
-    except OSError as e:  # a folder where the file should be, no permission, an I/O error
+    except OSError as e:
         raise storage_error("read", url, e) from e
 
 
@@ -109,10 +116,30 @@ def save_safetensors(tensors: Mapping[str, Tensor], url: str, *,
 
 
 def load_safetensors(url: str, *, device: str | torch.device = "cpu") -> dict[str, Tensor]:
-    """Load a safetensors file from a path or fsspec URL into a ``name -> tensor`` dict."""
+    """Load a safetensors file from a path or fsspec URL into a ``name -> tensor`` dict.
+
+    A local file is memory-mapped: its tensors read their pages from the file as they are used
+    (copy-on-write: changing a tensor does not change the file), so the weights are in memory
+    once. A remote file is read whole first (its bytes and the tensors: twice its size at the
+    peak).
+    """
+    fs, path = fsspec.core.url_to_fs(url)
+    if not isinstance(fs, LocalFileSystem):
+        return _load_safetensors_bytes(read_bytes(url), url, device)
+    from safetensors import safe_open
+
+    with _reading(url), open(path, "rb"):  # missing, a folder, no permission: read_bytes' errors
+        pass
+    try:
+        with safe_open(path, framework="pt", device=str(torch.device(device))) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise CheckpointError(f"{url} is not a readable safetensors file: {e}") from e
+
+
+def _load_safetensors_bytes(data: bytes, url: str, device: str | torch.device) -> dict[str, Tensor]:
     from safetensors.torch import load
 
-    data = read_bytes(url)
     try:
         tensors = load(data)
     except Exception as e:  # safetensors raises its own SafetensorError

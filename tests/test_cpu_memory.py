@@ -1,4 +1,4 @@
-"""retain_freed_memory(): glibc malloc thresholds for CPU generation."""
+"""retain_freed_memory(): glibc malloc thresholds for CPU generation and training."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ import attrs
 
 from t2i_engine.checkpoint.io import load_state_dict_strict, read_json_object
 from t2i_engine.errors import CheckpointError
+from t2i_engine.nn.init import skip_weight_init
 from t2i_engine.nn.unet import UNetConfig
 from t2i_plugin_controlnet.network import ControlNet, ControlNetConfig
 from t2i_plugin_sd.diffusers_config import unet_hints
@@ -91,7 +92,8 @@ def controlnet_config(cfg: Mapping[str, Any], *, where: str) -> tuple[ControlNet
 
 def _build(arch: ControlNetConfig, state: Mapping[str, Any], *, source: str) -> ControlNet:
     try:
-        net = ControlNet(arch)
+        with skip_weight_init():  # the strict load below replaces every parameter
+            net = ControlNet(arch)
     except ValueError as exc:  # e.g. GroupNorm groups that do not divide a level's channels
         raise CheckpointError(f"{source}: cannot build this architecture: {exc}") from exc
     load_state_dict_strict(net, {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, source=source)

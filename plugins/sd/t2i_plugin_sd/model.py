@@ -18,6 +18,7 @@ from t2i_engine.checkpoint.io import load_state_dict_strict
 from t2i_engine.diffusion.schedules import DiscreteSchedule
 from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_engine.nn import UNet
+from t2i_engine.nn.init import skip_weight_init
 from t2i_plugin_sd.autoencoder import AutoencoderKL
 from t2i_plugin_sd.infer import infer_text, infer_unet, infer_vae
 from t2i_plugin_sd.presets import Architecture, ScheduleConfig
@@ -208,7 +209,8 @@ def build_model(weights: Weights | None, base: Architecture, *, overrides: dict[
             return StableDiffusion(base).eval()
     arch = architecture_from(weights, base, overrides=overrides, explicit=explicit)
     try:
-        model = StableDiffusion(arch)
+        with skip_weight_init():  # load_weights replaces every parameter, strictly
+            model = StableDiffusion(arch)
     except ValueError as e:  # e.g. GroupNorm groups that do not divide a level's channels
         raise CheckpointError(f"{weights.source or 'checkpoint'}: cannot build this architecture: {e}") from e
     model.load_weights(weights)

@@ -1,0 +1,48 @@
+"""skip_weight_init(): no torch.nn.init draws while building a module a strict load replaces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from t2i_engine.nn.init import skip_weight_init
+
+
+def count_draws(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Wrap every in-place torch.nn.init function so that each call is recorded."""
+    calls: list[str] = []
+    for name in [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]:
+        real = getattr(nn.init, name)
+        monkeypatch.setattr(nn.init, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    return calls
+
+
+def test_layers_built_inside_draw_nothing_and_the_functions_come_back(monkeypatch):
+    calls = count_draws(monkeypatch)
+    nn.Linear(3, 4), nn.Conv2d(2, 3, 3), nn.GroupNorm(1, 4), nn.Embedding(5, 2)
+    drawn = len(calls)
+    assert drawn >= 7  # the layers do draw through torch.nn.init (else this test proves nothing)
+    with skip_weight_init():
+        nn.Linear(3, 4), nn.Conv2d(2, 3, 3), nn.GroupNorm(1, 4), nn.Embedding(5, 2)
+    assert len(calls) == drawn
+    with pytest.raises(RuntimeError), skip_weight_init():
+        raise RuntimeError("a failed build")
+    nn.Linear(3, 4)
+    assert len(calls) == drawn + 2  # restored, also after an exception
+
+
+def test_stable_diffusion_from_weights_draws_nothing_and_equals_its_source(monkeypatch):
+    """Loading a checkpoint builds the model without drawing its weights; the loaded model holds
+    exactly the source's tensors and buffers (a strict load left nothing uninitialised)."""
+    from t2i_plugin_sd.model import build_model
+    from t2i_plugin_sd.presets import PRESETS
+
+    source = build_model(None, PRESETS["tiny"], seed=3)
+    calls = count_draws(monkeypatch)
+    loaded = build_model(source.weights(), PRESETS["tiny"])
+    assert calls == []
+    want, got = dict(source.named_buffers()), dict(loaded.named_buffers())  # non-persistent ones too
+    want.update(source.state_dict())
+    got.update(loaded.state_dict())
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -5,8 +5,8 @@ the same weights on the same inputs:
 
 * ``generate``: float16 weights (the engine's ``16-true``), 512x512, batch 1, classifier-free
   guidance 7.5, DPM++ 2M (diffusers' ``DPMSolverMultistepScheduler``), 50 steps, text encoding and
-  VAE decoding included. Rows: the engine with its Triton kernels (``T2I_KERNELS=auto``), the
-  engine on PyTorch's ops (``T2I_KERNELS=torch``: SDPA, ``F.group_norm``), diffusers, and diffusers
+  VAE decoding included. Rows: the engine as it runs by default (PyTorch's ops: SDPA,
+  ``F.group_norm``), the engine with its Triton kernels (``T2I_KERNELS=triton``), diffusers, and diffusers
   with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)`` (its documented recipe).
   Reported as it/s (steps per second of the whole call) and the images' largest difference from
   diffusers'.
@@ -66,6 +66,14 @@ def _kernels(backend: str | None, fn: Call) -> Call:
             else:
                 os.environ["T2I_KERNELS"] = old
     return call
+
+
+def _engine_rows(fn: Call, device: torch.device) -> dict[str, Call]:
+    """The engine as it runs by default and, on CUDA, with its Triton kernels forced."""
+    rows = {"engine (default: PyTorch ops)": _kernels("auto", fn)}
+    if device.type == "cuda":
+        rows["engine (T2I_KERNELS=triton)"] = _kernels("triton", fn)
+    return rows
 
 
 def round_robin(calls: dict[str, Call], *, rounds: int, device: torch.device,
@@ -129,8 +137,7 @@ def generation_calls(folder: str, args: argparse.Namespace, device: torch.device
             return out * 2 - 1  # [0, 1] -> the engine's [-1, 1]
         return call
 
-    calls = {"engine (Triton kernels)": _kernels(None, engine), "engine (T2I_KERNELS=torch)": _kernels("torch", engine),
-             "diffusers (SDPA)": run(pipeline())}
+    calls = {**_engine_rows(engine, device), "diffusers (SDPA)": run(pipeline())}
     if args.compile:
         compiled = pipeline()
         compiled.unet = torch.compile(compiled.unet, mode="reduce-overhead", fullgraph=True)
@@ -207,7 +214,7 @@ def report_training(folder: str, args: argparse.Namespace, device: torch.device)
     theirs = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).train()
     cond = Conditioning(text=TextEmbedding(context))
     engine = step("engine", ours, lambda: ours(x, t, cond))
-    calls = {"engine (Triton kernels)": engine, "engine (T2I_KERNELS=torch)": _kernels("torch", engine),
+    calls = {**_engine_rows(engine, device),
              "diffusers (SDPA)": step("diffusers", theirs, lambda: theirs(x, t, encoder_hidden_states=context).sample)}
     times = round_robin(calls, rounds=args.rounds * 2, device=device, warmup=2)
     base = statistics.median(times["diffusers (SDPA)"])

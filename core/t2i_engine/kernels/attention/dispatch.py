@@ -1,4 +1,4 @@
-"""attention(): the Triton kernel where it can run, scaled_dot_product_attention elsewhere
+"""attention(): scaled_dot_product_attention, a CPU bf16 path, or the Triton kernel when forced
 (bf16 inference on the CPU: :func:`t2i_engine.kernels.attention.cpu.bmm_attention`)."""
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def attention(
         (B, heads, Lq, head_dim) in q's dtype. The Triton path stores it as
         (B, Lq, heads, head_dim) memory, so merging the heads afterwards is a view.
 
-    Runs the Triton flash kernel for CUDA float16/bfloat16 inputs; bf16 CPU inference without a
+    Runs the Triton flash kernel for CUDA float16/bfloat16 inputs when ``T2I_KERNELS=triton``
+    (opt-in: SDPA was faster on an H200, docs/kernels.md); bf16 CPU inference without a
     mask runs :func:`~t2i_engine.kernels.attention.cpu.bmm_attention` (about twice as fast as
     SDPA's CPU kernel in bf16 on the machine of docs/benchmarks.md; on the machines where it is not,
     :mod:`t2i_engine.kernels.cpu_paths` turns it off); everything else runs ``F.scaled_dot_product_attention``.

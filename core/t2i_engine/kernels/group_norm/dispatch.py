@@ -1,4 +1,4 @@
-"""group_norm(): the fused Triton kernel where it can run, F.group_norm (+ F.silu) elsewhere."""
+"""group_norm(): F.group_norm (+ F.silu), or the fused Triton kernel when ``T2I_KERNELS=triton``."""
 
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ def group_norm(
         A tensor of x's shape and dtype (statistics are float32). The Triton path keeps x's
         memory format.
 
-    Runs the fused Triton kernels for CUDA float32/float16/bfloat16 inputs and
-    ``F.group_norm`` (then ``F.silu``) otherwise; ``T2I_KERNELS`` overrides the choice.
+    Runs ``F.group_norm`` (then ``F.silu``), or the fused Triton kernels for CUDA
+    float32/float16/bfloat16 inputs when ``T2I_KERNELS=triton`` (opt-in: eager was faster on an
+    H200, docs/kernels.md).
     """
     if activation not in (None, "silu"):
         raise ValueError(f"activation must be None or 'silu', not {activation!r}")

@@ -51,7 +51,7 @@ wheels: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_overhead.py
 	$(PY) benchmarks/train_loop.py
-	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/kernel_ops.py
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -37,10 +37,6 @@ from typing import Any
 
 import torch
 
-# Python puts this folder first on sys.path; its kernels.py would shadow the `kernels` package
-# that diffusers probes for (Hugging Face's kernel hub), so it is taken off.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 PROMPT = "a photograph of an astronaut riding a horse"
 Call = Callable[[], Any]
 

@@ -4,8 +4,8 @@ Attention: TFLOPS of the Triton flash kernel, torch SDPA restricted to its flash
 eager attention (matmul, softmax, matmul), forward and forward+backward.
 GroupNorm+SiLU: GB/s of the fused Triton kernel and eager ``F.silu(F.group_norm(x))``.
 
-    python benchmarks/kernels.py            # full shape list
-    python benchmarks/kernels.py --quick    # few repeats (and small shapes on CPU)
+    python benchmarks/kernel_ops.py            # full shape list
+    python benchmarks/kernel_ops.py --quick    # few repeats (and small shapes on CPU)
 
 On a machine without CUDA it times the PyTorch rows on CPU (float32) and marks the Triton rows
 unavailable. Prints a Markdown table; ratios are against SDPA-flash (attention) and eager

@@ -1,5 +1,6 @@
-"""pack_conv_weights(): a UNet with its convolutions packed into oneDNN's layout computes what
-the plain one does (float32 to rounding; bf16 autocast within bf16 rounding of float32)."""
+"""pack_conv_weights() / pack_linear_weights(): a UNet with its convolutions and linears packed into
+oneDNN's layout computes what the plain one does (float32 to rounding; bf16 autocast within bf16
+rounding of float32), and still gives its plain state dict."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 from t2i_engine.interfaces import Conditioning, TextEmbedding
 from t2i_engine.nn import UNet, UNetConfig, ops
-from t2i_engine.nn.cpu_inference import pack_conv_weights
+from t2i_engine.nn.cpu_inference import pack_conv_weights, pack_linear_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
@@ -31,9 +32,52 @@ def test_float32_packed_equals_plain():
         n = pack_conv_weights(unet, min_in_channels=1)
         got = unet(*args)
     convs = [m for m in unet.modules() if isinstance(m, ops.Conv2d)]
-    assert n == sum(m.kernel_size != (1, 1) for m in convs) > 0
-    assert all(m.weight.is_mkldnn == (m.kernel_size != (1, 1)) for m in convs)
+    assert n == len(convs) and any(m.kernel_size == (1, 1) for m in convs)  # 1x1 ones too
+    assert all(m.weight.is_mkldnn for m in convs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_float32_packed_linears_equal_plain_and_keep_a_plain_state_dict():
+    unet, args = _unet_and_inputs()
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    with torch.inference_mode():
+        want = unet(*args)
+        n = pack_linear_weights(unet)
+        pack_conv_weights(unet, min_in_channels=1)
+        got = unet(*args)
+    linears = [m for m in unet.modules() if isinstance(m, ops.Linear)]
+    assert n == len(linears) > 0 and all(m.weight.is_mkldnn for m in linears)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    packed_state = unet.state_dict()  # what a ControlNet difference file adds to
+    assert packed_state.keys() == state.keys() and not any(v.is_mkldnn for v in packed_state.values())
+    assert all(torch.equal(packed_state[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("shape", [(3, 24), (2, 5, 24)])
+def test_packed_linear_takes_any_rows_strides_and_autocast(shape):
+    from t2i_engine.kernels.dense.dispatch import pack_linear_weight
+    from t2i_engine.kernels.cpu_paths import unsupported_reason
+
+    torch.manual_seed(0)
+    layer = ops.Linear(24, 40)
+    x = torch.randn(*shape[:-1], 48)[..., ::2]  # a strided view: packed_linear makes it contiguous
+    with torch.inference_mode():
+        want = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        packed = ops.Linear(24, 40)
+        packed.load_state_dict(layer.state_dict())
+        packed.weight = torch.nn.Parameter(pack_linear_weight(layer.weight), requires_grad=False)
+        torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
+        if unsupported_reason("linear_pack_bf16") is None:  # bf16 weights under autocast, as the tasks cast them
+            cast = ops.Linear(24, 40).bfloat16()
+            cast.load_state_dict(layer.state_dict())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                plain = cast(x)
+                cast.weight = torch.nn.Parameter(pack_linear_weight(cast.weight), requires_grad=False)
+                got = cast(x)
+            assert got.dtype == plain.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), plain.float(), rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match="packed for inference"):
+        packed(x.clone().requires_grad_())
 
 
 def test_bf16_packed_stays_within_bf16_rounding():

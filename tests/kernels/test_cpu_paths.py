@@ -231,6 +231,27 @@ def test_packing_follows_its_switch(monkeypatch: pytest.MonkeyPatch, dtype: torc
     assert pack_conv_weights(net(), min_in_channels=1) == 2
 
 
+@pytest.mark.parametrize("dtype,path", [(torch.float32, "linear_pack_fp32"), (torch.bfloat16, "linear_pack_bf16")])
+def test_linear_packing_follows_its_switch(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, path: str) -> None:
+    from t2i_engine.kernels.dense.dispatch import onednn_available
+    from t2i_engine.nn import ops
+    from t2i_engine.nn.cpu_inference import pack_linear_weights
+
+    if not onednn_available() or cpu_paths.unsupported_reason(path):
+        pytest.skip(f"this CPU cannot pack {dtype} linears")
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(ops.Linear(8, 16), torch.nn.Linear(16, 8), ops.Linear(8, 4)).to(dtype)
+
+    _select(monkeypatch, **{path: False})
+    assert pack_linear_weights(net()) == 0
+    cpu_paths.reset()
+    _select(monkeypatch, **{path: True})
+    packed = net()
+    assert pack_linear_weights(packed) == 2  # the engine's ops.Linear only
+    assert packed[0].weight.is_mkldnn and not packed[1].weight.is_mkldnn
+
+
 @pytest.mark.parametrize("tokens,path", [(8, "attention_bf16_short"), (520, "attention_bf16_long")])
 def test_attention_dispatch_follows_its_switch(monkeypatch: pytest.MonkeyPatch, tokens: int, path: str) -> None:
     from t2i_engine.kernels.attention import dispatch

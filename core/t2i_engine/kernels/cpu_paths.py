@@ -67,6 +67,8 @@ PATHS: dict[str, str] = {
     "conv_gemm_train_bf16": "the same in bf16 (bf16 tensors, or bf16 CPU autocast)",
     "conv_pack_fp32": "float32 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
+    "linear_pack_fp32": "float32 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
+    "linear_pack_bf16": "bf16 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
                             "(kernels/attention/cpu.py)",
     "attention_bf16_long": "the same above LONG_SCORES scores per head (SD's 64x64-latent self-attention)",
@@ -122,18 +124,23 @@ def enabled(path: str) -> bool:
 def unsupported_reason(path: str) -> str | None:
     """Why this CPU cannot run fast path ``path`` at all, or None. oneDNN packs bf16 convolution
     weights only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (AMD Zen 3) the
-    reorder raises, so the path is tried once on a tiny weight instead of assumed."""
+    reorder raises, so the bf16 packing paths are tried once on a tiny weight instead of assumed."""
     if path not in PATHS:
         raise KeyError(f"unknown CPU path {path!r}; the paths are {', '.join(PATHS)}")
-    if path != "conv_pack_bf16":
+    if path not in ("conv_pack_bf16", "linear_pack_bf16"):
         return None
-    from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight
+    from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight, pack_linear_weight, packed_linear
 
     if not onednn_available():
         return "PyTorch without oneDNN"
     try:
-        pack_conv_weight(torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16), stride=(1, 1), padding=(1, 1),
-                         dilation=(1, 1), groups=1)
+        if path == "conv_pack_bf16":
+            pack_conv_weight(torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16), stride=(1, 1), padding=(1, 1),
+                             dilation=(1, 1), groups=1)
+        else:
+            with torch.inference_mode():
+                packed_linear(torch.zeros(2, 8, dtype=torch.bfloat16),
+                              pack_linear_weight(torch.zeros(8, 8, dtype=torch.bfloat16)), None)
     except RuntimeError as e:
         return str(e).strip().splitlines()[0]
     return None
@@ -216,7 +223,7 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
     """Per path, a builder of its (fast, plain) callables on SD-1.5-sized shapes (256 px, guidance
     batch of 2); built only for the paths this CPU supports."""
     from t2i_engine.kernels.attention.cpu import bmm_attention
-    from t2i_engine.kernels.dense.dispatch import OneDNNLinear, pack_conv_weight
+    from t2i_engine.kernels.dense.dispatch import OneDNNLinear, pack_conv_weight, pack_linear_weight, packed_linear
     from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d
 
     g = torch.Generator().manual_seed(0)
@@ -256,6 +263,21 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
                                                                 "none", [], ""),
                 lambda: torch.nn.functional.conv2d(xd, wd, padding=1))
 
+    def linear_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        # SD's weight-bound feed-forward linears: 128 rows (16x16 latents) x 640 -> 5120, and 32 rows x 1280 -> 10240
+        cases = [(torch.randn(rows, k, generator=g).to(dtype), (torch.randn(n, k, generator=g) / 30).to(dtype))
+                 for rows, k, n in ((128, 640, 5120), (32, 1280, 10240))]
+        packed = [(xl, pack_linear_weight(wl)) for xl, wl in cases]
+
+        def fast() -> None:
+            for xl, pw in packed:
+                packed_linear(xl, pw, None)
+
+        def plain() -> None:
+            for xl, wl in cases:
+                torch.nn.functional.linear(xl, wl)
+        return fast, plain
+
     def gemm_conv_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
         xg = torch.randn(2, 1280, 2, 2, generator=g).to(dtype).requires_grad_()  # SD's 2x2 level
         wg = (torch.randn(1280, 1280, 3, 3, generator=g) / 100).to(dtype).requires_grad_()
@@ -280,6 +302,8 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
         "conv_gemm_train_bf16": lambda: gemm_conv_pair(torch.bfloat16),
         "conv_pack_fp32": lambda: conv_pair(torch.float32),
         "conv_pack_bf16": lambda: conv_pair(torch.bfloat16),
+        "linear_pack_fp32": lambda: linear_pair(torch.float32),
+        "linear_pack_bf16": lambda: linear_pair(torch.bfloat16),
         "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention
         "attention_bf16_long": lambda: attention_pair(1024, 40),  # 32x32 latents: 256 px images
     }

@@ -73,7 +73,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict keys) whose forward runs :func:`linear`."""
+    """``nn.Linear`` (same parameters and state-dict keys) whose forward runs :func:`linear`
+    (a weight packed by :func:`t2i_engine.nn.cpu_inference.pack_linear_weights` included)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return linear(x, self.weight, self.bias)

@@ -13,7 +13,7 @@ from t2i_engine.adapters.config import apply_adapters
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext
 from t2i_engine.kernels import cpu_paths
-from t2i_engine.nn.cpu_inference import pack_conv_weights
+from t2i_engine.nn.cpu_inference import pack_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
 __all__ = ["apply_schedule", "build_model", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
@@ -89,8 +89,8 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
     With ``autocast_dtype`` (a ``*-mixed`` precision other than 32) the autocast layers' weights
     are cast once (:func:`prepare_for_autocast`); on the CPU this machine's fast paths are settled
     (:func:`t2i_engine.kernels.cpu_paths.select`: cached per machine, timed on first use) and the
-    denoiser's deep convolutions packed into oneDNN's layout where that pays
-    (:func:`t2i_engine.nn.cpu_inference.pack_conv_weights`).
+    denoiser's deep convolutions and linears packed into oneDNN's layout where that pays
+    (:func:`t2i_engine.nn.cpu_inference.pack_weights`).
     """
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         prepare_for_autocast(model, autocast_dtype)
@@ -98,7 +98,7 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
         if any(p.device.type == "cpu" for p in model.denoiser.parameters()):
             cpu_paths.select()  # this machine's fast paths: cached, timed on the first run here
             warn_slow_cpu_bf16(model.denoiser, autocast_dtype)
-        pack_conv_weights(model.denoiser)  # CPU layers only: it skips the others
+        pack_weights(model.denoiser)  # CPU layers only: it skips the others
 
 
 def warn_slow_cpu_bf16(denoiser: torch.nn.Module, autocast_dtype: torch.dtype | None) -> None:

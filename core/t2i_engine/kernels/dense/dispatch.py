@@ -18,6 +18,10 @@ A CPU convolution that needs a gradient (training) at low resolution runs as unf
 (:mod:`t2i_engine.kernels.dense.gemm_conv`) where :func:`gemm_conv_unsupported_reason` allows and
 the shape is one the GEMM wins on (:func:`~t2i_engine.kernels.dense.gemm_conv.gemm_conv_applies`).
 
+A linear whose weight was packed for inference (:func:`pack_linear_weight`, by
+:func:`t2i_engine.nn.cpu_inference.pack_weights`) runs through :func:`packed_linear`, whatever the
+rows: oneDNN's GEMM without the per-call reorder of a plain weight.
+
 A float32 CPU linear that needs a gradient (training) runs through :class:`OneDNNLinear`
 instead, whose backward GEMMs are oneDNN's too, under the same conditions but autograd's
 (:func:`onednn_training_unsupported_reason`).
@@ -39,7 +43,8 @@ from t2i_engine.kernels.dense import reference
 from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d, gemm_conv_applies
 
 __all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
-           "default_pack_input", "gemm_conv_unsupported_reason", "onednn_unsupported_reason", "pack_conv_weight", "packed_conv2d"]
+           "default_pack_input", "gemm_conv_unsupported_reason", "onednn_unsupported_reason", "pack_conv_weight",
+           "pack_linear_weight", "packed_conv2d", "packed_linear"]
 
 MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
 
@@ -150,8 +155,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     oneDNN's ``mkldnn::_linear_pointwise`` where it applies (see the module doc); with a gradient
     needed, :class:`OneDNNLinear` where :func:`onednn_training_unsupported_reason` allows;
-    ``F.linear`` otherwise.
+    ``F.linear`` otherwise; a packed weight (:func:`pack_linear_weight`) through :func:`packed_linear`.
     """
+    if weight.is_mkldnn:
+        return packed_linear(x, weight, bias)
     if x.dim() >= 2 and x.is_contiguous() and weight.is_contiguous() and x.numel() // max(x.shape[-1], 1) >= MIN_ROWS:
         if onednn_unsupported_reason(x, weight, bias) is None:
             return _onednn_linear(x, weight, bias)
@@ -160,6 +167,30 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
                                      cpu_paths.enabled("dense_fp32_train_backward"))
             return out.view(*x.shape[:-1], weight.shape[0])
     return reference.linear(x, weight, bias)
+
+
+PACK_LINEAR_ROWS = 128
+"""The row count a linear weight is packed for. On the Zen 4 of docs/benchmarks.md oneDNN's layout
+did not depend on it: weights packed for 2 to 2048 rows ran 2 to 2048 rows in the same time."""
+
+
+def pack_linear_weight(weight: Tensor) -> Tensor:
+    """``weight`` ``(out, in)`` (float32 or bf16 CPU) reordered once into the blocked layout oneDNN's
+    GEMM takes; run it with :func:`packed_linear`. A plain weight is reordered on every call,
+    which for the UNet's weight-bound linears (a few hundred rows against 1280 x 10240 weights at
+    128 px) is a large part of the call."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_LINEAR_ROWS)
+
+
+def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` by a weight from :func:`pack_linear_weight` (inference only), for
+    ``x`` of shape ``(..., in)``. ``x`` and ``bias`` are cast to the weight's dtype, as autocast
+    would; the output has that dtype."""
+    if grad_needed(x, bias):
+        raise RuntimeError("packed_linear: this linear's weight is packed for inference (no autograd)")
+    x = x.to(weight.dtype).contiguous()
+    bias = None if bias is None else bias.to(weight.dtype)
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | tuple[int, int] = 1,

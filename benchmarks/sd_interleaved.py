@@ -26,7 +26,13 @@ prepares it: oneDNN packing, autocast weights cast once):
 Each call is timed by the process's CPU time when torch runs one thread (a busy machine does not
 inflate it by descheduling the process), by the wall clock otherwise; ``--clock`` overrides it.
 The engine side runs the CPU paths this machine selected (``t2i_engine.kernels.cpu_paths``,
-printed first).
+printed first). The allocator is one per process, so both sides run glibc's defaults (what a
+diffusers user runs: every large temporary is page-faulted in afresh, about 27 ms for a 59 MB
+gradient on the Zen 4 of docs/benchmarks.md), or with ``--retain-heap`` both keep freed memory in
+the heap as the engine's ``generate()`` and train loop do on the CPU
+(``t2i_engine.utils.cpu_memory.retain_freed_memory``): the first is a diffusers user's allocator
+given to both sides, the second the engine's. ``benchmarks/sd_pipeline.py`` runs each side in its
+own process with its own allocator, as users run them.
 
 ``--openvino`` (``pip install openvino``, an optional benchmark dependency) adds a row per
 precision: the engine's UNet against the same diffusers UNet converted with
@@ -54,6 +60,7 @@ from sd_pipeline import _resident  # noqa: E402
 
 from t2i_engine.kernels import cpu_paths  # noqa: E402
 from t2i_engine.kernels.cpu_paths import cpu_description, default_clock, paired_ratios  # noqa: E402
+from t2i_engine.utils.cpu_memory import retain_freed_memory  # noqa: E402
 
 Call = Callable[[], Any]
 
@@ -198,6 +205,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="128 px, 10 pairs: a few minutes")
     p.add_argument("--folder", default=None, help="reuse a diffusers folder written by an earlier run")
     p.add_argument("--openvino", action="store_true", help="also pair the UNet against OpenVINO's")
+    p.add_argument("--retain-heap", action="store_true",
+                   help="keep freed memory in glibc's heap for both sides (the engine's own setting on the CPU)")
     p.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                    help="timer of each call: process CPU time (immune to being descheduled on a busy machine), "
                         "wall time, or auto: CPU time with one thread, wall time with more")
@@ -217,6 +226,8 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory(prefix="sd-interleaved-")
         folder = str(Path(tmp.name) / args.preset)
         DiffusersFolder().save(build_model(None, PRESETS[args.preset], seed=0), folder)
+    if args.retain_heap:  # both sides share this process, so both get the setting, or neither
+        retain_freed_memory()
     clock = {"cpu": time.process_time, "wall": time.perf_counter, "auto": default_clock()}[args.clock]
     print(f"CPU: {cpu_description()}; torch {torch.__version__}; threads {torch.get_num_threads()}; "
           f"{args.preset} at {args.size}x{args.size}; {args.pairs} pairs per row; clock {clock.__name__}", flush=True)

@@ -247,8 +247,10 @@ def pack_conv_weight(weight: Tensor, *, stride: tuple[int, ...], padding: tuple[
     """
     if input_size is None:
         input_size = default_pack_input(weight, groups)
-    plain = weight.to_dense() if weight.is_mkldnn else weight.detach()
-    return torch._C._nn.mkldnn_reorder_conv2d_weight(plain.to_mkldnn(), list(padding), list(stride),
+    # a packed weight is reordered from its own layout: no plain copies in between (a repack of
+    # every deep layer at a new resolution once tripled those layers' weight memory in flight)
+    source = weight if weight.is_mkldnn else weight.detach().to_mkldnn()
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(source, list(padding), list(stride),
                                                       list(dilation), groups, list(input_size))
 
 

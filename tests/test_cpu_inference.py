@@ -175,10 +175,16 @@ def test_a_packed_layer_repacks_for_each_new_input_shape(monkeypatch: pytest.Mon
     monkeypatch.setattr(dispatch, "pack_conv_weight",
                         lambda w, **kw: packs.append(kw["input_size"]) or real(w, **kw))
     shapes = [(2, 24, 16, 16), (2, 24, 2, 2), (2, 24, 2, 2), (3, 24, 5, 7), (2, 24, 16, 16)]
+
+    def no_plain_copy(*_: object, **__: object) -> None:  # a repack through plain copies tripled the
+        raise AssertionError("a repack made a plain copy of the weight")  # deep layers' weight memory in flight
+
+    monkeypatch.setattr(torch.Tensor, "to_dense", no_plain_copy)
     with torch.inference_mode():
         for shape in shapes:
             x = torch.randn(shape).to(dtype)
             want = torch.nn.functional.conv2d(x.float(), plain_weight.float(), layer.bias.float(), padding=1)
+            monkeypatch.setattr(torch.Tensor, "to_mkldnn", no_plain_copy)  # the weight is packed from here on
             got = layer(x).float()
             tol = 1e-5 if dtype == torch.float32 else 3e-2
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)

@@ -53,6 +53,15 @@ def test_float32_packed_linears_equal_plain_and_keep_a_plain_state_dict():
     assert all(torch.equal(packed_state[k], v) for k, v in state.items())
 
 
+def test_t2i_kernels_torch_packs_nothing(monkeypatch: pytest.MonkeyPatch):
+    """T2I_KERNELS=torch means PyTorch's own ops: no weight is packed (a packed weight cannot run them)."""
+    unet, _ = _unet_and_inputs()
+    monkeypatch.setenv("T2I_KERNELS", "torch")
+    assert pack_linear_weights(unet) == pack_conv_weights(unet, min_in_channels=1) == 0
+    monkeypatch.delenv("T2I_KERNELS")
+    assert pack_linear_weights(unet) > 0
+
+
 @pytest.mark.parametrize("shape", [(3, 24), (2, 5, 24)])
 def test_packed_linear_takes_any_rows_strides_and_autocast(shape):
     from t2i_engine.kernels.dense.dispatch import pack_linear_weight

@@ -186,11 +186,16 @@ def packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """``x @ weight.T + bias`` by a weight from :func:`pack_linear_weight` (inference only), for
     ``x`` of shape ``(..., in)``. ``x`` and ``bias`` are cast to the weight's dtype, as autocast
     would; the output has that dtype."""
-    if grad_needed(x, bias):
-        raise RuntimeError("packed_linear: this linear's weight is packed for inference (no autograd)")
-    x = x.to(weight.dtype).contiguous()
-    bias = None if bias is None else bias.to(weight.dtype)
+    x, bias = _packed_inputs("packed_linear", x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _packed_inputs(op: str, x: Tensor, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``x`` (contiguous) and ``bias`` in a packed weight's dtype, as autocast would cast them;
+    refused where a gradient is needed (a packed weight has no autograd)."""
+    if grad_needed(x, bias):
+        raise RuntimeError(f"{op}: this layer's weight is packed for inference (no autograd)")
+    return x.to(weight.dtype).contiguous(), None if bias is None else bias.to(weight.dtype)
 
 
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | tuple[int, int] = 1,
@@ -261,10 +266,7 @@ def packed_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[
     ``x`` and ``bias`` are cast to the weight's dtype, as autocast would; the output is a contiguous
     NCHW tensor of that dtype.
     """
-    if grad_needed(x, bias):
-        raise RuntimeError("packed_conv2d: this convolution's weight is packed for inference (no autograd)")
-    x = x.to(weight.dtype).contiguous()
-    bias = None if bias is None else bias.to(weight.dtype)
+    x, bias = _packed_inputs("packed_conv2d", x, weight, bias)
     y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(padding), list(stride), list(dilation),
                                                 groups, "none", [], "")
     return y.contiguous()

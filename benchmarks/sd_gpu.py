@@ -64,12 +64,12 @@ def _kernels(backend: str | None, fn: Call) -> Call:
     return call
 
 
-def _engine_rows(fn: Call, device: torch.device) -> dict[str, Call]:
-    """The engine as it runs by default and, on CUDA, with its Triton kernels forced."""
-    rows = {"engine (default: PyTorch ops)": _kernels("auto", fn)}
-    if device.type == "cuda":
-        rows["engine (T2I_KERNELS=triton)"] = _kernels("triton", fn)
-    return rows
+def _engine_rows(make: Callable[[str], Call], device: torch.device) -> dict[str, Call]:
+    """The engine as it runs by default and, on CUDA, with its Triton kernels forced; ``make(name)``
+    builds one row's call."""
+    rows = {"engine (default: PyTorch ops)": "auto"} | ({"engine (T2I_KERNELS=triton)": "triton"}
+                                                       if device.type == "cuda" else {})
+    return {name: _kernels(backend, make(name)) for name, backend in rows.items()}
 
 
 def round_robin(calls: dict[str, Call], *, rounds: int, device: torch.device,
@@ -133,7 +133,7 @@ def generation_calls(folder: str, args: argparse.Namespace, device: torch.device
             return out * 2 - 1  # [0, 1] -> the engine's [-1, 1]
         return call
 
-    calls = {**_engine_rows(engine, device), "diffusers (SDPA)": run(pipeline())}
+    calls = {**_engine_rows(lambda _: engine, device), "diffusers (SDPA)": run(pipeline())}
     if args.compile:
         compiled = pipeline()
         compiled.unet = torch.compile(compiled.unet, mode="reduce-overhead", fullgraph=True)
@@ -209,8 +209,7 @@ def report_training(folder: str, args: argparse.Namespace, device: torch.device)
     ours = build_model(DiffusersFolder().load(folder), PRESETS[args.preset]).unet.to(device).train()
     theirs = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").to(device).train()
     cond = Conditioning(text=TextEmbedding(context))
-    engine = step("engine", ours, lambda: ours(x, t, cond))
-    calls = {**_engine_rows(engine, device),
+    calls = {**_engine_rows(lambda name: step(name, ours, lambda: ours(x, t, cond)), device),
              "diffusers (SDPA)": step("diffusers", theirs, lambda: theirs(x, t, encoder_hidden_states=context).sample)}
     times = round_robin(calls, rounds=args.rounds * 2, device=device, warmup=2)
     base = statistics.median(times["diffusers (SDPA)"])

@@ -43,8 +43,6 @@ bf16 rows), same inputs and thread count.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +54,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stats import median_interval  # noqa: E402
 from sd_pipeline import _resident  # noqa: E402
 
 from t2i_engine.kernels import cpu_paths  # noqa: E402
@@ -67,15 +66,6 @@ Call = Callable[[], Any]
 
 def _autocast(precision: str) -> Any:
     return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
-
-
-def median_interval(values: list[float], *, level: float = 0.95, resamples: int = 10_000,
-                    seed: int = 0) -> tuple[float, float, float]:
-    """``(median, low, high)``: the median and its percentile-bootstrap ``level`` interval."""
-    rng = random.Random(seed)
-    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
-    tail = (1 - level) / 2
-    return statistics.median(values), medians[int(tail * resamples)], medians[int((1 - tail) * resamples) - 1]
 
 
 # --- the two sides ---------------------------------------------------------------------------

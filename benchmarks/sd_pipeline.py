@@ -9,8 +9,11 @@ so both hold identical weights and each peak-memory figure is that process's own
   7.5 (text encoding, denoising and decoding), in float32 and under bf16 autocast;
 * training step: UNet forward + backward + AdamW at 256x256 (32x32 latents), batch 2.
 
-With ``--rounds N`` each side runs in N fresh processes, alternating; the table keeps each side's
-best time and median peak memory. Wall time is the best of ``--repeats`` runs after one warm-up (a 2-step generation, or one
+With ``--rounds N`` each side runs in N fresh processes: a round is a pair of processes back to
+back, ours first in even rounds and diffusers first in odd ones; the table keeps each side's best
+time and median peak memory, and the median of the per-round ratios with a 95% bootstrap interval
+(the pair shares the machine's state of that minute, so drift between rounds cancels in its ratio).
+Each side runs its own allocator as its users get it (the engine keeps freed memory in the heap). Wall time is the best of ``--repeats`` runs after one warm-up (a 2-step generation, or one
 training step); peak memory is the peak resident
 set size during the warm-up and timed runs minus the resident size before them (weights excluded, as both
 sides hold the same). Prints a table of ours/diffusers ratios.
@@ -34,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stats import median_interval  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -263,22 +269,24 @@ def main() -> None:
     for job in jobs:
         for precision in args.precisions.split(","):
             runs: dict[str, list[dict[str, float]]] = {"ours": [], "diffusers": []}
-            for r in range(args.rounds):  # alternating, so both sides see the same machine state
-                for impl in runs:
+            for r in range(args.rounds):  # a pair of processes per round, the order alternating
+                for impl in (("ours", "diffusers") if r % 2 == 0 else ("diffusers", "ours")):
                     runs[impl].append(_measure(folder, impl, job, precision, args))
                 print(f"  {job} {precision} round {r + 1}: " + ", ".join(
                     f"{impl} {m[-1]['seconds']:.2f} s / {m[-1]['peak_mib']:.0f} MiB" for impl, m in runs.items()),
                     flush=True)
             ours, theirs = (_summary(runs[impl]) for impl in ("ours", "diffusers"))
-            rows.append((job, precision, ours, theirs))
+            paired = median_interval([o["seconds"] / d["seconds"] for o, d in zip(runs["ours"], runs["diffusers"])])
+            rows.append((job, precision, ours, theirs, paired))
     px = f"{args.size}x{args.size}"
     what = {"generate": f"{args.preset} generate {px}, {args.steps} steps DPM++ 2M, CFG, batch 1",
             "train": f"{args.preset} UNet fwd+bwd+AdamW {px}, batch 2"}
-    print("\n| job | precision | ours (s) | diffusers (s) | time ratio | ours peak (MiB) | diffusers peak (MiB) "
-          "| memory ratio |\n|---|---|---|---|---|---|---|---|")
-    for job, precision, ours, theirs in rows:
+    print("\n| job | precision | ours (s) | diffusers (s) | time ratio (best) | per-round ratio (median, 95% interval) "
+          "| ours peak (MiB) | diffusers peak (MiB) | memory ratio |\n|---|---|---|---|---|---|---|---|---|")
+    for job, precision, ours, theirs, (med, low, high) in rows:
         print(f"| {what[job]} | {precision} | {ours['seconds']:.2f} | {theirs['seconds']:.2f} | "
-              f"{ours['seconds'] / theirs['seconds']:.2f}x | {ours['peak_mib']:.0f} | {theirs['peak_mib']:.0f} | "
+              f"{ours['seconds'] / theirs['seconds']:.2f}x | {med:.2f}x ({low:.2f}-{high:.2f}) | "
+              f"{ours['peak_mib']:.0f} | {theirs['peak_mib']:.0f} | "
               f"{ours['peak_mib'] / max(theirs['peak_mib'], 1e-9):.2f}x |")
     if tmp is not None:
         tmp.cleanup()

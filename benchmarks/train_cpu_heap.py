@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sd_interleaved import median_interval  # noqa: E402
+from bench_stats import median_interval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

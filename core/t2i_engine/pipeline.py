@@ -33,6 +33,7 @@ from t2i_engine.diffusion.samplers import img2img_start
 from t2i_engine.interfaces import (
     Conditioning, Denoiser, LatentDiffusionModel, NoiseSchedule, Sampler, StepCallback, TextEncoder,
 )
+from t2i_engine.nn.attention import reuse_context_kv
 from t2i_engine.utils.cpu_memory import release_free_memory, retain_freed_memory
 
 __all__ = ["check_prompts", "denoise", "encode_prompts", "generate", "mark_branches", "sampling_plan_for", "sampling_sigmas_for",
@@ -186,7 +187,8 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
     if conditioners is not None:  # the composed net reads the step from this clock (start/end windows)
         callback = conditioners.clocked(callback, total=len(sigmas) - 1)
     try:
-        latents = denoise(sampler, plan, denoiser, x, sigmas, generator=generator, callback=callback)
+        with reuse_context_kv():  # the text context is the same tensor at every step
+            latents = denoise(sampler, plan, denoiser, x, sigmas, generator=generator, callback=callback)
     finally:
         if conditioners is not None:
             conditioners.clock.stop()

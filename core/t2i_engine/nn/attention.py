@@ -9,13 +9,40 @@ Parameter names follow the diffusers layout (``to_q``, ``to_out.0``, ``ff.net.0.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from t2i_engine.kernels._backend import grad_needed
 from t2i_engine.nn import ops
 from t2i_engine.nn.checkpointing import checkpoint_call, wants_checkpoint
 from t2i_engine.nn.resblock import GroupNorm
+
+
+_CONTEXT_KV: contextvars.ContextVar[dict[int, tuple[Any, ...]] | None] = contextvars.ContextVar(
+    "t2i_context_kv", default=None)
+
+
+@contextlib.contextmanager
+def reuse_context_kv() -> Iterator[None]:
+    """Within this block, each cross-attention layer projects a context tensor to keys and values
+    once and reuses them for as long as the same tensor object comes back (no gradient needed).
+
+    A sampling loop calls the network with one text embedding at every step, and recomputing its
+    keys and values each time is 5.9 GFLOP a step for SD-1.5 (6.5 % of the step at 128 px). The
+    cache is keyed by the context tensor's identity, so the caller must not change that tensor in
+    place inside the block (:func:`t2i_engine.pipeline.generate` does not); weights must not change
+    either. It is dropped when the block ends."""
+    token = _CONTEXT_KV.set({})
+    try:
+        yield
+    finally:
+        _CONTEXT_KV.reset(token)
 
 
 class Attention(nn.Module):
@@ -42,9 +69,22 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
 
+    def _keys_values(self, context: Tensor, *, reusable: bool) -> tuple[Tensor, Tensor]:
+        cache = _CONTEXT_KV.get() if reusable else None
+        if cache is None or grad_needed(context, self.to_k.weight, self.to_v.weight):
+            return self._split(self.to_k(context)), self._split(self.to_v(context))
+        device = context.device.type
+        autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        hit = cache.get(id(self))
+        if hit is not None and hit[0] is context and hit[1] == autocast:
+            return hit[2], hit[3]
+        k, v = self._split(self.to_k(context)), self._split(self.to_v(context))
+        cache[id(self)] = (context, autocast, k, v)  # holds the context: its id cannot be reused meanwhile
+        return k, v
+
     def forward(self, x: Tensor, context: Tensor | None = None, *, context_mask: Tensor | None = None) -> Tensor:
-        context = x if context is None else context
-        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+        k, v = self._keys_values(x if context is None else context, reusable=context is not None and context is not x)
+        q = self._split(self.to_q(x))
         if self.upcast and q.dtype in (torch.float16, torch.bfloat16):
             out = ops.attention(q.float(), k.float(), v.float(), key_padding_mask=context_mask).to(q.dtype)
         else:

@@ -24,6 +24,7 @@ def _count_key_projections(module: torch.nn.Module) -> dict[str, int]:
 
 
 def test_generate_projects_the_context_once_and_gives_the_same_images(monkeypatch):
+    """generate() and every plugin loop share pipeline.denoise(), which holds the block."""
     import t2i_engine.pipeline as pipeline
     from t2i_engine.diffusion.guidance import GuidanceConfig
     from t2i_engine.diffusion.registry import SAMPLERS, SamplerConfig

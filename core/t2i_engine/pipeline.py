@@ -121,14 +121,18 @@ def denoise(sampler: Sampler, plan: Any, denoiser: Denoiser, x: Tensor, sigmas: 
     plan's ``clip_sample``, options and final scaling: the latents a sampling run ends with.
 
     The one place that turns a :func:`sampling_plan_for` plan and a guided denoiser into
-    latents; :func:`generate` and model plugins with their own guidance (InstructPix2Pix) call it.
+    latents; :func:`generate` and model plugins with their own guidance (InstructPix2Pix, the
+    Imagen cascade) call it. The loop runs inside
+    :func:`~t2i_engine.nn.attention.reuse_context_kv`: the text context, the same tensor at every
+    step, is projected to cross-attention keys and values once.
     """
     if plan.clip_x0 is not None:  # the scheduler config's clip_sample
         denoiser = StaticClip(denoiser, max_value=plan.clip_x0)
     options = dict(plan.options)
     if "targets" in options:  # one per step but the last, of the steps run
         options["targets"] = options["targets"][len(options["targets"]) - (len(sigmas) - 2):]
-    latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
+    with reuse_context_kv():
+        latents = sampler(denoiser, x, sigmas, generator=generator, callback=callback, **options)
     return latents * plan.final_scale(float(sigmas[-1]))
 
 
@@ -187,8 +191,7 @@ def generate(model: LatentDiffusionModel, prompts: Sequence[str], noise: Tensor,
     if conditioners is not None:  # the composed net reads the step from this clock (start/end windows)
         callback = conditioners.clocked(callback, total=len(sigmas) - 1)
     try:
-        with reuse_context_kv():  # the text context is the same tensor at every step
-            latents = denoise(sampler, plan, denoiser, x, sigmas, generator=generator, callback=callback)
+        latents = denoise(sampler, plan, denoiser, x, sigmas, generator=generator, callback=callback)
     finally:
         if conditioners is not None:
             conditioners.clock.stop()

@@ -124,7 +124,8 @@ def denoise(sampler: Sampler, plan: Any, denoiser: Denoiser, x: Tensor, sigmas: 
     latents; :func:`generate` and model plugins with their own guidance (InstructPix2Pix, the
     Imagen cascade) call it. The loop runs inside
     :func:`~t2i_engine.nn.attention.reuse_context_kv`: the text context, the same tensor at every
-    step, is projected to cross-attention keys and values once.
+    step, is projected to cross-attention keys and values once by the core's attention layers
+    (the SD family's UNets and ControlNets; Imagen's own attention blocks do not cache).
     """
     if plan.clip_x0 is not None:  # the scheduler config's clip_sample
         denoiser = StaticClip(denoiser, max_value=plan.clip_x0)

@@ -4,7 +4,7 @@
 was traced with):
 
 * ``auto`` (default): PyTorch's ops everywhere (SDPA, ``F.group_norm``). Measured on an H200
-  (docs/kernels.md, "GPU figures"), cuDNN/flash SDPA and eager GroupNorm beat the Triton kernels
+  (docs/kernels.md, "GPU figures"), SDPA and eager GroupNorm beat the Triton kernels
   on SD-1.5 shapes and the engine with Triton generated at 0.69x the speed of the engine without,
   so ``auto`` does not pick them until a GPU measurement says they win.
 * ``torch``: always the PyTorch path.

@@ -36,8 +36,9 @@ def reuse_context_kv() -> Iterator[None]:
     A sampling loop calls the network with one text embedding at every step, and recomputing its
     keys and values each time is 5.9 GFLOP a step for SD-1.5 (6.5 % of the step at 128 px). The
     cache is keyed by the context tensor's identity, so the caller must not change that tensor in
-    place inside the block (:func:`t2i_engine.pipeline.generate` does not); weights must not change
-    either. It is dropped when the block ends."""
+    place inside the block (:func:`t2i_engine.pipeline.denoise`, which holds it, does not); weights
+    must not change either. Only this class caches: attention blocks of other modules (the Imagen
+    plugin's) project as before. It is dropped when the block ends."""
     token = _CONTEXT_KV.set({})
     try:
         yield

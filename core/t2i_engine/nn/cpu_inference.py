@@ -13,7 +13,7 @@ at 2x2 ran in 0.6 ms packed against 8.1 ms through ``F.conv2d`` on the Zen 4 of 
 
 Linear layers are the same story in another op: at 128 px the UNet's feed-forward and attention
 projections multiply a few hundred rows by weights up to 1280 x 10240, and oneDNN on a packed
-weight took 0.53-0.80x ``F.linear``'s time in float32 (MKL) and 0.76-0.96x in bf16 on that Zen 4.
+weight took 0.53-0.80x ``F.linear``'s time in float32 (MKL) and 0.76-0.99x in bf16 on that Zen 4.
 :func:`pack_linear_weights` packs every :class:`t2i_engine.nn.ops.Linear`.
 
 oneDNN's convolution layout can depend on the input's shape (on AVX2-only CPUs it does): a packed
@@ -53,8 +53,8 @@ def pack_weights(module: nn.Module) -> int:
 
 
 def _packable(weight: torch.Tensor, paths: dict[torch.dtype, str]) -> bool:
-    return (cpu_path_unsupported() is None and not weight.is_mkldnn and weight.device.type == "cpu" and weight.dtype in PACKABLE_DTYPES
-            and cpu_paths.enabled(paths[weight.dtype]))
+    return (cpu_path_unsupported() is None and not weight.is_mkldnn and weight.device.type == "cpu"
+            and weight.dtype in PACKABLE_DTYPES and cpu_paths.enabled(paths[weight.dtype]))
 
 
 def _dense_state_dict(module: nn.Module, state: dict, prefix: str, *_: object) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+import typing
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import torch
@@ -361,6 +362,20 @@ class LatentDiffusionModel(Protocol):
         ...
 
 
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks, sorted (empty when it conforms).
+
+    Use it instead of ``isinstance(obj, protocol)`` for protocols with data members: from Python
+    3.12, ``isinstance`` looks them up with ``inspect.getattr_static``, which does not see an
+    ``nn.Module``'s submodules, parameters and buffers (they live behind ``__getattr__``), so a
+    model whose ``text_encoder`` is a submodule would fail the check. This asks ``hasattr``.
+    """
+    members = getattr(protocol, "__protocol_attrs__", None)  # Python >= 3.12
+    if members is None:
+        members = typing._get_protocol_attrs(protocol)  # type: ignore[attr-defined]  # Python 3.11
+    return sorted(name for name in members if not hasattr(obj, name))
+
+
 @dataclass
 class RunContext:
     """What a task receives: the resolved configuration and the engine around it."""
@@ -402,4 +417,5 @@ __all__ = [
     "Task",
     "TextEmbedding",
     "TextEncoder",
+    "missing_members",
 ]

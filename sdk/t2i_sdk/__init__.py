@@ -38,6 +38,7 @@ from t2i_engine.interfaces import (
     Task,
     TextEmbedding,
     TextEncoder,
+    missing_members,
 )
 from t2i_engine.pipeline import generate, seeded_noise
 from t2i_engine.serve.config import GenerationRequest
@@ -82,6 +83,7 @@ __all__ = [
     "generate",
     "hookimpl",
     "load_image",
+    "missing_members",
     "option",
     "save_png",
     "seeded_noise",

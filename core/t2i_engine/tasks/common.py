@@ -11,7 +11,7 @@ import torch
 
 from t2i_engine.adapters.config import apply_adapters
 from t2i_engine.errors import ConfigError
-from t2i_engine.interfaces import LatentDiffusionModel, RunContext
+from t2i_engine.interfaces import LatentDiffusionModel, RunContext, missing_members
 from t2i_engine.kernels import cpu_paths
 from t2i_engine.nn.cpu_inference import pack_weights
 from t2i_engine.nn.precision import cast_autocast_weights
@@ -30,10 +30,11 @@ def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
     if ctx.config.model is None:
         raise ConfigError(f"model: task '{task}' needs a [model] table (e.g. type = \"stable-diffusion\")")
     model = ctx.plugins.build(ctx.config.model)
-    if not isinstance(model, LatentDiffusionModel):
+    missing = missing_members(model, LatentDiffusionModel)
+    if missing:
         raise ConfigError(f"model.type: '{ctx.config.model.name}' (from plugin '{ctx.config.model.plugin}') "
-                          f"does not implement LatentDiffusionModel, which task '{task}' drives "
-                          "(see docs/contracts.md)")
+                          f"does not implement LatentDiffusionModel, which task '{task}' drives: it lacks "
+                          f"{', '.join(missing)} (see docs/contracts.md)")
     apply_schedule(ctx, model)
     model = model.to(ctx.device)
     for adapter, _ in apply_adapters(model, ctx.config.adapters):  # type: ignore[arg-type]

@@ -6,8 +6,10 @@ the same weights on the same inputs:
 * ``generate``: float16 weights (the engine's ``16-true``), 512x512, batch 1, classifier-free
   guidance 7.5, DPM++ 2M (diffusers' ``DPMSolverMultistepScheduler``), 50 steps, text encoding and
   VAE decoding included. Rows: the engine as it runs by default (PyTorch's ops: SDPA,
-  ``F.group_norm``), the engine with its Triton kernels (``T2I_KERNELS=triton``), diffusers, and diffusers
-  with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)`` (its documented recipe).
+  ``F.group_norm``), the engine with its Triton kernels in the UNet (``T2I_KERNELS=triton`` while
+  the UNet runs: the VAE's 512-wide attention heads are beyond the kernel), the engine with
+  ``[task] compile = true`` (``compile_denoiser``: fullgraph, ``reduce-overhead``), diffusers, and
+  diffusers with ``torch.compile(unet, mode="reduce-overhead", fullgraph=True)`` (its documented recipe).
   Reported as it/s (steps per second of the whole call) and the images' largest difference from
   diffusers'.
 * ``train``: one UNet step (forward, MSE loss, backward, AdamW) at batch 8 on 64x64 latents under
@@ -64,6 +66,32 @@ def _kernels(backend: str | None, fn: Call) -> Call:
     return call
 
 
+def _kernels_in(module: torch.nn.Module, backend: str, fn: Call) -> Call:
+    """``fn`` with ``T2I_KERNELS=backend`` only while ``module`` runs its forward."""
+    def set_backend(*_: Any) -> None:
+        module._saved_backend = os.environ.get("T2I_KERNELS")  # type: ignore[attr-defined]
+        os.environ["T2I_KERNELS"] = backend
+
+    def restore(*_: Any) -> None:
+        old = module._saved_backend  # type: ignore[attr-defined]
+        if old is None:
+            os.environ.pop("T2I_KERNELS", None)
+        else:
+            os.environ["T2I_KERNELS"] = old
+
+    def call() -> Any:
+        outside = os.environ.get("T2I_KERNELS")
+        hooks = [module.register_forward_pre_hook(set_backend), module.register_forward_hook(restore)]
+        try:
+            return fn()
+        finally:
+            for h in hooks:
+                h.remove()
+            module._saved_backend = outside  # type: ignore[attr-defined]
+            restore()
+    return call
+
+
 def _engine_rows(make: Callable[[str], Call], device: torch.device) -> dict[str, Call]:
     """The engine as it runs by default and, on CUDA, with its Triton kernels forced; ``make(name)``
     builds one row's call."""
@@ -102,20 +130,27 @@ def generation_calls(folder: str, args: argparse.Namespace, device: torch.device
     from t2i_engine.diffusion.guidance import GuidanceConfig
     from t2i_engine.diffusion.registry import SAMPLERS, SamplerConfig
     from t2i_engine.pipeline import generate
-    from t2i_engine.tasks.common import prepare_for_inference
+    from t2i_engine.tasks.common import compile_denoiser, prepare_for_inference
     from t2i_plugin_sd.formats import DiffusersFolder
     from t2i_plugin_sd.model import build_model
     from t2i_plugin_sd.presets import PRESETS
 
-    ours = build_model(DiffusersFolder().load(folder), PRESETS[args.preset]).to(device, dtype).eval()
-    prepare_for_inference(ours)  # what the sample task does after casting (16-true)
+    def load(*, compiled: bool = False) -> Any:
+        model = build_model(DiffusersFolder().load(folder), PRESETS[args.preset]).to(device, dtype).eval()
+        prepare_for_inference(model, pack=not compiled)  # what the sample task does after casting (16-true)
+        if compiled:
+            compile_denoiser(model, device)  # [task] compile = true: fullgraph, CUDA graphs
+        return model
+
     noise = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
 
-    def engine() -> torch.Tensor:
-        sampler = SAMPLERS["dpmpp_2m"](SamplerConfig(steps=args.steps))
-        with torch.inference_mode():
-            return generate(ours, [PROMPT], noise.to(device, dtype), sampler=sampler,
-                            guidance=GuidanceConfig(guidance_scale=7.5))
+    def engine(model: Any) -> Call:
+        def call() -> torch.Tensor:
+            sampler = SAMPLERS["dpmpp_2m"](SamplerConfig(steps=args.steps))
+            with torch.inference_mode():
+                return generate(model, [PROMPT], noise.to(device, dtype), sampler=sampler,
+                                guidance=GuidanceConfig(guidance_scale=7.5))
+        return call
 
     def pipeline() -> Any:
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None,
@@ -133,8 +168,13 @@ def generation_calls(folder: str, args: argparse.Namespace, device: torch.device
             return out * 2 - 1  # [0, 1] -> the engine's [-1, 1]
         return call
 
-    calls = {**_engine_rows(lambda _: engine, device), "diffusers (SDPA)": run(pipeline())}
+    ours = load()
+    calls = {"engine (default: PyTorch ops)": engine(ours)}
+    if device.type == "cuda":  # the UNet's attention and GroupNorm only: the VAE's 512-wide heads are beyond the kernel
+        calls["engine (T2I_KERNELS=triton in the UNet)"] = _kernels_in(ours.denoiser, "triton", engine(ours))
+    calls["diffusers (SDPA)"] = run(pipeline())
     if args.compile:
+        calls["engine + torch.compile ([task] compile)"] = engine(load(compiled=True))
         compiled = pipeline()
         compiled.unet = torch.compile(compiled.unet, mode="reduce-overhead", fullgraph=True)
         calls["diffusers + torch.compile"] = run(compiled)

@@ -71,7 +71,8 @@ class Attention(nn.Module):
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, L, head_dim)
 
     def _keys_values(self, context: Tensor, *, reusable: bool) -> tuple[Tensor, Tensor]:
-        cache = _CONTEXT_KV.get() if reusable else None
+        # not while torch.compile traces: a graph cannot hold a Python-side cache
+        cache = _CONTEXT_KV.get() if reusable and not torch.compiler.is_compiling() else None
         if cache is None or grad_needed(context, self.to_k.weight, self.to_v.weight):
             return self._split(self.to_k(context)), self._split(self.to_v(context))
         device = context.device.type

@@ -112,9 +112,11 @@ def add_(out: Tensor, other: Tensor) -> Tensor:
     """``out + other``, written into ``out`` where that is safe: no gradient is needed, ``out`` is
     contiguous, and the sum has ``out``'s shape and dtype (under autocast a bf16 ``out`` plus a
     float32 ``other`` is float32). ``out`` must be an intermediate the caller owns (a fresh layer
-    output). Saves one activation-sized buffer per residual connection in inference."""
+    output). Saves one activation-sized buffer per residual connection in inference. Under
+    ``torch.compile`` it is the plain sum (Inductor plans buffers itself)."""
     if (
-        not grad_needed(out, other)
+        not torch.compiler.is_compiling()
+        and not grad_needed(out, other)
         and out.is_contiguous()
         and torch.result_type(out, other) == out.dtype
         and torch.broadcast_shapes(out.shape, other.shape) == out.shape

@@ -193,7 +193,7 @@ def run_batch(config: Any, ctx: RunContext) -> Mapping[str, Any]:
     sampler = ctx.plugins.build(ctx.config.sampler)
     model = build_model(ctx, task="sample")
     check_output_size(model, width=config.width, height=config.height)
-    autocast, dtype = inference_precision(ctx, model)
+    autocast, dtype = inference_precision(ctx, model, compile=config.compile)
     conditioners = build_conditioners(ctx, model, dtype=dtype)
     init = None
     if config.init_image is not None:

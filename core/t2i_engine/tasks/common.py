@@ -16,7 +16,7 @@ from t2i_engine.kernels import cpu_paths
 from t2i_engine.nn.cpu_inference import pack_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
-__all__ = ["apply_schedule", "build_model", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
+__all__ = ["apply_schedule", "build_model", "compile_denoiser", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
 
 
 def build_model(ctx: RunContext, *, task: str) -> LatentDiffusionModel:
@@ -84,14 +84,16 @@ def prepare_for_autocast(model: LatentDiffusionModel, dtype: torch.dtype) -> int
                if isinstance(part, torch.nn.Module))
 
 
-def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.dtype | None = None) -> None:
+def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.dtype | None = None,
+                          pack: bool = True) -> None:
     """Get a model the task owns ready for inference only (it is changed in place).
 
     With ``autocast_dtype`` (a ``*-mixed`` precision other than 32) the autocast layers' weights
     are cast once (:func:`prepare_for_autocast`); on the CPU this machine's fast paths are settled
     (:func:`t2i_engine.kernels.cpu_paths.select`: cached per machine, timed on first use) and the
     denoiser's deep convolutions and linears packed into oneDNN's layout where that pays
-    (:func:`t2i_engine.nn.cpu_inference.pack_weights`).
+    (:func:`t2i_engine.nn.cpu_inference.pack_weights`), unless ``pack`` is False (a denoiser
+    that ``torch.compile`` will trace: Inductor lays out its own weights).
     """
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         prepare_for_autocast(model, autocast_dtype)
@@ -99,7 +101,25 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
         if any(p.device.type == "cpu" for p in model.denoiser.parameters()):
             cpu_paths.select()  # this machine's fast paths: cached, timed on the first run here
             warn_slow_cpu_bf16(model.denoiser, autocast_dtype)
-        pack_weights(model.denoiser)  # CPU layers only: it skips the others
+        if pack:
+            pack_weights(model.denoiser)  # CPU layers only: it skips the others
+
+
+def compile_denoiser(model: LatentDiffusionModel, device: torch.device) -> str:
+    """``torch.compile`` the denoiser network in place (``nn.Module.compile``: its weights and
+    state_dict keys stay as they are) with ``fullgraph=True``; returns the mode used.
+
+    On CUDA the mode is ``reduce-overhead`` (CUDA graphs: a UNet step is a few hundred small
+    kernels, and without graphs the host's launch time, not the GPU, sets the pace), which is
+    diffusers' documented recipe; elsewhere Inductor's ``default``. The first call at each new
+    shape compiles (a minute or so for SD-1.5); later calls reuse the graph. Call it after
+    :func:`prepare_for_inference` with ``pack=False``.
+    """
+    if not isinstance(model.denoiser, torch.nn.Module):
+        raise ConfigError(f"task.compile: the denoiser ({type(model.denoiser).__name__}) is not an nn.Module")
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    model.denoiser.compile(fullgraph=True, mode=mode)
+    return mode
 
 
 def warn_slow_cpu_bf16(denoiser: torch.nn.Module, autocast_dtype: torch.dtype | None) -> None:
@@ -114,7 +134,8 @@ def warn_slow_cpu_bf16(denoiser: torch.nn.Module, autocast_dtype: torch.dtype | 
                       stacklevel=3)
 
 
-def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[Any, torch.dtype]:
+def inference_precision(ctx: RunContext, model: LatentDiffusionModel, *,
+                        compile: bool = False) -> tuple[Any, torch.dtype]:
     """``(context manager, noise dtype)`` for ``engine.precision`` when running ``model``.
 
     ``*-mixed`` runs under ``torch.autocast`` on the run's device, with the weights autocast casts
@@ -122,15 +143,21 @@ def inference_precision(ctx: RunContext, model: LatentDiffusionModel) -> tuple[A
     (:func:`t2i_engine.nn.precision.cast_autocast_weights`: the same arithmetic, no per-step casts,
     half the weight memory); ``*-true`` casts the model's weights (``model.to(dtype)``) and the
     noise; ``32-true`` changes no dtype. Then :func:`prepare_for_inference` (on the CPU, deep
-    convolutions are packed). The model must be the task's own (it is changed in place).
+    convolutions are packed), or with ``compile`` no packing and :func:`compile_denoiser`. The
+    model must be the task's own (it is changed in place).
     """
     precision = ctx.config.engine.precision
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16 \
         if precision.startswith("16") else torch.float32
     if precision.endswith("-mixed"):
-        prepare_for_inference(model, autocast_dtype=dtype)
-        return torch.autocast(ctx.device.type, dtype=dtype), torch.float32
-    if dtype != torch.float32:
-        model.to(dtype)  # type: ignore[call-arg]
-    prepare_for_inference(model)
-    return contextlib.nullcontext(), dtype
+        prepare_for_inference(model, autocast_dtype=dtype, pack=not compile)
+        autocast: Any = torch.autocast(ctx.device.type, dtype=dtype)
+        dtype = torch.float32
+    else:
+        if dtype != torch.float32:
+            model.to(dtype)  # type: ignore[call-arg]
+        prepare_for_inference(model, pack=not compile)
+        autocast = contextlib.nullcontext()
+    if compile:
+        compile_denoiser(model, ctx.device)
+    return autocast, dtype

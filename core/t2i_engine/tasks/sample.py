@@ -49,6 +49,8 @@ class SampleConfig:
                           help="prompt_file: processes per node (Fabric), each taking every devices*num_nodes-th batch")
     num_nodes: int = option(default=1, validator=attrs.validators.ge(1),
                             help="prompt_file: nodes (launch with torchrun or SLURM; Fabric reads the env)")
+    compile: bool = option(default=False, help="torch.compile the denoiser (fullgraph; CUDA graphs on CUDA): the "
+                                               "first batch compiles, later ones run faster")
 
 
 def _load_image(url: str, *, width: int, height: int) -> torch.Tensor:
@@ -167,7 +169,7 @@ class SampleTask:
         sampler = ctx.plugins.build(ctx.config.sampler)
         model: LatentDiffusionModel = build_model(ctx, task="sample")
         check_output_size(model, width=c.width, height=c.height)
-        autocast, dtype = inference_precision(ctx, model)
+        autocast, dtype = inference_precision(ctx, model, compile=c.compile)
         conditioners = build_conditioners(ctx, model, dtype=dtype)
         init = None if c.init_image is None else _load_image(c.init_image, width=c.width, height=c.height).to(dtype)
         sigmas = sampling_sigmas_for(sampler, model.schedule)  # float64: never in the model's precision

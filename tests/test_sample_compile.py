@@ -1,0 +1,53 @@
+"""``[task] compile = true`` in a sample job: the denoiser goes through torch.compile with
+fullgraph=True (a graph break would fail the trace) and the images stay those of the plain run.
+
+The test swaps Inductor for the ``eager`` backend (no C++ build on a 2-core CI machine): Dynamo
+still traces the whole UNet into one graph, which is what the option needs; the CUDA-graph mode
+itself runs on a GPU (benchmarks/sd_gpu.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i_engine.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "examples" / "sd-sample.toml"
+
+
+def _sample(out: Path, *sets: str) -> list[np.ndarray]:
+    args = ["run", str(SAMPLE), "--set", f"engine.output_dir={str(out)!r}", "--set", "sampler.steps=3",
+            "--set", "task.images_per_prompt=1"]
+    for s in sets:
+        args += ["--set", s]
+    assert main(args) == 0
+    return [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in sorted(out.glob("*.png"))]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_compile_traces_the_whole_denoiser_and_keeps_the_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 precision: str) -> None:
+    calls: list[dict] = []
+    original = torch.nn.Module.compile
+
+    def compile_eagerly(self, *args, **kwargs):  # Dynamo's full trace, no Inductor build
+        calls.append({"module": type(self).__name__, **kwargs})
+        return original(self, fullgraph=kwargs["fullgraph"], backend="eager")
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    # a traced graph runs PyTorch's ops (no packed oneDNN paths): the plain run takes them too
+    monkeypatch.setenv("T2I_KERNELS", "torch")
+    torch._dynamo.reset()
+    plain = _sample(tmp_path / "plain", f"engine.precision={precision!r}")
+    assert calls == []
+    compiled = _sample(tmp_path / "compiled", f"engine.precision={precision!r}", "task.compile=true")
+    assert calls == [{"module": "UNet", "fullgraph": True, "mode": "default"}]  # CPU: Inductor's default mode
+    assert len(plain) == len(compiled) == 2
+    for a, b in zip(plain, compiled):
+        assert np.abs(a - b).max() <= 1  # the same arithmetic, rounded to 8 bits
+    torch._dynamo.reset()

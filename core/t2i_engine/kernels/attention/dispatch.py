@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,11 +20,13 @@ SUPPORTED_HEAD_DIMS = range(1, 257)  # padded in-kernel to the next power of two
 _GPU_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _load_triton_ops() -> None:
-    """Import the Triton module on first use: it imports triton and registers the
+def _triton_ops() -> Any:
+    """The Triton module, imported on first use: it imports triton and registers the
     ``t2i_engine::attention_*`` custom ops. A plain import statement, which torch.compile runs while
     tracing (importlib calls would break the graph)."""
-    from t2i_engine.kernels.attention import triton  # noqa: F401
+    from t2i_engine.kernels.attention import triton
+
+    return triton
 
 
 def triton_unsupported_reason(
@@ -87,9 +91,7 @@ def attention(
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         key_padding_mask = key_padding_mask != 0  # 0/1 integer masks (tokenizer output)
     if use_triton("attention", q.device, triton_unsupported_reason(q, k, v, key_padding_mask)):
-        _load_triton_ops()
-        out, _ = torch.ops.t2i_engine.attention_fwd(q, k, v, key_padding_mask, scale)  # out, lse
-        return out
+        return _triton_ops().triton_attention(q, k, v, key_padding_mask=key_padding_mask, scale=scale)
     if (
         key_padding_mask is None
         and q.device.type == "cpu"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +16,13 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_DTYPES = (torch.float32, torch.float16)  # the interpreter cannot run bfloat16 constants
 
 
-def _load_triton_ops() -> None:
-    """Import the Triton module on first use: it imports triton and registers the
+def _triton_ops() -> Any:
+    """The Triton module, imported on first use: it imports triton and registers the
     ``t2i_engine::group_norm_*`` custom ops. A plain import statement, which torch.compile runs while
     tracing (importlib calls would break the graph)."""
-    from t2i_engine.kernels.group_norm import triton  # noqa: F401
+    from t2i_engine.kernels.group_norm import triton
+
+    return triton
 
 
 def triton_unsupported_reason(
@@ -74,9 +76,7 @@ def group_norm(
         raise ValueError(f"channels ({x.shape[1] if x.dim() > 1 else '?'}) must be divisible by num_groups ({num_groups})")
     silu = activation == "silu"
     if use_triton("group_norm", x.device, triton_unsupported_reason(x, num_groups, weight, bias)):
-        _load_triton_ops()
-        y, _, _ = torch.ops.t2i_engine.group_norm_fwd(x, weight, bias, num_groups, eps, silu)  # y, mean, rstd
-        return y
+        return _triton_ops().triton_group_norm(x, num_groups, weight, bias, eps=eps, silu=silu)
     y = F.group_norm(x, num_groups, weight, bias, eps)
     # y is ours: without autograd the SiLU may overwrite it (one activation-sized buffer less)
     return F.silu(y, inplace=not grad_needed(y)) if silu else y

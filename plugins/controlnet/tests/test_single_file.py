@@ -92,3 +92,22 @@ def test_a_file_for_another_base_is_refused(setup, tmp_path):
     save_file({"model.diffusion_model.time_embed.0.weight": torch.zeros(1)}, tmp_path / "sd.safetensors")
     with pytest.raises(CheckpointError, match="not a ControlNet file"):
         load_controlnet(str(tmp_path / "sd.safetensors"), base=unet)
+
+
+def test_a_difference_file_reads_the_same_against_a_packed_base(setup):
+    """The sample task packs the base UNet's CPU weights (oneDNN layout) before the ControlNet
+    conditioner loads; a difference file adds to the base's state_dict, which must still hand out
+    plain weights. Loaded against the packed UNet, it gives the diffusers model's residuals."""
+    import copy
+
+    from t2i_engine.nn.cpu_inference import pack_conv_weights, pack_linear_weights
+
+    unet, reference, root = setup
+    _write_variants(root, unet)
+    packed = copy.deepcopy(unet)
+    n = pack_conv_weights(packed, min_in_channels=1) + pack_linear_weights(packed)
+    if n == 0:
+        pytest.skip("this CPU's timing turned packing off")
+    assert any(p.is_mkldnn for p in packed.parameters())
+    loaded = load_controlnet(str(root / "difference.safetensors"), base=packed)
+    assert _close(_residuals(loaded.net, ours=True), _residuals(reference, ours=False))

@@ -40,17 +40,13 @@ from torch.autograd.function import once_differentiable
 from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels._backend import cpu_inference_unsupported, cpu_path_unsupported, grad_needed
 from t2i_engine.kernels.dense import reference
-from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d, gemm_conv_applies
+from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d, gemm_conv_applies, pair as _pair
 
 __all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
            "default_pack_input", "gemm_conv_unsupported_reason", "onednn_unsupported_reason", "pack_conv_weight",
            "pack_linear_weight", "packed_conv2d", "packed_linear"]
 
 MIN_ROWS = 8  # below this (a timestep embedding's batch) the call overhead outweighs the gain
-
-
-def _pair(v: int | tuple[int, ...]) -> tuple[int, ...]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def onednn_available() -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["MAX_ROWS", "WIDE_CHANNELS", "WIDE_MAX_ROWS", "gemm_conv2d", "gemm_conv_applies", "output_rows"]
+__all__ = ["MAX_ROWS", "WIDE_CHANNELS", "WIDE_MAX_ROWS", "gemm_conv2d", "gemm_conv_applies", "output_rows", "pair"]
 
 MAX_ROWS = 64
 """A convolution whose batch x output pixels is at most this takes the GEMM whatever its width
@@ -31,7 +31,8 @@ WIDE_MAX_ROWS = 128
 WIDE_CHANNELS = 1024
 
 
-def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+def pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    """A convolution's int-or-pair argument (stride, padding, dilation) as a pair of ints."""
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
@@ -48,7 +49,7 @@ def _output_hw(x: Tensor, weight: Tensor, stride: tuple[int, int], padding: tupl
 def output_rows(x: Tensor, weight: Tensor, stride: int | tuple[int, int], padding: int | tuple[int, int],
                 dilation: int | tuple[int, int]) -> int:
     """Batch x output pixels of the convolution: the GEMM's row count."""
-    ho, wo = _output_hw(x, weight, _pair(stride), _pair(padding), _pair(dilation))
+    ho, wo = _output_hw(x, weight, pair(stride), pair(padding), pair(dilation))
     return x.shape[0] * ho * wo
 
 
@@ -73,7 +74,7 @@ def gemm_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: i
     """``F.conv2d(x, weight, bias, stride, padding, dilation)`` (one group, zero padding) as
     ``F.unfold`` + ``F.linear``, differentiable by autograd. Under CPU autocast ``x`` is cast to
     the autocast dtype before it is unfolded (``F.linear`` would cast the nine-fold copy)."""
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = pair(stride), pair(padding), pair(dilation)
     n, k = x.shape[0], weight.shape[0]
     ho, wo = _output_hw(x, weight, stride, padding, dilation)
     if torch.is_autocast_enabled("cpu"):

@@ -48,47 +48,41 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _set_backend(value: str | None) -> None:
+    """Set ``T2I_KERNELS`` (read per call by the engine), or unset it for None."""
+    if value is None:
+        os.environ.pop("T2I_KERNELS", None)
+    else:
+        os.environ["T2I_KERNELS"] = value
+
+
 def _kernels(backend: str | None, fn: Call) -> Call:
-    """``fn`` with ``T2I_KERNELS`` set to ``backend`` for the call (read per call by the engine)."""
+    """``fn`` with ``T2I_KERNELS`` set to ``backend`` for the call."""
     if backend is None:
         return fn
 
     def call() -> Any:
         old = os.environ.get("T2I_KERNELS")
-        os.environ["T2I_KERNELS"] = backend
+        _set_backend(backend)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop("T2I_KERNELS", None)
-            else:
-                os.environ["T2I_KERNELS"] = old
+            _set_backend(old)
     return call
 
 
 def _kernels_in(module: torch.nn.Module, backend: str, fn: Call) -> Call:
     """``fn`` with ``T2I_KERNELS=backend`` only while ``module`` runs its forward."""
-    def set_backend(*_: Any) -> None:
-        module._saved_backend = os.environ.get("T2I_KERNELS")  # type: ignore[attr-defined]
-        os.environ["T2I_KERNELS"] = backend
-
-    def restore(*_: Any) -> None:
-        old = module._saved_backend  # type: ignore[attr-defined]
-        if old is None:
-            os.environ.pop("T2I_KERNELS", None)
-        else:
-            os.environ["T2I_KERNELS"] = old
-
     def call() -> Any:
         outside = os.environ.get("T2I_KERNELS")
-        hooks = [module.register_forward_pre_hook(set_backend), module.register_forward_hook(restore)]
+        hooks = [module.register_forward_pre_hook(lambda *_: _set_backend(backend)),
+                 module.register_forward_hook(lambda *_: _set_backend(outside))]
         try:
             return fn()
         finally:
             for h in hooks:
                 h.remove()
-            module._saved_backend = outside  # type: ignore[attr-defined]
-            restore()
+            _set_backend(outside)
     return call
 
 

@@ -109,7 +109,7 @@ def compile_denoiser(model: LatentDiffusionModel, device: torch.device) -> str:
     """``torch.compile`` the denoiser network in place (``nn.Module.compile``: its weights and
     state_dict keys stay as they are) with ``fullgraph=True``; returns the mode used.
 
-    On CUDA the mode is ``reduce-overhead`` (CUDA graphs: a UNet step is a few hundred small
+    On CUDA the mode is ``reduce-overhead`` (CUDA graphs: a UNet step launches hundreds of small
     kernels, and without graphs the host's launch time, not the GPU, sets the pace), which is
     diffusers' documented recipe; elsewhere Inductor's ``default``. The first call at each new
     shape compiles (a minute or so for SD-1.5); later calls reuse the graph. Call it after

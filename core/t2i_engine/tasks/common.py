@@ -113,10 +113,15 @@ def compile_denoiser(model: LatentDiffusionModel, device: torch.device) -> str:
     kernels, and without graphs the host's launch time, not the GPU, sets the pace), which is
     diffusers' documented recipe; elsewhere Inductor's ``default``. The first call at each new
     shape compiles (a minute or so for SD-1.5); later calls reuse the graph. Call it after
-    :func:`prepare_for_inference` with ``pack=False``.
+    :func:`prepare_for_inference` with ``pack=False``. On the CPU it warns: SD-1.5 at 128 px took
+    1.76x the plain engine's time compiled, 1.9x with Inductor's freezing (docs/benchmarks.md).
     """
     if not isinstance(model.denoiser, torch.nn.Module):
         raise ConfigError(f"task.compile: the denoiser ({type(model.denoiser).__name__}) is not an nn.Module")
+    if device.type == "cpu":
+        warnings.warn("task.compile on the CPU: Inductor's graph ran SD-1.5 about 1.8x slower than the engine's "
+                      "own CPU paths (packed oneDNN weights), which compiling turns off; set compile = false "
+                      "unless it measures faster here (docs/stable-diffusion.md)", stacklevel=3)
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     model.denoiser.compile(fullgraph=True, mode=mode)
     return mode

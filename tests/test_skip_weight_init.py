@@ -46,3 +46,27 @@ def test_stable_diffusion_from_weights_draws_nothing_and_equals_its_source(monke
     want.update(source.state_dict())
     got.update(loaded.state_dict())
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_another_thread_still_draws_while_one_skips() -> None:
+    """The swap is per thread: a thread that builds layers while another loads a checkpoint under
+    skip_weight_init gets its weights drawn (a server, say); the loading thread's stay undrawn."""
+    import threading
+
+    inside, done = threading.Event(), threading.Event()
+    other: list[torch.Tensor] = []
+
+    def worker() -> None:
+        inside.wait(timeout=30)
+        other.append(nn.init.ones_(torch.zeros(4)))
+        done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    with skip_weight_init():
+        mine = nn.init.ones_(torch.zeros(4))
+        inside.set()
+        assert done.wait(timeout=30)
+    thread.join()
+    assert torch.equal(mine, torch.zeros(4)) and torch.equal(other[0], torch.ones(4))
+    assert torch.equal(nn.init.ones_(torch.zeros(2)), torch.ones(2))  # restored

@@ -11,8 +11,10 @@ touch of 4 GB of freshly allocated memory (here by the load's copy, there by the
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -21,27 +23,36 @@ __all__ = ["skip_weight_init"]
 _lock = threading.RLock()
 
 
-def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-    return tensor
+def _skipping_in(owner: int, real: Callable[..., Any]) -> Callable[..., Any]:
+    """``real``, except in thread ``owner``, where the tensor is returned as allocated."""
+    @functools.wraps(real)
+    def init(*args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == owner:
+            return args[0] if args else kwargs["tensor"]
+        return real(*args, **kwargs)
+
+    return init
 
 
 @contextlib.contextmanager
 def skip_weight_init() -> Iterator[None]:
-    """Inside, every in-place ``torch.nn.init`` function leaves its tensor as allocated.
+    """Inside, every in-place ``torch.nn.init`` function leaves its tensor as allocated, in the
+    calling thread.
 
     Only for a module that is then loaded strictly (:func:`~t2i_engine.checkpoint.io.load_state_dict_strict`:
     a missing key is an error, so no parameter keeps its uninitialised memory). Buffers computed
     in ``__init__`` (position ids, frequency tables) are not drawn through ``torch.nn.init`` and are
-    built as usual. The functions are swapped for the whole process: builds inside the context
-    are serialised, and a thread that draws weights through ``torch.nn.init`` meanwhile would get
-    them undrawn.
+    built as usual. The functions are swapped in the ``torch.nn.init`` module for the duration, so
+    builds inside the context are serialised; another thread that draws weights meanwhile (a
+    server building a model while a job loads one) gets them drawn as usual.
     """
     with _lock:
+        owner = threading.get_ident()
         names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
         saved = {name: getattr(torch.nn.init, name) for name in names}
         try:
-            for name in names:
-                setattr(torch.nn.init, name, _keep)
+            for name, real in saved.items():
+                setattr(torch.nn.init, name, _skipping_in(owner, real))
             yield
         finally:
             for name, fn in saved.items():

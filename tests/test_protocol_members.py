@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ast
 import inspect
-import typing
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from t2i_engine import interfaces
-from t2i_engine.interfaces import LatentDiffusionModel, missing_members
+from t2i_engine.interfaces import LatentDiffusionModel, missing_members, protocol_members
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,8 +57,7 @@ def _protocols_with_data_members() -> set[str]:
     names = set()
     for name, obj in vars(interfaces).items():
         if isinstance(obj, type) and getattr(obj, "_is_runtime_protocol", False):
-            members = getattr(obj, "__protocol_attrs__", None) or typing._get_protocol_attrs(obj)
-            if any(not callable(getattr(obj, m, None)) for m in members):
+            if any(not callable(getattr(obj, m, None)) for m in protocol_members(obj)):
                 names.add(name)
     return names
 

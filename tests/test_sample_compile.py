@@ -29,17 +29,24 @@ def _sample(out: Path, *sets: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in sorted(out.glob("*.png"))]
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_compile_traces_the_whole_denoiser_and_keeps_the_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                 precision: str) -> None:
+def _compile_eagerly(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Route nn.Module.compile to Dynamo's full trace with the eager backend (no Inductor build),
+    recording each call's module and arguments."""
     calls: list[dict] = []
     original = torch.nn.Module.compile
 
-    def compile_eagerly(self, *args, **kwargs):  # Dynamo's full trace, no Inductor build
+    def compile_eagerly(self, *args, **kwargs):
         calls.append({"module": type(self).__name__, **kwargs})
         return original(self, fullgraph=kwargs["fullgraph"], backend="eager")
 
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_compile_traces_the_whole_denoiser_and_keeps_the_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 precision: str) -> None:
+    calls = _compile_eagerly(monkeypatch)
     # a traced graph runs PyTorch's ops (no packed oneDNN paths): the plain run takes them too
     monkeypatch.setenv("T2I_KERNELS", "torch")
     torch._dynamo.reset()
@@ -51,4 +58,16 @@ def test_compile_traces_the_whole_denoiser_and_keeps_the_images(tmp_path: Path, 
     assert len(plain) == len(compiled) == 2
     for a, b in zip(plain, compiled):
         assert np.abs(a - b).max() <= 1  # the same arithmetic, rounded to 8 bits
+    torch._dynamo.reset()
+
+
+def test_compile_applies_to_prompt_file_jobs_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample job over a prompt file (tasks/batch.py, its own loop) compiles the denoiser too."""
+    calls = _compile_eagerly(monkeypatch)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n", encoding="utf-8")
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="task.compile on the CPU"):
+        images = _sample(tmp_path / "out", "task.prompts=[]", f"task.prompt_file={str(prompts)!r}", "task.compile=true")
+    assert calls == [{"module": "UNet", "fullgraph": True, "mode": "default"}] and len(images) == 1
     torch._dynamo.reset()

@@ -370,10 +370,15 @@ def missing_members(obj: object, protocol: type) -> list[str]:
     ``nn.Module``'s submodules, parameters and buffers (they live behind ``__getattr__``), so a
     model whose ``text_encoder`` is a submodule would fail the check. This asks ``hasattr``.
     """
+    return sorted(name for name in protocol_members(protocol) if not hasattr(obj, name))
+
+
+def protocol_members(protocol: type) -> frozenset[str]:
+    """The names a ``typing.Protocol`` declares (methods and data members)."""
     members = getattr(protocol, "__protocol_attrs__", None)  # Python >= 3.12
     if members is None:
         members = typing._get_protocol_attrs(protocol)  # type: ignore[attr-defined]  # Python 3.11
-    return sorted(name for name in members if not hasattr(obj, name))
+    return frozenset(members)
 
 
 @dataclass
@@ -418,4 +423,5 @@ __all__ = [
     "TextEmbedding",
     "TextEncoder",
     "missing_members",
+    "protocol_members",
 ]

@@ -98,8 +98,8 @@ class Conv2d(nn.Conv2d):
         """Repack a packed weight (:func:`t2i_engine.nn.cpu_inference.pack_conv_weights`) for
         inputs of ``shape`` when it was packed for another: oneDNN's weight layout can depend on
         the input's shape, and a mismatched one is reordered again on every call. One copy is
-        kept (the old one's pages go back to the system); a sampling run, whose shapes do not change,
-    repacks each layer once."""
+        kept (the old one's pages go back to the system); a sampling run, whose shapes do not
+        change, repacks each layer once."""
         if getattr(self, "packed_for", None) == shape:
             return
         from t2i_engine.kernels.dense.dispatch import pack_conv_weight

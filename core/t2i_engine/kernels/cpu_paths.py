@@ -67,6 +67,8 @@ PATHS: dict[str, str] = {
     "conv_gemm_train_bf16": "the same in bf16 (bf16 tensors, or bf16 CPU autocast)",
     "conv_pack_fp32": "float32 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
+    "conv_winograd_fp32": "float32 3x3 inference convolutions with many output pixels as Winograd F(4x4, 3x3) "
+                          "(kernels/dense/winograd.py)",
     "linear_pack_fp32": "float32 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "linear_pack_bf16": "bf16 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
@@ -225,6 +227,7 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
     from t2i_engine.kernels.attention.cpu import bmm_attention
     from t2i_engine.kernels.dense.dispatch import OneDNNLinear, pack_conv_weight, pack_linear_weight, packed_linear
     from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d
+    from t2i_engine.kernels.dense.winograd import winograd_conv2d
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2048, 320, generator=g)
@@ -262,6 +265,11 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
         return (lambda: torch.ops.mkldnn._convolution_pointwise(xd, packed, None, [1, 1], [1, 1], [1, 1], 1,
                                                                 "none", [], ""),
                 lambda: torch.nn.functional.conv2d(xd, wd, padding=1))
+
+    def winograd_pair() -> tuple[Callable[[], Any], Callable[[], Any]]:
+        xw = torch.randn(2, 320, 32, 32, generator=g)  # SD's first level at 256 px
+        ww = torch.randn(320, 320, 3, 3, generator=g) / 50
+        return (lambda: winograd_conv2d(xw, ww), lambda: torch.nn.functional.conv2d(xw, ww, padding=1))
 
     def linear_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
         # SD's weight-bound feed-forward linears: 128 rows (16x16 latents) x 640 -> 5120, and 32 rows x 1280 -> 10240
@@ -302,6 +310,7 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
         "conv_gemm_train_bf16": lambda: gemm_conv_pair(torch.bfloat16),
         "conv_pack_fp32": lambda: conv_pair(torch.float32),
         "conv_pack_bf16": lambda: conv_pair(torch.bfloat16),
+        "conv_winograd_fp32": winograd_pair,
         "linear_pack_fp32": lambda: linear_pair(torch.float32),
         "linear_pack_bf16": lambda: linear_pair(torch.bfloat16),
         "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 
-def tiny_pipeline(*, sd2: bool = False, v: bool = False, tokenizer_dir: Path):
+def tiny_pipeline(*, sd2: bool = False, v: bool = False, tokenizer_dir: Path,
+                  unet_channels: tuple[int, int] = (32, 64), vae_channels: tuple[int, int] = (32, 32)):
     """A diffusers StableDiffusionPipeline of tiny random components (no download)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -17,10 +18,10 @@ def tiny_pipeline(*, sd2: bool = False, v: bool = False, tokenizer_dir: Path):
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=unet_channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=(2, 4) if sd2 else 2, use_linear_projection=sd2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_channels,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         layers_per_block=1, norm_num_groups=32, sample_size=16)
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,

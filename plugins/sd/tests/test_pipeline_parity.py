@@ -15,6 +15,8 @@ from t2i_plugin_sd.formats import DiffusersFolder
 from t2i_plugin_sd.model import build_model
 from t2i_plugin_sd.presets import PRESETS
 
+from .conftest import tiny_pipeline
+
 
 @pytest.mark.parametrize("kind", ["ddim", "dpmpp_2m"])
 @pytest.mark.parametrize("layout", ["sd1", "sd2v"])
@@ -66,4 +68,34 @@ def test_img2img_matches_diffusers(sd1_folder):
                   generator=torch.Generator().manual_seed(4), output_type="pt").images
     got = generate(ours, ["a red square"], noise, sampler=SAMPLERS["ddim"](DDIMConfig(steps=6)),
                    guidance=GuidanceConfig(guidance_scale=7.5), init_images=source, strength=0.5) / 2 + 0.5
+    assert (got - ref).abs().max() <= 1e-3
+
+
+def test_winograd_convolutions_match_diffusers(tmp_path, monkeypatch):
+    """A model wide and large enough that its 3x3 convolutions take Winograd F(4x4, 3x3) (64 and 96
+    channels; 16x16 latents in a guidance batch of 4: 64 tiles; the VAE's 32x32 level), prepared as
+    the sample task prepares it, against diffusers' pipeline on the same folder."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from t2i_engine.kernels.dense import dispatch
+    from t2i_engine.tasks.common import prepare_for_inference
+
+    calls = []
+    real = dispatch.winograd_conv2d
+    monkeypatch.setattr(dispatch, "winograd_conv2d", lambda *a: calls.append(a[0].shape) or real(*a))
+    ref_pipe = tiny_pipeline(tokenizer_dir=tmp_path / "tok", unet_channels=(64, 96), vae_channels=(64, 96))
+    ref_pipe.save_pretrained(tmp_path / "pipe")
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "pipe"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    ours = build_model(DiffusersFolder().load(str(tmp_path / "pipe")), PRESETS["sd-1"])
+    prepare_for_inference(ours)
+    prompts = ["a red square", "a blue circle"]
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
+    ref = pipe(prompts, latents=noise.clone(), num_inference_steps=4, guidance_scale=7.5, height=32, width=32,
+               output_type="pt").images
+    got = generate(ours, prompts, noise, sampler=SAMPLERS["dpmpp_2m"](SamplerConfig(steps=4)),
+                   guidance=GuidanceConfig(guidance_scale=7.5)) / 2 + 0.5
+    assert {s[1] for s in calls} >= {64, 96} and any(s[-1] == 32 for s in calls)  # UNet and VAE layers
+    assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 1e-3

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels.dense import dispatch, winograd
-from t2i_engine.kernels.dense.winograd import MIN_CHANNELS, MIN_TILES, winograd_applies, winograd_conv2d
+from t2i_engine.kernels.dense.winograd import MIN_CHANNELS, MIN_TILES, MIN_TRAIN_TILES, winograd_applies, winograd_conv2d
 from t2i_engine.nn import ops
 from t2i_engine.nn.cpu_inference import pack_conv_weights
 
@@ -37,11 +37,11 @@ def test_equals_the_direct_convolution_on_random_shapes(seed: int) -> None:
 
 
 def test_bands_split_a_large_input_and_keep_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past BAND_TILES tiles the input is transformed in bands of tile rows, image by image."""
+    """Past BAND_BYTES the input is transformed in bands of tile rows, image by image."""
     g = torch.Generator().manual_seed(0)
     x, wt, b = torch.randn(3, 5, 18, 13, generator=g), torch.randn(7, 5, 3, 3, generator=g), torch.randn(7, generator=g)
     whole = winograd_conv2d(x, wt, b)
-    monkeypatch.setattr(winograd, "BAND_TILES", 7)  # 4 tiles per row: bands of 1 row, 5 rows per image
+    monkeypatch.setattr(winograd, "BAND_BYTES", 7 * 36 * 7 * 4)  # 7 tiles of 7 channels; 4 tiles a row: 1-row bands
     banded = winograd_conv2d(x, wt, b)
     assert _relative_error(banded, x, wt, b) < 1e-5
     assert ((banded - whole).abs().max() / whole.abs().max()).item() < 1e-5  # other GEMM sizes, other rounding
@@ -85,15 +85,38 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 def test_dispatch_takes_winograd_for_large_float32_inference_convolutions(spy: list[tuple]) -> None:
     conv = ops.Conv2d(MIN_CHANNELS, MIN_CHANNELS + 8, 3, padding=1)
-    x = torch.randn(2, MIN_CHANNELS, 32, 36)  # 2 x 8 x 9 = 144 tiles
+    x = torch.randn(1, MIN_CHANNELS, 32, 36)  # 8 x 9 = 72 tiles: inference's threshold, not training's
+    assert MIN_TILES <= 72 < MIN_TRAIN_TILES
     with torch.inference_mode():
         y = conv(x)
     assert len(spy) == 1
     assert _relative_error(y, x, conv.weight.detach(), conv.bias.detach()) < 1e-5
     with torch.inference_mode():
-        conv(x[:, :, :8, :8])  # 8 tiles: the direct convolution
-    conv(x.requires_grad_())  # training: the direct convolution
+        conv(x[:, :, :8, :8])  # 4 tiles: the direct convolution
+    conv(x.requires_grad_())  # training, too few tiles: the direct convolution
     assert len(spy) == 1
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_training_gradients_equal_the_direct_convolutions(seed: int, spy: list[tuple]) -> None:
+    """From MIN_TRAIN_TILES tiles a training convolution takes Winograd; autograd's input, weight
+    and bias gradients equal the float64 direct convolution's."""
+    r = random.Random(seed)
+    n, c, k = r.randint(1, 3), r.randint(MIN_CHANNELS, MIN_CHANNELS + 20), r.randint(MIN_CHANNELS, MIN_CHANNELS + 20)
+    side = r.choice([46, 48, 50]) if n == 1 else r.choice([34, 36, 37])
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, side, side - 2, generator=g, requires_grad=True)
+    w = (torch.randn(k, c, 3, 3, generator=g) / 24).requires_grad_()
+    b = torch.randn(k, generator=g, requires_grad=True)
+    assert winograd.winograd_tiles(x) >= MIN_TRAIN_TILES
+    y = dispatch.conv2d(x, w, b, 1, 1)
+    assert len(spy) == 1
+    up = torch.randn(y.shape, generator=g)
+    got = torch.autograd.grad(y, (x, w, b), up)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    want = torch.autograd.grad(F.conv2d(x64, w64, b64, padding=1), (x64, w64, b64), up.double())
+    for a, e in zip(got, want, strict=True):
+        assert ((a.double() - e).abs().max() / e.abs().max()).item() < 2e-5
 
 
 def test_a_packed_weight_takes_winograd_too(spy: list[tuple]) -> None:
@@ -112,19 +135,22 @@ def test_a_packed_weight_takes_winograd_too(spy: list[tuple]) -> None:
     assert _relative_error(small, x[:, :, :8, :8], *plain) < 1e-5
 
 
-@pytest.mark.parametrize("why", ["path off", "T2I_KERNELS=torch", "bf16 autocast", "bf16 tensors", "gradient"])
+@pytest.mark.parametrize("why", ["path off", "training path off", "T2I_KERNELS=torch", "bf16 autocast",
+                                 "bf16 tensors"])
 def test_dispatch_keeps_the_direct_convolution_when_the_path_does_not_apply(
         why: str, spy: list[tuple], monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(2, MIN_CHANNELS, 32, 32)
+    x = torch.randn(2, MIN_CHANNELS, 48, 48)  # 288 tiles: enough for either path
     w = torch.randn(MIN_CHANNELS, MIN_CHANNELS, 3, 3) / 24
     if why == "path off":
         monkeypatch.setattr(cpu_paths, "enabled", lambda path: path != "conv_winograd_fp32")
+    if why == "training path off":
+        monkeypatch.setattr(cpu_paths, "enabled", lambda path: path != "conv_winograd_train_fp32")
+        w.requires_grad_()
+        assert dispatch.winograd_unsupported_reason(x) is None  # inference stays on
     if why == "T2I_KERNELS=torch":
         monkeypatch.setenv("T2I_KERNELS", "torch")
     if why == "bf16 tensors":
         x, w = x.bfloat16(), w.bfloat16()
-    if why == "gradient":
-        w.requires_grad_()
     with torch.autocast("cpu", torch.bfloat16, enabled=why == "bf16 autocast"):
         reason = dispatch.winograd_unsupported_reason(x, w)
         y = dispatch.conv2d(x, w, None, 1, 1)

@@ -69,6 +69,7 @@ PATHS: dict[str, str] = {
     "conv_pack_bf16": "bf16 deep convolution weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "conv_winograd_fp32": "float32 3x3 inference convolutions with many output pixels as Winograd F(4x4, 3x3) "
                           "(kernels/dense/winograd.py)",
+    "conv_winograd_train_fp32": "the same for float32 training convolutions (forward and backward by autograd)",
     "linear_pack_fp32": "float32 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "linear_pack_bf16": "bf16 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
@@ -78,7 +79,7 @@ PATHS: dict[str, str] = {
 """The fast paths chosen per machine, by name, with what each is."""
 
 _TRAINING_PATHS = frozenset({"dense_fp32_train", "dense_fp32_train_backward", "conv_gemm_train_fp32",
-                             "conv_gemm_train_bf16"})
+                             "conv_gemm_train_bf16", "conv_winograd_train_fp32"})
 """The paths whose probes run autograd (the others are timed in ``inference_mode``)."""
 
 LONG_SCORES = 512 * 512
@@ -266,10 +267,19 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
                                                                 "none", [], ""),
                 lambda: torch.nn.functional.conv2d(xd, wd, padding=1))
 
-    def winograd_pair() -> tuple[Callable[[], Any], Callable[[], Any]]:
-        xw = torch.randn(2, 320, 32, 32, generator=g)  # SD's first level at 256 px
-        ww = torch.randn(320, 320, 3, 3, generator=g) / 50
-        return (lambda: winograd_conv2d(xw, ww), lambda: torch.nn.functional.conv2d(xw, ww, padding=1))
+    def winograd_pair(train: bool) -> tuple[Callable[[], Any], Callable[[], Any]]:
+        xw = torch.randn(2, 320, 32, 32, generator=g).requires_grad_(train)  # SD's first level at 256 px
+        ww = (torch.randn(320, 320, 3, 3, generator=g) / 50).requires_grad_(train)
+        uw = torch.randn(2, 320, 32, 32, generator=g)
+
+        def call(conv: Callable[..., Any]) -> Callable[[], None]:
+            def run() -> None:  # the forward, and in training the backward
+                with torch.enable_grad() if train else contextlib.nullcontext():
+                    y = conv(xw, ww)
+                    if train:
+                        torch.autograd.grad(y, (xw, ww), uw)
+            return run
+        return call(winograd_conv2d), call(lambda x, w: torch.nn.functional.conv2d(x, w, padding=1))
 
     def linear_pair(dtype: torch.dtype) -> tuple[Callable[[], Any], Callable[[], Any]]:
         # SD's weight-bound feed-forward linears: 128 rows (16x16 latents) x 640 -> 5120, and 32 rows x 1280 -> 10240
@@ -310,7 +320,8 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
         "conv_gemm_train_bf16": lambda: gemm_conv_pair(torch.bfloat16),
         "conv_pack_fp32": lambda: conv_pair(torch.float32),
         "conv_pack_bf16": lambda: conv_pair(torch.bfloat16),
-        "conv_winograd_fp32": winograd_pair,
+        "conv_winograd_fp32": lambda: winograd_pair(False),
+        "conv_winograd_train_fp32": lambda: winograd_pair(True),
         "linear_pack_fp32": lambda: linear_pair(torch.float32),
         "linear_pack_bf16": lambda: linear_pair(torch.bfloat16),
         "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention

@@ -14,8 +14,9 @@ oneDNN runs an op when all of these hold (:func:`onednn_unsupported_reason` says
 * linear: ``x`` is contiguous with at least :data:`MIN_ROWS` rows; conv2d: a 1x1 kernel with
   stride 1, no padding, no dilation and one group (3x3 convolutions already go to oneDNN).
 
-A float32 3x3 inference convolution with enough output pixels and channels runs as Winograd
-F(4x4, 3x3) (:mod:`t2i_engine.kernels.dense.winograd`: a quarter of the GEMM work) where
+A float32 3x3 convolution with enough output pixels and channels runs as Winograd F(4x4, 3x3)
+(:mod:`t2i_engine.kernels.dense.winograd`: a quarter of the GEMM work; in training too, from more
+output pixels, differentiated by autograd) where
 :func:`winograd_unsupported_reason` allows and
 :func:`~t2i_engine.kernels.dense.winograd.winograd_applies` says the shape gains, whether or not
 its weight is packed (a packed one is read back to a plain copy for the call).
@@ -47,7 +48,7 @@ from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels._backend import cpu_inference_unsupported, cpu_path_unsupported, grad_needed
 from t2i_engine.kernels.dense import reference
 from t2i_engine.kernels.dense.gemm_conv import gemm_conv2d, gemm_conv_applies, pair as _pair
-from t2i_engine.kernels.dense.winograd import winograd_applies, winograd_conv2d
+from t2i_engine.kernels.dense.winograd import MIN_TILES, MIN_TRAIN_TILES, winograd_applies, winograd_conv2d
 
 __all__ = ["MIN_ROWS", "OneDNNLinear", "conv2d", "linear", "onednn_available", "onednn_training_unsupported_reason",
            "default_pack_input", "gemm_conv_unsupported_reason", "onednn_unsupported_reason", "pack_conv_weight",
@@ -121,26 +122,28 @@ def gemm_conv_unsupported_reason(*tensors: Tensor | None) -> str | None:
 
 
 def winograd_unsupported_reason(*tensors: Tensor | None) -> str | None:
-    """Why a 3x3 convolution should not run as Winograd F(4x4, 3x3), or None when it can: the
-    CPU inference conditions (outside ``torch.compile``, ``T2I_KERNELS`` not ``torch``, no
-    gradient needed), float32 CPU tensors without CPU autocast (the transforms amplify rounding
-    beyond what bf16 holds), and path ``conv_winograd_fp32`` on for this machine
-    (:mod:`t2i_engine.kernels.cpu_paths`)."""
-    reason = cpu_inference_unsupported(*tensors)
+    """Why a 3x3 convolution should not run as Winograd F(4x4, 3x3), or None when it can: outside
+    ``torch.compile``, ``T2I_KERNELS`` not ``torch``, float32 CPU tensors without CPU autocast (the
+    transforms amplify rounding beyond what bf16 holds), and the path on for this machine
+    (:mod:`t2i_engine.kernels.cpu_paths`): ``conv_winograd_fp32`` in inference,
+    ``conv_winograd_train_fp32`` where a gradient is needed."""
+    reason = cpu_path_unsupported()
     if reason is not None:
         return reason
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return "not all tensors are float32 CPU tensors"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
-    if not cpu_paths.enabled("conv_winograd_fp32"):
-        return "the Winograd path is off on this machine (t2i_engine.kernels.cpu_paths)"
+    path = "conv_winograd_train_fp32" if grad_needed(*tensors) else "conv_winograd_fp32"
+    if not cpu_paths.enabled(path):
+        return f"path {path} is off on this machine (t2i_engine.kernels.cpu_paths)"
     return None
 
 
 def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
               groups: int) -> bool:
-    return (winograd_applies(x, weight, stride, padding, dilation, groups)
+    min_tiles = MIN_TRAIN_TILES if grad_needed(x, weight, bias) else MIN_TILES
+    return (winograd_applies(x, weight, stride, padding, dilation, groups, min_tiles=min_tiles)
             and winograd_unsupported_reason(x, weight, bias) is None)
 
 
@@ -232,8 +235,8 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int | 
     applies (see the module doc), a weight packed by :func:`pack_conv_weight` through
     :func:`packed_conv2d`, a low-resolution training one as unfold + GEMM (:func:`gemm_conv2d`
     where :func:`gemm_conv_unsupported_reason` and ``gemm_conv_applies`` allow), every other
-    through ``F.conv2d``; a float32 3x3 inference one with enough output pixels as Winograd
-    F(4x4, 3x3) (:func:`winograd_unsupported_reason`, ``winograd_applies``), packed or not."""
+    through ``F.conv2d``; a float32 3x3 one with enough output pixels as Winograd F(4x4, 3x3)
+    (:func:`winograd_unsupported_reason`, ``winograd_applies``), packed or not."""
     if _winograd(x, weight, bias, stride, padding, dilation, groups):
         return winograd_conv2d(x, weight.to_dense() if weight.is_mkldnn else weight, bias)
     if weight.is_mkldnn:

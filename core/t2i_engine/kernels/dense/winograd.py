@@ -13,27 +13,34 @@ The float32 UNet of SD-1.5 already runs its direct convolutions at this CPU core
 AMD EPYC (Zen 4) of docs/benchmarks.md, one thread, against oneDNN's convolution on a weight packed
 for the input's shape, with the weight transform paid on every call (so no weight copy is kept):
 
-====================  =========  ==============
-input -> out          tiles      Winograd / oneDNN
-====================  =========  ==============
-2x320x32x32 -> 320    128        0.59
-2x640x32x32 -> 640    128        0.58
-2x320x64x64 -> 320    512        0.60
-1x512x64x64 -> 512    256        0.56
-1x256x64x64 -> 256    256        0.62
-2x320x16x16 -> 320    32         1.06 (not taken)
-1x128x128x128 -> 3    1024       1.32 (not taken: too few output channels)
-====================  =========  ==============
+======================  =====  =================
+input -> out            tiles  Winograd / oneDNN
+======================  =====  =================
+2x320x32x32 -> 320      128    0.57
+2x640x32x32 -> 640      128    0.50
+1x512x32x32 -> 512      64     0.63
+1x512x64x64 -> 512      256    0.47
+1x256x64x64 -> 256      256    0.53
+1x128x256x256 -> 128    4096   0.64
+2x320x16x16 -> 320      32     1.05 (not taken)
+2x1280x16x16 -> 1280    32     1.02 (not taken)
+======================  =====  =================
 
 The weight transform costs about as much as 36 tiles' GEMM work, so the path takes only
 convolutions with at least :data:`MIN_TILES` output tiles and :data:`MIN_CHANNELS` channels on
-both sides (:func:`winograd_applies`). It is an inference path (no autograd), float32 only: the
-transforms amplify rounding, by up to ``4 * 8 = 32`` in the output matrix's largest entries, which
-float32's 24-bit mantissa absorbs (max error 6e-6 of the output's largest value, against 2e-6 for
-oneDNN's direct convolution, both against float64) and bf16's 8 bits would not.
+both sides (:func:`winograd_applies`). Autograd differentiates it (its ops are pads, views, GEMMs
+and copies); in training, where the weight gradient's transforms are paid too, it gained from
+:data:`MIN_TRAIN_TILES` tiles (forward + backward 0.58-0.70x ``F.conv2d``'s time at 128-512 tiles,
+1.25-1.65x at 32-64). Float32 only: the transforms' coefficients (up to 5 in ``B``, 8 in ``A``)
+amplify rounding, which float32's 24-bit mantissa absorbs (max error 6-8e-6 of the output's
+largest value, against 2e-6 for oneDNN's direct convolution, both against float64) and bf16's 8
+bits would not.
 
-Tiles are processed in bands of at most :data:`BAND_TILES` so that the transformed input and
-output (2.25x the input and output they stand for) stay bounded on a VAE's 512x512 layers.
+Tiles are processed in bands of at most :data:`BAND_BYTES` of transformed input or products
+(2.25x the input and output they stand for), so that those temporaries stay bounded on a VAE's
+512x512 layers and below the size from which glibc's malloc maps every block fresh (32 MiB at
+most): fresh pages are faulted in on first touch, and with 38 MB bands a 256 px VAE decode took
+6.5 s instead of 3.6-4.2.
 """
 
 from __future__ import annotations
@@ -42,18 +49,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BAND_TILES", "MIN_CHANNELS", "MIN_TILES", "winograd_applies", "winograd_conv2d", "winograd_tiles",
-           "winograd_weight"]
+__all__ = ["BAND_BYTES", "MIN_CHANNELS", "MIN_TILES", "MIN_TRAIN_TILES", "winograd_applies", "winograd_conv2d",
+           "winograd_tiles", "winograd_weight"]
 
 MIN_TILES = 64
 """Fewest 4x4 output tiles (batch x ceil(H/4) x ceil(W/4)) a convolution takes Winograd with:
 at 32 tiles (16x16 pixels, a batch of 2) the per-call weight transform ate the gain (1.06x at 320
 channels, 0.85-0.90x at 640-1280); from 64 on every SD shape measured gained."""
+MIN_TRAIN_TILES = 128
+"""The same for a convolution that needs a gradient (2x320x32x32: 0.76x ``F.conv2d``'s forward +
+backward time; 4x640x16x16, 64 tiles: 1.42x)."""
 MIN_CHANNELS = 64
 """Fewest input and output channels: below that the transforms outweigh the GEMMs (a VAE's
 128 -> 3 output convolution ran 1.32x slower)."""
-BAND_TILES = 2048
-"""Most tiles transformed at once (a band of tile rows of one image)."""
+BAND_BYTES = 8 << 20
+"""Most bytes a band's transformed input (36 x tiles x in x 4) or products (36 x tiles x out x 4)
+may take: a band of tile rows of one image at a time, or the whole batch where it fits."""
 
 _M, _A = 4, 6  # output tile side, input tile side (_M + 3 - 1)
 
@@ -65,13 +76,15 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
 _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 
-def _kron(rows: tuple[tuple[float, ...], ...]) -> Tensor:
-    """``M kron M`` in float32: the 2-D transform ``M X M^T`` of a flattened tile, as one matrix."""
-    m = torch.tensor(rows, dtype=torch.float64)
-    return torch.kron(m, m).float()
+_INPUT, _WEIGHT, _OUTPUT = (torch.tensor(m, dtype=torch.float32) for m in (_BT, _G, _AT))  # (6, 6), (6, 3), (4, 6)
 
 
-_INPUT, _WEIGHT, _OUTPUT = _kron(_BT), _kron(_G), _kron(_AT)  # (36, 36), (36, 9), (16, 36)
+def _both_axes(m: Tensor, t: Tensor) -> Tensor:
+    """``m t m^T`` over the first two axes of ``t`` ``(a, a, X)``: ``(b, b, X)`` for ``m`` ``(b, a)``
+    (two small GEMMs: about 2a multiply-adds an element instead of the a^2 of one Kronecker matrix,
+    which ran 2-4x slower)."""
+    a, x = t.shape[1], t.shape[2]
+    return torch.matmul(m, (m @ t.reshape(a, a * x)).view(m.shape[0], a, x))
 
 
 def winograd_tiles(x: Tensor) -> int:
@@ -81,40 +94,41 @@ def winograd_tiles(x: Tensor) -> int:
 
 
 def winograd_applies(x: Tensor, weight: Tensor, stride: object, padding: object, dilation: object,
-                     groups: int) -> bool:
+                     groups: int, *, min_tiles: int = MIN_TILES) -> bool:
     """True for the convolutions this path computes and wins on: a 4-D input, a 3x3 kernel, stride
     1, padding 1, dilation 1, one group, at least :data:`MIN_CHANNELS` input and output channels
-    and at least :data:`MIN_TILES` output tiles. Dtype, device and autograd are the dispatcher's
-    to check (:func:`t2i_engine.kernels.dense.dispatch.winograd_unsupported_reason`)."""
+    and at least ``min_tiles`` output tiles (:data:`MIN_TILES`; :data:`MIN_TRAIN_TILES` for a
+    convolution that needs a gradient). Dtype, device and autograd are the dispatcher's to check (:func:`t2i_engine.kernels.dense.dispatch.winograd_unsupported_reason`)."""
     return (
         x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and groups == 1
         and stride in (1, (1, 1), [1, 1]) and padding in (1, (1, 1), [1, 1]) and dilation in (1, (1, 1), [1, 1])
         and x.shape[1] >= MIN_CHANNELS and weight.shape[0] >= MIN_CHANNELS
-        and winograd_tiles(x) >= MIN_TILES
+        and winograd_tiles(x) >= min_tiles
     )
 
 
 def winograd_weight(weight: Tensor) -> Tensor:
     """``G g G^T`` of every ``(out, in, 3, 3)`` float32 kernel, as ``(36, out, in)``."""
     k, c = weight.shape[:2]
-    return (_WEIGHT @ weight.reshape(k * c, 9).t()).view(_A * _A, k, c)
+    return _both_axes(_WEIGHT, weight.permute(2, 3, 0, 1).reshape(3, 3, k * c)).view(_A * _A, k, c)
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.conv2d(x, weight, bias, padding=1)`` for a 3x3 float32 ``weight`` (stride 1, one group)
     by Winograd F(4x4, 3x3); any ``H`` and ``W`` (the last tiles are zero-padded and cropped).
-    No autograd: for inference."""
+    Differentiable by autograd."""
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = -(-h // _M), -(-w // _M)
     # pad 1 on the top/left, and on the bottom/right up to whole tiles plus 1
     xp = F.pad(x, (1, tw * _M - w + 1, 1, th * _M - h + 1))
     u = winograd_weight(weight).transpose(1, 2)  # (36, in, out), column-major matrices
-    if n * th * tw <= BAND_TILES:  # the whole batch in one band
+    band_tiles = max(1, BAND_BYTES // (_A * _A * max(c, k) * x.element_size()))
+    if n * th * tw <= band_tiles:  # the whole batch in one band
         y = _band(xp, u, th, tw)
     else:
         y = x.new_empty(n, k, th * _M, tw * _M)
-        band = max(1, BAND_TILES // tw)  # tile rows per band
+        band = max(1, band_tiles // tw)  # tile rows per band
         for i in range(n):
             for r0 in range(0, th, band):
                 rows = min(band, th - r0)
@@ -133,8 +147,8 @@ def _band(xb: Tensor, u: Tensor, rows: int, cols: int) -> Tensor:
     n, c, k = xb.shape[0], xb.shape[1], u.shape[2]
     t = n * rows * cols
     tiles = xb.unfold(2, _A, _M).unfold(3, _A, _M)  # (N, C, rows, cols, 6, 6), a view
-    d = tiles.permute(4, 5, 0, 2, 3, 1).reshape(_A * _A, t * c)  # (36, tiles * C)
-    v = (_INPUT @ d).view(_A * _A, t, c)  # B^T d B per tile
+    d = tiles.permute(4, 5, 0, 2, 3, 1).reshape(_A, _A, t * c)  # (6, 6, tiles * C)
+    v = _both_axes(_INPUT, d).view(_A * _A, t, c)  # B^T d B per tile
     m = torch.bmm(v, u)  # (36, tiles, out): the element-wise products summed over input channels
-    out = (_OUTPUT @ m.view(_A * _A, t * k)).view(_M, _M, n, rows, cols, k)  # A^T m A
+    out = _both_axes(_OUTPUT, m.view(_A, _A, t * k)).view(_M, _M, n, rows, cols, k)  # A^T m A
     return out.permute(2, 5, 3, 0, 4, 1).reshape(n, k, rows * _M, cols * _M)

@@ -36,12 +36,19 @@ def test_equals_the_direct_convolution_on_random_shapes(seed: int) -> None:
     assert _relative_error(winograd_conv2d(x, wt, b), x, wt, b) < 1e-5
 
 
-def test_bands_split_a_large_input_and_keep_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past BAND_BYTES the input is transformed in bands of tile rows, image by image."""
+@pytest.mark.parametrize("band_tiles", [7, 45])
+def test_bands_split_a_large_input_and_keep_the_result(band_tiles: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past BAND_BYTES the input is transformed in bands (7 tiles: bands of tile rows, image by
+    image; 45: two images of 20 tiles together, then the third), and past CHUNK_BYTES the
+    output channels are taken in chunks."""
     g = torch.Generator().manual_seed(0)
     x, wt, b = torch.randn(3, 5, 18, 13, generator=g), torch.randn(7, 5, 3, 3, generator=g), torch.randn(7, generator=g)
+    assert winograd.winograd_tiles(x) == 3 * 5 * 4
     whole = winograd_conv2d(x, wt, b)
-    monkeypatch.setattr(winograd, "BAND_BYTES", 7 * 36 * 7 * 4)  # 7 tiles of 7 channels; 4 tiles a row: 1-row bands
+    assert len(winograd._bands(3, 5, 4, 10**6)) == 1
+    monkeypatch.setattr(winograd, "BAND_BYTES", band_tiles * 36 * 5 * 4)  # band_tiles tiles of 5 channels
+    monkeypatch.setattr(winograd, "CHUNK_BYTES", 36 * 5 * 3 * 4)  # 3 output channels of 5 inputs at a time
+    assert len(winograd._bands(3, 5, 4, band_tiles)) == (9 if band_tiles == 7 else 2)
     banded = winograd_conv2d(x, wt, b)
     assert _relative_error(banded, x, wt, b) < 1e-5
     assert ((banded - whole).abs().max() / whole.abs().max()).item() < 1e-5  # other GEMM sizes, other rounding

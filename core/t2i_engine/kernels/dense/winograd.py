@@ -36,11 +36,12 @@ amplify rounding, which float32's 24-bit mantissa absorbs (max error 6-8e-6 of t
 largest value, against 2e-6 for oneDNN's direct convolution, both against float64) and bf16's 8
 bits would not.
 
-Tiles are processed in bands of at most :data:`BAND_BYTES` of transformed input or products
-(2.25x the input and output they stand for), so that those temporaries stay bounded on a VAE's
+Tiles are processed in bands of at most :data:`BAND_BYTES` of transformed input (2.25x the input
+it stands for), and output channels in chunks of at most :data:`CHUNK_BYTES` of transformed weight
+(4x the weight) or products (2.25x the output), so that those temporaries stay bounded on a VAE's
 512x512 layers and below the size from which glibc's malloc maps every block fresh (32 MiB at
-most): fresh pages are faulted in on first touch, and with 38 MB bands a 256 px VAE decode took
-6.5 s instead of 3.6-4.2.
+most), where fresh pages are faulted in on first touch: with 38 MB bands a 256 px VAE decode took
+6.5 s instead of 4.4-4.8 under glibc's default settings.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BAND_BYTES", "MIN_CHANNELS", "MIN_TILES", "MIN_TRAIN_TILES", "winograd_applies", "winograd_conv2d",
+__all__ = ["BAND_BYTES", "CHUNK_BYTES", "MIN_CHANNELS", "MIN_TILES", "MIN_TRAIN_TILES", "winograd_applies", "winograd_conv2d",
            "winograd_tiles", "winograd_weight"]
 
 MIN_TILES = 64
@@ -62,9 +63,12 @@ backward time; 4x640x16x16, 64 tiles: 1.42x)."""
 MIN_CHANNELS = 64
 """Fewest input and output channels: below that the transforms outweigh the GEMMs (a VAE's
 128 -> 3 output convolution ran 1.32x slower)."""
-BAND_BYTES = 8 << 20
-"""Most bytes a band's transformed input (36 x tiles x in x 4) or products (36 x tiles x out x 4)
-may take: a band of tile rows of one image at a time, or the whole batch where it fits."""
+BAND_BYTES = 24 << 20
+"""Most bytes of transformed input (36 x tiles x in x 4) at once: the whole batch where it fits,
+else bands of whole images or of tile rows of one image, of even size."""
+CHUNK_BYTES = 8 << 20
+"""Most bytes of transformed weight (36 x in x out-chunk x 4) or of products (36 x tiles x
+out-chunk x 4) at once: the output channels are taken in chunks."""
 
 _M, _A = 4, 6  # output tile side, input tile side (_M + 3 - 1)
 
@@ -76,13 +80,14 @@ _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
 _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 
-_INPUT, _WEIGHT, _OUTPUT = (torch.tensor(m, dtype=torch.float32) for m in (_BT, _G, _AT))  # (6, 6), (6, 3), (4, 6)
+_INPUT, _OUTPUT = (torch.tensor(m, dtype=torch.float32) for m in (_BT, _AT))  # (6, 6), (4, 6)
+_WEIGHT = torch.kron(*(2 * (torch.tensor(_G, dtype=torch.float64),))).float()  # (36, 9): g -> G g G^T flattened
 
 
 def _both_axes(m: Tensor, t: Tensor) -> Tensor:
     """``m t m^T`` over the first two axes of ``t`` ``(a, a, X)``: ``(b, b, X)`` for ``m`` ``(b, a)``
     (two small GEMMs: about 2a multiply-adds an element instead of the a^2 of one Kronecker matrix,
-    which ran 2-4x slower)."""
+    which ran 2-4x slower on the input)."""
     a, x = t.shape[1], t.shape[2]
     return torch.matmul(m, (m @ t.reshape(a, a * x)).view(m.shape[0], a, x))
 
@@ -110,7 +115,9 @@ def winograd_applies(x: Tensor, weight: Tensor, stride: object, padding: object,
 def winograd_weight(weight: Tensor) -> Tensor:
     """``G g G^T`` of every ``(out, in, 3, 3)`` float32 kernel, as ``(36, out, in)``."""
     k, c = weight.shape[:2]
-    return _both_axes(_WEIGHT, weight.permute(2, 3, 0, 1).reshape(3, 3, k * c)).view(_A * _A, k, c)
+    # one (36, 9) GEMM: the separable form's second step, a batched GEMM over 3-long rows, ran
+    # 20-60x slower (157 ms for 640 x 640 weights)
+    return (_WEIGHT @ weight.reshape(k * c, 9).t()).view(_A * _A, k, c)
 
 
 def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -122,18 +129,17 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     th, tw = -(-h // _M), -(-w // _M)
     # pad 1 on the top/left, and on the bottom/right up to whole tiles plus 1
     xp = F.pad(x, (1, tw * _M - w + 1, 1, th * _M - h + 1))
-    u = winograd_weight(weight).transpose(1, 2)  # (36, in, out), column-major matrices
-    band_tiles = max(1, BAND_BYTES // (_A * _A * max(c, k) * x.element_size()))
-    if n * th * tw <= band_tiles:  # the whole batch in one band
-        y = _band(xp, u, th, tw)
-    else:
+    per_channel = _A * _A * x.element_size()  # bytes of one channel of one transformed tile
+    y = None
+    bands = _bands(n, th, tw, max(1, BAND_BYTES // (per_channel * c)))
+    if len(bands) > 1:
         y = x.new_empty(n, k, th * _M, tw * _M)
-        band = max(1, band_tiles // tw)  # tile rows per band
-        for i in range(n):
-            for r0 in range(0, th, band):
-                rows = min(band, th - r0)
-                y[i:i + 1, :, r0 * _M:(r0 + rows) * _M] = _band(xp[i:i + 1, :, r0 * _M:(r0 + rows) * _M + 2], u,
-                                                                  rows, tw)
+    for images, r0, rows in bands:
+        band = _band(xp[images, :, r0 * _M:(r0 + rows) * _M + 2], weight, rows, tw, per_channel)
+        if y is None:
+            y = band
+        else:
+            y[images, :, r0 * _M:(r0 + rows) * _M] = band
     if th * _M != h or tw * _M != w:
         y = y[:, :, :h, :w].contiguous()
     if bias is not None:
@@ -141,14 +147,36 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     return y
 
 
-def _band(xb: Tensor, u: Tensor, rows: int, cols: int) -> Tensor:
+def _bands(n: int, th: int, tw: int, most: int) -> list[tuple[slice, int, int]]:
+    """``(images, first tile row, tile rows)`` per band of at most ``most`` tiles, of even sizes:
+    groups of whole images where one fits, else tile rows of one image."""
+    if th * tw <= most:
+        per = max(1, min(n, most // (th * tw)))
+        count = -(-n // per)
+        per = -(-n // count)
+        return [(slice(i, min(i + per, n)), 0, th) for i in range(0, n, per)]
+    count = -(-th * tw // most)  # bands per image
+    rows = -(-th // count)
+    return [(slice(i, i + 1), r0, min(rows, th - r0)) for i in range(n) for r0 in range(0, th, rows)]
+
+
+def _band(xb: Tensor, weight: Tensor, rows: int, cols: int, per_channel: int) -> Tensor:
     """One band of ``rows x cols`` output tiles per image: ``xb`` is its ``(N, C, 4 * rows + 2,
-    4 * cols + 2)`` padded input; returns ``(N, out, 4 * rows, 4 * cols)``."""
-    n, c, k = xb.shape[0], xb.shape[1], u.shape[2]
+    4 * cols + 2)`` padded input; returns ``(N, out, 4 * rows, 4 * cols)``. The weight is
+    transformed and multiplied a chunk of output channels at a time, so that neither its
+    transform (four times the weight) nor the products exceed :data:`CHUNK_BYTES`."""
+    n, c, k = xb.shape[0], xb.shape[1], weight.shape[0]
     t = n * rows * cols
     tiles = xb.unfold(2, _A, _M).unfold(3, _A, _M)  # (N, C, rows, cols, 6, 6), a view
     d = tiles.permute(4, 5, 0, 2, 3, 1).reshape(_A, _A, t * c)  # (6, 6, tiles * C)
     v = _both_axes(_INPUT, d).view(_A * _A, t, c)  # B^T d B per tile
-    m = torch.bmm(v, u)  # (36, tiles, out): the element-wise products summed over input channels
-    out = _both_axes(_OUTPUT, m.view(_A, _A, t * k)).view(_M, _M, n, rows, cols, k)  # A^T m A
-    return out.permute(2, 5, 3, 0, 4, 1).reshape(n, k, rows * _M, cols * _M)
+    chunks = -(-k // max(1, CHUNK_BYTES // (per_channel * max(c, t))))
+    chunk = -(-k // chunks)  # output channels at a time, in chunks of even size
+    outs = []
+    for k0 in range(0, k, chunk):
+        u = winograd_weight(weight[k0:k0 + chunk]).transpose(1, 2)  # (36, in, chunk), column-major
+        m = torch.bmm(v, u)  # (36, tiles, chunk): the element-wise products summed over input channels
+        kc = m.shape[2]
+        out = _both_axes(_OUTPUT, m.view(_A, _A, t * kc)).view(_M, _M, n, rows, cols, kc)  # A^T m A
+        outs.append(out.permute(2, 5, 3, 0, 4, 1).reshape(n, kc, rows * _M, cols * _M))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)

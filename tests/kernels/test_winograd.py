@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from t2i_engine.kernels import cpu_paths
 from t2i_engine.kernels.dense import dispatch, winograd
-from t2i_engine.kernels.dense.winograd import MIN_CHANNELS, MIN_TILES, MIN_TRAIN_TILES, winograd_applies, winograd_conv2d
+from t2i_engine.kernels.dense.winograd import (MIN_CHANNELS, MIN_TILES, MIN_TRAIN_TILES, winograd_applies,
+                                               winograd_conv2d)
 from t2i_engine.nn import ops
 from t2i_engine.nn.cpu_inference import pack_conv_weights
 
@@ -47,9 +48,16 @@ def test_bands_split_a_large_input_and_keep_the_result(band_tiles: int, monkeypa
     whole = winograd_conv2d(x, wt, b)
     assert len(winograd._bands(3, 5, 4, 10**6)) == 1
     monkeypatch.setattr(winograd, "BAND_BYTES", band_tiles * 36 * 5 * 4)  # band_tiles tiles of 5 channels
+    monkeypatch.setattr(winograd, "BAND_TILES", 1)
     monkeypatch.setattr(winograd, "CHUNK_BYTES", 36 * 5 * 3 * 4)  # 3 output channels of 5 inputs at a time
-    assert len(winograd._bands(3, 5, 4, band_tiles)) == (9 if band_tiles == 7 else 2)
+    monkeypatch.setattr(winograd, "CHUNK_CHANNELS", 1)
+    bands = []
+    real = winograd._band
+    monkeypatch.setattr(winograd, "_band", lambda xb, *a: bands.append(xb.shape) or real(xb, *a))
     banded = winograd_conv2d(x, wt, b)
+    # 7 tiles: 3 bands of 2, 2, 1 tile rows per image, each read with its neighbours' edge rows
+    assert bands == ([(1, 5, 10, 18), (1, 5, 10, 18), (1, 5, 6, 18)] * 3 if band_tiles == 7
+                     else [(2, 5, 22, 18), (1, 5, 22, 18)])
     assert _relative_error(banded, x, wt, b) < 1e-5
     assert ((banded - whole).abs().max() / whole.abs().max()).item() < 1e-5  # other GEMM sizes, other rounding
 

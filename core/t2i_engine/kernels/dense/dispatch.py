@@ -142,9 +142,10 @@ def winograd_unsupported_reason(*tensors: Tensor | None) -> str | None:
 
 def _winograd(x: Tensor, weight: Tensor, bias: Tensor | None, stride: Any, padding: Any, dilation: Any,
               groups: int) -> bool:
+    if winograd_unsupported_reason(x, weight, bias) is not None:  # first: it checks torch.compile
+        return False
     min_tiles = MIN_TRAIN_TILES if grad_needed(x, weight, bias) else MIN_TILES
-    return (winograd_applies(x, weight, stride, padding, dilation, groups, min_tiles=min_tiles)
-            and winograd_unsupported_reason(x, weight, bias) is None)
+    return winograd_applies(x, weight, stride, padding, dilation, groups, min_tiles=min_tiles)
 
 
 def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -36,12 +36,14 @@ amplify rounding, which float32's 24-bit mantissa absorbs (max error 6-8e-6 of t
 largest value, against 2e-6 for oneDNN's direct convolution, both against float64) and bf16's 8
 bits would not.
 
-Tiles are processed in bands of at most :data:`BAND_BYTES` of transformed input (2.25x the input
-it stands for), and output channels in chunks of at most :data:`CHUNK_BYTES` of transformed weight
-(4x the weight) or products (2.25x the output), so that those temporaries stay bounded on a VAE's
-512x512 layers and below the size from which glibc's malloc maps every block fresh (32 MiB at
-most), where fresh pages are faulted in on first touch: with 38 MB bands a 256 px VAE decode took
-6.5 s instead of 4.4-4.8 under glibc's default settings.
+Tiles are processed in bands of about :data:`BAND_BYTES` of transformed input (2.25x the input it
+stands for), each padded on its own, and output channels in chunks of about :data:`CHUNK_BYTES` of
+transformed weight (4x the weight) or products (2.25x the output). That keeps the temporaries
+bounded on a VAE's 512x512 layers (an SD-1.5 generation at 128 px peaked 162-168 MiB above its
+weights without the path, 202-213 MiB with 8 MiB bands and a whole padded copy of the input, ...)
+and below the size from which glibc's malloc maps every block fresh (32 MiB at most), where fresh
+pages are faulted in on first touch: with 38 MB bands a 256 px VAE decode took 6.5 s instead of
+4.4-4.8 under glibc's default settings.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BAND_BYTES", "CHUNK_BYTES", "MIN_CHANNELS", "MIN_TILES", "MIN_TRAIN_TILES", "winograd_applies", "winograd_conv2d",
-           "winograd_tiles", "winograd_weight"]
+__all__ = ["BAND_BYTES", "BAND_TILES", "CHUNK_BYTES", "CHUNK_CHANNELS", "MIN_CHANNELS", "MIN_TILES", "MIN_TRAIN_TILES", "winograd_applies",
+           "winograd_conv2d", "winograd_tiles", "winograd_weight"]
 
 MIN_TILES = 64
 """Fewest 4x4 output tiles (batch x ceil(H/4) x ceil(W/4)) a convolution takes Winograd with:
@@ -63,16 +65,23 @@ backward time; 4x640x16x16, 64 tiles: 1.42x)."""
 MIN_CHANNELS = 64
 """Fewest input and output channels: below that the transforms outweigh the GEMMs (a VAE's
 128 -> 3 output convolution ran 1.32x slower)."""
-BAND_BYTES = 24 << 20
-"""Most bytes of transformed input (36 x tiles x in x 4) at once: the whole batch where it fits,
-else bands of whole images or of tile rows of one image, of even size."""
+BAND_BYTES = 8 << 20
+"""Most bytes of transformed input (36 x tiles x in x 4) at once, unless :data:`BAND_TILES` tiles
+take more: the whole batch where it fits, else bands of whole images or of tile rows of one image,
+of even size."""
+BAND_TILES = 128
+"""Fewest tiles a band holds (where the input has as many): fewer rows make the 36 GEMMs and the
+per-band weight transform inefficient (SD's first level at 256 px, 960 input channels in bands of
+32 tiles: 0.73x the direct convolution's time; in one band of 128: 0.51-0.57x as its narrower layers)."""
 CHUNK_BYTES = 8 << 20
 """Most bytes of transformed weight (36 x in x out-chunk x 4) or of products (36 x tiles x
-out-chunk x 4) at once: the output channels are taken in chunks."""
+out-chunk x 4) at once, unless :data:`CHUNK_CHANNELS` output channels take more."""
+CHUNK_CHANNELS = 64
+"""Fewest output channels a chunk holds (where the layer has as many)."""
 
 _M, _A = 4, 6  # output tile side, input tile side (_M + 3 - 1)
 
-# Lavin and Gray's F(4x4, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A, in float64 and exact
+# Lavin and Gray's F(4x4, 3x3): Y = A^T [(G g G^T) * (B^T d B)] A
 _BT = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
        (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
@@ -103,7 +112,8 @@ def winograd_applies(x: Tensor, weight: Tensor, stride: object, padding: object,
     """True for the convolutions this path computes and wins on: a 4-D input, a 3x3 kernel, stride
     1, padding 1, dilation 1, one group, at least :data:`MIN_CHANNELS` input and output channels
     and at least ``min_tiles`` output tiles (:data:`MIN_TILES`; :data:`MIN_TRAIN_TILES` for a
-    convolution that needs a gradient). Dtype, device and autograd are the dispatcher's to check (:func:`t2i_engine.kernels.dense.dispatch.winograd_unsupported_reason`)."""
+    convolution that needs a gradient). Dtype, device and autograd are the dispatcher's to check
+    (:func:`t2i_engine.kernels.dense.dispatch.winograd_unsupported_reason`)."""
     return (
         x.dim() == 4 and weight.dim() == 4 and tuple(weight.shape[2:]) == (3, 3) and groups == 1
         and stride in (1, (1, 1), [1, 1]) and padding in (1, (1, 1), [1, 1]) and dilation in (1, (1, 1), [1, 1])
@@ -127,19 +137,10 @@ def winograd_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = -(-h // _M), -(-w // _M)
-    # pad 1 on the top/left, and on the bottom/right up to whole tiles plus 1
-    xp = F.pad(x, (1, tw * _M - w + 1, 1, th * _M - h + 1))
     per_channel = _A * _A * x.element_size()  # bytes of one channel of one transformed tile
-    y = None
-    bands = _bands(n, th, tw, max(1, BAND_BYTES // (per_channel * c)))
-    if len(bands) > 1:
-        y = x.new_empty(n, k, th * _M, tw * _M)
-    for images, r0, rows in bands:
-        band = _band(xp[images, :, r0 * _M:(r0 + rows) * _M + 2], weight, rows, tw, per_channel)
-        if y is None:
-            y = band
-        else:
-            y[images, :, r0 * _M:(r0 + rows) * _M] = band
+    y = x.new_empty(n, k, th * _M, tw * _M)
+    for images, r0, rows in _bands(n, th, tw, max(BAND_TILES, BAND_BYTES // (per_channel * c))):
+        _band(_padded_rows(x[images], r0, rows, tw), weight, y[images, :, r0 * _M:(r0 + rows) * _M], per_channel)
     if th * _M != h or tw * _M != w:
         y = y[:, :, :h, :w].contiguous()
     if bias is not None:
@@ -160,23 +161,40 @@ def _bands(n: int, th: int, tw: int, most: int) -> list[tuple[slice, int, int]]:
     return [(slice(i, i + 1), r0, min(rows, th - r0)) for i in range(n) for r0 in range(0, th, rows)]
 
 
-def _band(xb: Tensor, weight: Tensor, rows: int, cols: int, per_channel: int) -> Tensor:
-    """One band of ``rows x cols`` output tiles per image: ``xb`` is its ``(N, C, 4 * rows + 2,
-    4 * cols + 2)`` padded input; returns ``(N, out, 4 * rows, 4 * cols)``. The weight is
-    transformed and multiplied a chunk of output channels at a time, so that neither its
-    transform (four times the weight) nor the products exceed :data:`CHUNK_BYTES`."""
-    n, c, k = xb.shape[0], xb.shape[1], weight.shape[0]
-    t = n * rows * cols
+def _padded_rows(x: Tensor, r0: int, rows: int, tw: int) -> Tensor:
+    """The input of tile rows ``r0 .. r0 + rows``: rows ``4 r0 - 1 .. 4 (r0 + rows) + 1`` of ``x``,
+    zero-padded by 1 on the left and top and up to whole tiles plus 1 on the right and bottom (a
+    band's copy, not the whole padded input)."""
+    h, w = x.shape[2:]
+    first, last = _M * r0 - 1, _M * (r0 + rows) + 1  # input rows the band reads, end exclusive
+    band = x[:, :, max(first, 0):min(last, h)]
+    return F.pad(band, (1, tw * _M - w + 1, max(-first, 0), max(last - h, 0)))
+
+
+def _input_transform(xb: Tensor) -> Tensor:
+    """``B^T d B`` of every 6x6 tile of ``xb`` ``(N, C, 4 * rows + 2, 4 * cols + 2)``, as ``(36,
+    N * rows * cols, C)`` (the gathered tiles are freed on return)."""
+    n, c = xb.shape[:2]
     tiles = xb.unfold(2, _A, _M).unfold(3, _A, _M)  # (N, C, rows, cols, 6, 6), a view
+    t = n * tiles.shape[2] * tiles.shape[3]
     d = tiles.permute(4, 5, 0, 2, 3, 1).reshape(_A, _A, t * c)  # (6, 6, tiles * C)
-    v = _both_axes(_INPUT, d).view(_A * _A, t, c)  # B^T d B per tile
-    chunks = -(-k // max(1, CHUNK_BYTES // (per_channel * max(c, t))))
+    return _both_axes(_INPUT, d).view(_A * _A, t, c)
+
+
+def _band(xb: Tensor, weight: Tensor, y: Tensor, per_channel: int) -> None:
+    """One band of output tiles, written into ``y`` ``(N, out, 4 * rows, 4 * cols)``: ``xb`` is its
+    ``(N, C, 4 * rows + 2, 4 * cols + 2)`` padded input. The weight is transformed and multiplied
+    a chunk of output channels at a time, so that neither its transform (four times the weight)
+    nor the products exceed :data:`CHUNK_BYTES`."""
+    n, c, k = xb.shape[0], xb.shape[1], weight.shape[0]
+    rows, cols = y.shape[2] // _M, y.shape[3] // _M
+    v = _input_transform(xb)  # (36, tiles, C)
+    t = v.shape[1]
+    chunks = -(-k // max(CHUNK_CHANNELS, CHUNK_BYTES // (per_channel * max(c, t))))
     chunk = -(-k // chunks)  # output channels at a time, in chunks of even size
-    outs = []
     for k0 in range(0, k, chunk):
         u = winograd_weight(weight[k0:k0 + chunk]).transpose(1, 2)  # (36, in, chunk), column-major
         m = torch.bmm(v, u)  # (36, tiles, chunk): the element-wise products summed over input channels
         kc = m.shape[2]
         out = _both_axes(_OUTPUT, m.view(_A, _A, t * kc)).view(_M, _M, n, rows, cols, kc)  # A^T m A
-        outs.append(out.permute(2, 5, 3, 0, 4, 1).reshape(n, kc, rows * _M, cols * _M))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        y[:, k0:k0 + kc].view(n, kc, rows, _M, cols, _M).copy_(out.permute(2, 5, 3, 0, 4, 1))

@@ -13,35 +13,37 @@ The float32 UNet of SD-1.5 already runs its direct convolutions at this CPU core
 AMD EPYC (Zen 4) of docs/benchmarks.md, one thread, against oneDNN's convolution on a weight packed
 for the input's shape, with the weight transform paid on every call (so no weight copy is kept):
 
-======================  =====  =================
-input -> out            tiles  Winograd / oneDNN
-======================  =====  =================
-2x320x32x32 -> 320      128    0.57
-2x640x32x32 -> 640      128    0.50
-1x512x32x32 -> 512      64     0.63
-1x512x64x64 -> 512      256    0.47
-1x256x64x64 -> 256      256    0.53
-1x128x256x256 -> 128    4096   0.64
-2x320x16x16 -> 320      32     1.05 (not taken)
-2x1280x16x16 -> 1280    32     1.02 (not taken)
-======================  =====  =================
+=======================  =====  =================
+input -> out             tiles  Winograd / oneDNN
+=======================  =====  =================
+2x320x32x32 -> 320       128    0.55
+2x640x32x32 -> 640       128    0.52
+1x512x32x32 -> 512       64     0.70
+1x512x64x64 -> 512       256    0.58
+1x256x64x64 -> 256       256    0.58
+1x128x256x256 -> 128     4096   0.54
+1x64x64x64 -> 64         256    0.91
+2x320x16x16 -> 320       32     0.86-0.87 (not taken)
+2x1280x16x16 -> 1280     32     0.85-0.95 (not taken)
+1x512x16x16 -> 512       16     1.33 (not taken)
+1x128x128x128 -> 3       1024   1.16 (not taken: 3 output channels)
+=======================  =====  =================
 
-The weight transform costs about as much as 36 tiles' GEMM work, so the path takes only
+The per-call weight transform weighs most where there are few tiles, so the path takes only
 convolutions with at least :data:`MIN_TILES` output tiles and :data:`MIN_CHANNELS` channels on
 both sides (:func:`winograd_applies`). Autograd differentiates it (its ops are pads, views, GEMMs
-and copies); in training, where the weight gradient's transforms are paid too, it gained from
-:data:`MIN_TRAIN_TILES` tiles (forward + backward 0.58-0.70x ``F.conv2d``'s time at 128-512 tiles,
-1.25-1.65x at 32-64). Float32 only: the transforms' coefficients (up to 5 in ``B``, 8 in ``A``)
-amplify rounding, which float32's 24-bit mantissa absorbs (max error 6-8e-6 of the output's
-largest value, against 2e-6 for oneDNN's direct convolution, both against float64) and bf16's 8
-bits would not.
+and copies); in training, where the weight gradient's transforms are paid too, it gains from
+:data:`MIN_TRAIN_TILES` tiles. Float32 only: the transforms' coefficients (up to 5 in ``B``, 8 in
+``A``) amplify rounding, which float32's 24-bit mantissa absorbs (max error 5-9e-6 of the
+output's largest value, against 2e-6 for oneDNN's direct convolution, both against float64) and
+bf16's 8 bits would not.
 
 Tiles are processed in bands of about :data:`BAND_BYTES` of transformed input (2.25x the input it
 stands for), each padded on its own, and output channels in chunks of about :data:`CHUNK_BYTES` of
 transformed weight (4x the weight) or products (2.25x the output). That keeps the temporaries
-bounded on a VAE's 512x512 layers (an SD-1.5 generation at 128 px peaked 162-168 MiB above its
-weights without the path, 202-213 MiB with 8 MiB bands and a whole padded copy of the input, ...)
-and below the size from which glibc's malloc maps every block fresh (32 MiB at most), where fresh
+bounded on a VAE's 512x512 layers (an SD-1.5 generation at 128 px, whose peak is the decoder's,
+peaked 161-177 MiB above its weights without the path, 202-213 MiB with a whole padded copy of the
+input and 24 MiB bands, 168-187 MiB as it is now) and below the size from which glibc's malloc maps every block fresh (32 MiB at most), where fresh
 pages are faulted in on first touch: with 38 MB bands a 256 px VAE decode took 6.5 s instead of
 4.4-4.8 under glibc's default settings.
 """
@@ -57,14 +59,14 @@ __all__ = ["BAND_BYTES", "BAND_TILES", "CHUNK_BYTES", "CHUNK_CHANNELS", "MIN_CHA
 
 MIN_TILES = 64
 """Fewest 4x4 output tiles (batch x ceil(H/4) x ceil(W/4)) a convolution takes Winograd with:
-at 32 tiles (16x16 pixels, a batch of 2) the per-call weight transform ate the gain (1.06x at 320
-channels, 0.85-0.90x at 640-1280); from 64 on every SD shape measured gained."""
+from 64 every SD shape measured gained (0.52-0.70x); at 32 tiles (16x16 pixels, a batch of 2) the
+per-call weight transform leaves 0.81-1.01x, too little to count on across CPUs; at 16, 1.33x."""
 MIN_TRAIN_TILES = 128
-"""The same for a convolution that needs a gradient (2x320x32x32: 0.76x ``F.conv2d``'s forward +
-backward time; 4x640x16x16, 64 tiles: 1.42x)."""
+"""The same for a convolution that needs a gradient: forward + backward took 0.70-0.79x
+``F.conv2d``'s time at 128-512 tiles, 0.93x at 64 (4x640x16x16) and 1.32x at 32."""
 MIN_CHANNELS = 64
 """Fewest input and output channels: below that the transforms outweigh the GEMMs (a VAE's
-128 -> 3 output convolution ran 1.32x slower)."""
+128 -> 3 output convolution ran 1.16x slower; 64 -> 64 gained, 0.91x)."""
 BAND_BYTES = 8 << 20
 """Most bytes of transformed input (36 x tiles x in x 4) at once, unless :data:`BAND_TILES` tiles
 take more: the whole batch where it fits, else bands of whole images or of tile rows of one image,

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -14,3 +15,16 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env,
                           cwd=cwd, check=False, timeout=600)
+
+
+def spy_on(monkeypatch: Any, owner: object, name: str) -> list[tuple]:
+    """Replace ``owner.name`` for this test by a wrapper that records each call's positional
+    arguments and still calls the original; returns the list it records into."""
+    calls: list[tuple] = []
+    real = getattr(owner, name)
+
+    def recording(*args: object) -> object:
+        calls.append(args)
+        return real(*args)
+    monkeypatch.setattr(owner, name, recording)
+    return calls

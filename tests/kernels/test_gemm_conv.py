@@ -14,6 +14,7 @@ from t2i_engine.kernels.dense import dispatch
 from t2i_engine.kernels.dense.gemm_conv import (MAX_ROWS, WIDE_CHANNELS, WIDE_MAX_ROWS, gemm_conv2d,
                                                 gemm_conv_applies)
 from t2i_engine.nn import ops
+from tests.helpers import spy_on
 
 
 def _case(seed: int) -> dict:
@@ -86,13 +87,7 @@ def test_shapes_it_applies_to() -> None:
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    calls: list[tuple] = []
-
-    def recording(*args: object) -> torch.Tensor:
-        calls.append(args)
-        return gemm_conv2d(*args)  # type: ignore[arg-type]
-    monkeypatch.setattr(dispatch, "gemm_conv2d", recording)
-    return calls
+    return spy_on(monkeypatch, dispatch, "gemm_conv2d")
 
 
 def test_dispatch_takes_the_gemm_for_small_training_convolutions(spy: list[tuple]) -> None:

@@ -15,6 +15,7 @@ from t2i_engine.kernels.dense.winograd import (MIN_CHANNELS, MIN_TILES, MIN_TRAI
                                                winograd_conv2d)
 from t2i_engine.nn import ops
 from t2i_engine.nn.cpu_inference import pack_conv_weights
+from tests.helpers import spy_on
 
 
 def _relative_error(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> float:
@@ -89,13 +90,7 @@ def test_shapes_it_applies_to() -> None:
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    calls: list[tuple] = []
-
-    def recording(*args: object) -> torch.Tensor:
-        calls.append(args)
-        return winograd_conv2d(*args)  # type: ignore[arg-type]
-    monkeypatch.setattr(dispatch, "winograd_conv2d", recording)
-    return calls
+    return spy_on(monkeypatch, dispatch, "winograd_conv2d")
 
 
 def test_dispatch_takes_winograd_for_large_float32_inference_convolutions(spy: list[tuple]) -> None:

@@ -28,3 +28,16 @@ def spy_on(monkeypatch: Any, owner: object, name: str) -> list[tuple]:
         return real(*args)
     monkeypatch.setattr(owner, name, recording)
     return calls
+
+
+def count_draws(monkeypatch: Any) -> list[str]:
+    """Wrap every in-place ``torch.nn.init`` function for this test so that each call is recorded
+    (by name) in the returned list."""
+    from torch import nn
+
+    calls: list[str] = []
+    for name in [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]:
+        real = getattr(nn.init, name)
+        monkeypatch.setattr(nn.init, name,
+                            lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    return calls

@@ -7,15 +7,7 @@ import torch
 from torch import nn
 
 from t2i_engine.nn.init import skip_weight_init
-
-
-def count_draws(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Wrap every in-place torch.nn.init function so that each call is recorded."""
-    calls: list[str] = []
-    for name in [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]:
-        real = getattr(nn.init, name)
-        monkeypatch.setattr(nn.init, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
-    return calls
+from tests.helpers import count_draws
 
 
 def test_layers_built_inside_draw_nothing_and_the_functions_come_back(monkeypatch):

@@ -47,6 +47,7 @@ from t2i_engine.checkpoint.io import atomic_write_bytes, load_state_dict_strict,
 from t2i_engine.checkpoint.nemo import (CONFIG_MEMBER, WEIGHTS_MEMBER, archive_member, read_archive_weights,
                                         strip_compile_names)
 from t2i_engine.errors import CheckpointError
+from t2i_engine.nn.init import skip_weight_init
 from t2i_plugin_imagen.imagen_unet import build_unet, unet_options
 from t2i_plugin_imagen.precond import Preconditioning
 from t2i_plugin_imagen.stage import ImagenStage
@@ -250,7 +251,8 @@ def _stage(cfg: dict[str, Any], where: str, weights: Callable[[], tuple[dict[str
            tokenizer: str, lowres_size: int | None) -> ImagenStage:
     """A stage from a model config (read from ``where``) and ``weights()`` (``(NeMo state dict,
     its source)``, called once the config has been checked)."""
-    unet, kind, options, conditioning = _unet_from_config(cfg, where)
+    with skip_weight_init():  # the strict load below replaces every parameter
+        unet, kind, options, conditioning = _unet_from_config(cfg, where)
     precond = _precond(cfg, where)
     state, source = weights()
     load_state_dict_strict(unet, _unet_state(state, source, base=kind == "base"), source=f"{source} (unet)")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from t2i_engine.checkpoint.io import load_state_dict_strict, save_safetensors
 from t2i_engine.diffusion.parameterization import scalings
 from t2i_engine.errors import CheckpointError, ConfigError
+from t2i_engine.nn.init import skip_weight_init
 from t2i_plugin_imagen.autoencoder import IdentityAutoencoder
 from t2i_plugin_imagen.imagen_unet import EfficientUNet, ImagenUNet, build_unet, unet_options
 from t2i_plugin_imagen.precond import Preconditioning
@@ -242,9 +243,10 @@ def load_imagen_stage(url: str) -> ImagenStage:
         text = WordT5Config(**_meta_json(meta, "text", url))
         precond = Preconditioning(**_meta_json(meta, "precond", url))
         aug = NoiseAugConfig(**_meta_json(meta, "noise_aug", url))
-        stage = build_stage(unet_type=meta.get("unet_type", ""), unet=_meta_json(meta, "unet", url), text=text,
-                            precond=precond, image_size=int(_meta_json(meta, "image_size", url)),
-                            lowres_size=_meta_json(meta, "lowres_size", url), noise_aug=aug)
+        with skip_weight_init():  # the strict loads below replace every parameter (UNet and T5)
+            stage = build_stage(unet_type=meta.get("unet_type", ""), unet=_meta_json(meta, "unet", url), text=text,
+                                precond=precond, image_size=int(_meta_json(meta, "image_size", url)),
+                                lowres_size=_meta_json(meta, "lowres_size", url), noise_aug=aug)
     except (TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{url}: cannot rebuild the Imagen stage from its metadata: {e}") from e
     load_state_dict_strict(stage.unet, parts["unet"], source=f"{url} (unet)")

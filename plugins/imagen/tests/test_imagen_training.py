@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_plugin_imagen.stage import NoiseAugConfig, load_imagen_stage, lowres_extras
+from tests.helpers import count_draws
 
 
 class Recorder:
@@ -99,7 +100,7 @@ def test_noise_aug_schedule_draws_the_training_sigmas():
 
 
 @pytest.mark.parametrize("kind", ["base", "sr"])
-def test_two_step_training_and_round_trip(tmp_path, make_stage, kind):
+def test_two_step_training_and_round_trip(tmp_path, make_stage, kind, monkeypatch):
     from t2i_engine.data.shapes import ShapesDataset
     from t2i_engine.training.config import TrainConfig
     from t2i_engine.training.loop import fit
@@ -113,9 +114,15 @@ def test_two_step_training_and_round_trip(tmp_path, make_stage, kind):
     assert summary["step"] == 2 and math.isfinite(summary["loss"])
     assert any((a - b).abs().max() > 0 for a, b in zip(before, stage.unet.parameters()))
     stage.save(str(tmp_path / "s.safetensors"))
+    draws = count_draws(monkeypatch)
     back = load_imagen_stage(str(tmp_path / "s.safetensors"))
-    for (k, a), (_, b) in zip(stage.state_dict().items(), back.state_dict().items()):
-        assert torch.equal(a, b), k
+    assert draws == []  # built undrawn: the strict loads replace every parameter (UNet and T5)
+    want, got = dict(stage.named_buffers()), dict(back.named_buffers())  # non-persistent ones too
+    want.update(stage.state_dict())
+    got.update(back.state_dict())
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
     assert back.description == stage.description and back.noise_aug == stage.noise_aug
     stage.save(str(tmp_path / "h.safetensors"), dtype=torch.float16)
     half = load_imagen_stage(str(tmp_path / "h.safetensors"))

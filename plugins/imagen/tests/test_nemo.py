@@ -15,6 +15,8 @@ import yaml
 from t2i_engine.errors import CheckpointError, ConfigError
 from t2i_engine.interfaces import Conditioning
 from t2i_plugin_imagen.nemo import load_nemo_stage, read_nemo, save_nemo
+from t2i_plugin_imagen.text_encoder import T5TextEncoder
+from tests.helpers import count_draws
 
 
 def _rewrite(src, dst, edit):
@@ -30,14 +32,18 @@ def _rewrite(src, dst, edit):
 
 
 @pytest.mark.parametrize("kind", ["base", "sr"])
-def test_nemo_round_trip(tmp_path, make_stage, t5_folders, kind):
+def test_nemo_round_trip(tmp_path, make_stage, t5_folders, kind, monkeypatch):
     stage = make_stage(kind, d_model=32)
     save_nemo(stage, str(tmp_path / "m.nemo"))
     cfg, state = read_nemo(str(tmp_path / "m.nemo"))
     assert "model.model.unet.time_embed.1.weight" in state  # MegatronImagen.model(Imagen).model(precond).unet
     assert cfg["unet_type"] == kind and cfg["preconditioning_type"] == "EDM"
+    draws = count_draws(monkeypatch)
+    T5TextEncoder.from_folders(*t5_folders)
+    t5_draws = len(draws)  # transformers' own T5 build
     back = load_nemo_stage(str(tmp_path / "m.nemo"), t5=str(t5_folders[0]), tokenizer=str(t5_folders[1]),
                            lowres_size=stage.lowres_size)
+    assert len(draws) == 2 * t5_draws  # the UNet is built undrawn: the strict load replaces every parameter
     for (k, a), (_, b) in zip(stage.unet.state_dict().items(), back.unet.state_dict().items()):
         assert torch.equal(a, b), k
     assert back.precond == stage.precond and back.image_size == stage.image_size

@@ -45,3 +45,16 @@ def test_the_bootstrap_interval_of_the_median_covers_the_true_median() -> None:
         covered += low <= 0.0 <= high
     assert 0.85 <= covered / trials <= 1.0
     assert median_interval([0.5] * 6) == (0.5, 0.5, 0.5)
+
+
+def test_cpu_path_gain_runs_and_refuses_an_unknown_path() -> None:
+    """benchmarks/cpu_path_gain.py as its docstring's smoke run (tiny preset), and a path name
+    that does not exist refused by name."""
+    script = str(BENCHMARKS / "cpu_path_gain.py")
+    done = subprocess.run([sys.executable, script, "--preset", "tiny", "--size", "32", "--pairs", "1",
+                           "--only", "unet,train"], capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| unet |" in done.stdout and "| train |" in done.stdout
+    bad = subprocess.run([sys.executable, script, "--paths", "conv_winograd"], capture_output=True, text=True,
+                         timeout=300, check=False)
+    assert bad.returncode == 2 and "unknown CPU paths ['conv_winograd']" in bad.stderr

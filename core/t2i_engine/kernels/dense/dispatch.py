@@ -62,14 +62,19 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
 
 
-def _dtype_device_autocast_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
-    if not onednn_available():
-        return "PyTorch has no oneDNN here (or torch.backends.mkldnn.enabled is off)"
+def _float32_cpu_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
+    """Why these are not float32 CPU tensors outside CPU autocast, or None."""
     if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
         return "not all tensors are float32 CPU tensors"
     if torch.is_autocast_enabled("cpu"):
         return "CPU autocast is on"
     return None
+
+
+def _dtype_device_autocast_reason(tensors: tuple[Tensor | None, ...]) -> str | None:
+    if not onednn_available():
+        return "PyTorch has no oneDNN here (or torch.backends.mkldnn.enabled is off)"
+    return _float32_cpu_reason(tensors)
 
 
 def onednn_unsupported_reason(*tensors: Tensor | None) -> str | None:
@@ -127,13 +132,9 @@ def winograd_unsupported_reason(*tensors: Tensor | None) -> str | None:
     transforms amplify rounding beyond what bf16 holds), and the path on for this machine
     (:mod:`t2i_engine.kernels.cpu_paths`): ``conv_winograd_fp32`` in inference,
     ``conv_winograd_train_fp32`` where a gradient is needed."""
-    reason = cpu_path_unsupported()
+    reason = cpu_path_unsupported() or _float32_cpu_reason(tensors)
     if reason is not None:
         return reason
-    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32) for t in tensors):
-        return "not all tensors are float32 CPU tensors"
-    if torch.is_autocast_enabled("cpu"):
-        return "CPU autocast is on"
     path = "conv_winograd_train_fp32" if grad_needed(*tensors) else "conv_winograd_fp32"
     if not cpu_paths.enabled(path):
         return f"path {path} is off on this machine (t2i_engine.kernels.cpu_paths)"

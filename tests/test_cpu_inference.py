@@ -134,7 +134,36 @@ def test_prepare_for_inference_casts_then_packs_the_deep_levels():
     assert deep[1].weight.dtype == torch.float32  # norms keep float32
     assert model.text_encoder.weight.dtype == model.autoencoder.weight.dtype == torch.bfloat16
     assert not model.autoencoder.weight.is_mkldnn  # only the denoiser is packed
+    channels_last = cpu_paths.unsupported_reason("channels_last_bf16") is None  # a bf16 autoencoder: NHWC
+    assert model.autoencoder.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert deep[2].weight.is_contiguous()  # the denoiser keeps NCHW
     torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+def _conv_net(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(ops.Conv2d(3, 32, 3, padding=1), torch.nn.GroupNorm(8, 32), torch.nn.SiLU(),
+                               ops.Conv2d(32, 16, 3, padding=1), torch.nn.Upsample(scale_factor=2),
+                               ops.Conv2d(16, 3, 1)).to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_bf16_converts_bf16_conv_nets_only(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype):
+    from t2i_engine.kernels import cpu_paths
+    from t2i_engine.nn.cpu_inference import channels_last_bf16
+
+    if dtype == torch.bfloat16 and cpu_paths.unsupported_reason("channels_last_bf16") is not None:
+        pytest.skip("no oneDNN bf16 convolution on this CPU")
+    net, x = _conv_net(dtype), torch.randn(2, 3, 12, 10, generator=torch.Generator().manual_seed(2)).to(dtype)
+    with torch.inference_mode():
+        want = net(x).float()
+        converted = channels_last_bf16(net)
+        got = net(x)
+    assert converted == (dtype == torch.bfloat16)
+    assert got.is_contiguous(memory_format=torch.channels_last) == converted
+    torch.testing.assert_close(got.float(), want, rtol=0.02, atol=0.02)  # bf16: the same ops, another layout
+    monkeypatch.setattr(cpu_paths, "enabled", lambda path: path != "channels_last_bf16")
+    assert not channels_last_bf16(_conv_net(torch.bfloat16))  # this machine's timing turned it off
 
 
 def test_training_gradients_through_onednn_equal_pytorchs(monkeypatch: pytest.MonkeyPatch):

@@ -72,6 +72,8 @@ PATHS: dict[str, str] = {
     "conv_winograd_train_fp32": "the same for float32 training convolutions (forward and backward by autograd)",
     "linear_pack_fp32": "float32 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
     "linear_pack_bf16": "bf16 linear weights packed into oneDNN's layout (nn/cpu_inference.py)",
+    "channels_last_bf16": "bf16 autoencoders in channels_last memory format, whose oneDNN convolutions then "
+                          "skip the NCHW reorders of their activations (nn/cpu_inference.py)",
     "attention_bf16_short": "bf16 attention as baddbmm-softmax-bmm, up to LONG_SCORES scores per head "
                             "(kernels/attention/cpu.py)",
     "attention_bf16_long": "the same above LONG_SCORES scores per head (SD's 64x64-latent self-attention)",
@@ -127,17 +129,18 @@ def enabled(path: str) -> bool:
 def unsupported_reason(path: str) -> str | None:
     """Why this CPU cannot run fast path ``path`` at all, or None. oneDNN packs bf16 convolution
     weights only with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT: on an AVX2-only CPU (AMD Zen 3) the
-    reorder raises, so the bf16 packing paths are tried once on a tiny weight instead of assumed."""
+    reorder raises, so the bf16 packing paths, and ``channels_last_bf16`` (which needs the same
+    bf16 convolution), are tried once on a tiny weight instead of assumed."""
     if path not in PATHS:
         raise KeyError(f"unknown CPU path {path!r}; the paths are {', '.join(PATHS)}")
-    if path not in ("conv_pack_bf16", "linear_pack_bf16"):
+    if path not in ("conv_pack_bf16", "linear_pack_bf16", "channels_last_bf16"):
         return None
     from t2i_engine.kernels.dense.dispatch import onednn_available, pack_conv_weight, pack_linear_weight, packed_linear
 
     if not onednn_available():
         return "PyTorch without oneDNN"
     try:
-        if path == "conv_pack_bf16":
+        if path in ("conv_pack_bf16", "channels_last_bf16"):  # both need oneDNN's bf16 convolution
             pack_conv_weight(torch.zeros(8, 8, 3, 3, dtype=torch.bfloat16), stride=(1, 1), padding=(1, 1),
                              dilation=(1, 1), groups=1)
         else:
@@ -308,6 +311,21 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
             return run
         return call(gemm_conv2d), call(torch.nn.functional.conv2d)
 
+    def channels_last_pair() -> tuple[Callable[[], Any], Callable[[], Any]]:
+        # a KL decoder block at 256 px (256 channels at 64x64) under bf16 autocast: norm, SiLU, 3x3 conv
+        xn = torch.randn(1, 256, 64, 64, generator=g)
+        wn = (torch.randn(256, 256, 3, 3, generator=g) / 50).to(torch.bfloat16)
+        layouts = [(xn.contiguous(memory_format=m), wn.contiguous(memory_format=m))
+                   for m in (torch.channels_last, torch.contiguous_format)]
+
+        def block(xb: torch.Tensor, wb: torch.Tensor) -> Callable[[], None]:
+            def run() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    h = torch.nn.functional.silu(torch.nn.functional.group_norm(xb, 32))
+                    torch.nn.functional.conv2d(h, wb, padding=1)
+            return run
+        return block(*layouts[0]), block(*layouts[1])
+
     def attention_pair(tokens: int, dim: int) -> tuple[Callable[[], Any], Callable[[], Any]]:
         q, k, v = (torch.randn(2, 8, tokens, dim, generator=g).to(torch.bfloat16) for _ in range(3))
         return (lambda: bmm_attention(q, k, v), lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
@@ -324,6 +342,7 @@ def _probes() -> dict[str, Callable[[], tuple[Callable[[], Any], Callable[[], An
         "conv_winograd_train_fp32": lambda: winograd_pair(True),
         "linear_pack_fp32": lambda: linear_pair(torch.float32),
         "linear_pack_bf16": lambda: linear_pair(torch.bfloat16),
+        "channels_last_bf16": channels_last_pair,
         "attention_bf16_short": lambda: attention_pair(256, 80),  # SD's 16x16-latent self-attention
         "attention_bf16_long": lambda: attention_pair(1024, 40),  # 32x32 latents: 256 px images
     }

@@ -26,6 +26,14 @@ dense copy per packed weight), for the code that reads a loaded model's weights 
 difference file adds them). Each dtype's packing is kept only where this machine's timing found
 it faster (:mod:`t2i_engine.kernels.cpu_paths`). The inference tasks pack the denoiser of the
 model they own (:func:`t2i_engine.tasks.common.prepare_for_inference`, via :func:`pack_weights`).
+
+An autoencoder is the other case: few channels, large activations (256 channels at 128x128 in
+the KL decoder at 256 px), no weight worth packing. In bf16 its time goes to oneDNN reordering
+each NCHW activation into its blocked layout and back, around every convolution: on the Intel
+Xeon with AMX of docs/benchmarks.md those reorders were 38 % of diffusers' bf16 decode, and the
+same decoder in ``channels_last`` took 0.41x the NCHW time. :func:`channels_last_bf16` converts a
+module whose convolutions run in bf16 on the CPU, where this machine's timing keeps that
+(``channels_last_bf16``); float32 gains nothing from it (0.95-1.04x there).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ from t2i_engine.kernels._backend import cpu_path_unsupported
 from t2i_engine.kernels.dense.dispatch import default_pack_input, onednn_available, pack_conv_weight, pack_linear_weight
 from t2i_engine.nn import ops
 
-__all__ = ["PACKABLE_DTYPES", "pack_conv_weights", "pack_linear_weights", "pack_weights"]
+__all__ = ["PACKABLE_DTYPES", "channels_last_bf16", "pack_conv_weights", "pack_linear_weights", "pack_weights"]
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _PACK_PATH = {torch.float32: "conv_pack_fp32", torch.bfloat16: "conv_pack_bf16"}
@@ -116,3 +124,17 @@ def pack_conv_weights(module: nn.Module, *, min_in_channels: int = 640) -> int:
         layer.packed_for = shape  # ops.Conv2d repacks when a call brings another shape
         count += 1
     return count
+
+
+def channels_last_bf16(module: nn.Module) -> bool:
+    """Put ``module`` in ``channels_last`` memory format (its 4-D weights, and so the activations
+    its convolutions return) when it has convolutions that run on the CPU in bf16 (weights already
+    cast, as :func:`t2i_engine.nn.precision.cast_autocast_weights` does under autocast) and this
+    machine's timing kept that (path ``channels_last_bf16``). Returns whether it did. The results
+    equal the NCHW ones up to bf16 rounding; outputs may come back in ``channels_last`` strides."""
+    convs = [m.weight for m in module.modules() if isinstance(m, nn.Conv2d) and isinstance(m.weight, torch.Tensor)]
+    if (not convs or cpu_path_unsupported() is not None or not cpu_paths.enabled("channels_last_bf16")
+            or any(w.is_mkldnn or w.device.type != "cpu" or w.dtype != torch.bfloat16 for w in convs)):
+        return False
+    module.to(memory_format=torch.channels_last)
+    return True

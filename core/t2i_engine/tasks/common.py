@@ -13,7 +13,7 @@ from t2i_engine.adapters.config import apply_adapters
 from t2i_engine.errors import ConfigError
 from t2i_engine.interfaces import LatentDiffusionModel, RunContext, missing_members
 from t2i_engine.kernels import cpu_paths
-from t2i_engine.nn.cpu_inference import pack_weights
+from t2i_engine.nn.cpu_inference import channels_last_bf16, pack_weights
 from t2i_engine.nn.precision import cast_autocast_weights
 
 __all__ = ["apply_schedule", "build_model", "compile_denoiser", "inference_precision", "output_path", "prepare_for_autocast", "prepare_for_inference"]
@@ -93,7 +93,9 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
     (:func:`t2i_engine.kernels.cpu_paths.select`: cached per machine, timed on first use) and the
     denoiser's deep convolutions and linears packed into oneDNN's layout where that pays
     (:func:`t2i_engine.nn.cpu_inference.pack_weights`), unless ``pack`` is False (a denoiser
-    that ``torch.compile`` will trace: Inductor lays out its own weights).
+    that ``torch.compile`` will trace: Inductor lays out its own weights). A CPU autoencoder whose
+    convolutions run in bf16 is put in ``channels_last`` where that pays on this machine
+    (:func:`t2i_engine.nn.cpu_inference.channels_last_bf16`).
     """
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         prepare_for_autocast(model, autocast_dtype)
@@ -103,6 +105,10 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
             warn_slow_cpu_bf16(model.denoiser, autocast_dtype)
         if pack:
             pack_weights(model.denoiser)  # CPU layers only: it skips the others
+    if isinstance(model.autoencoder, torch.nn.Module):
+        if any(p.device.type == "cpu" for p in model.autoencoder.parameters()):
+            cpu_paths.select()
+            channels_last_bf16(model.autoencoder)  # bf16 CPU convolutions only: it skips the others
 
 
 def compile_denoiser(model: LatentDiffusionModel, device: torch.device) -> str:

@@ -99,3 +99,34 @@ def test_winograd_convolutions_match_diffusers(tmp_path, monkeypatch):
     assert {s[1] for s in calls} >= {64, 96} and any(s[-1] == 32 for s in calls)  # UNet and VAE layers
     assert got.shape == ref.shape
     assert (got - ref).abs().max() <= 1e-3
+
+
+def test_bf16_autoencoder_in_channels_last_matches_diffusers(tmp_path):
+    """Under bf16 autocast the sample task puts a CPU autoencoder in channels_last (where this CPU
+    has oneDNN's bf16 convolution). Its decode and encode against diffusers' VAE loaded from the
+    folder: within what diffusers' own bf16 autocast run differs from its float32 one."""
+    from diffusers import AutoencoderKL
+
+    from t2i_engine.kernels import cpu_paths
+    from t2i_engine.tasks.common import prepare_for_inference
+
+    if cpu_paths.unsupported_reason("channels_last_bf16") is not None:
+        pytest.skip(f"no oneDNN bf16 convolution here: {cpu_paths.unsupported_reason('channels_last_bf16')}")
+    tiny_pipeline(tokenizer_dir=tmp_path / "tok", vae_channels=(32, 96)).save_pretrained(tmp_path / "pipe")
+    vae = AutoencoderKL.from_pretrained(str(tmp_path / "pipe"), subfolder="vae").eval()
+    ours = build_model(DiffusersFolder().load(str(tmp_path / "pipe")), PRESETS["sd-1"])
+    prepare_for_inference(ours, autocast_dtype=torch.bfloat16)
+    convs = [m.weight for m in ours.autoencoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    g = torch.Generator().manual_seed(6)
+    z, images = torch.randn(1, 4, 12, 12, generator=g), torch.rand(1, 3, 24, 24, generator=g) * 2 - 1
+    sf = vae.config.scaling_factor
+    with torch.inference_mode():
+        exact = vae.decode(z / sf).sample, vae.encode(images).latent_dist.mean * sf
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            theirs = vae.decode(z / sf).sample.float(), vae.encode(images).latent_dist.mean.float() * sf
+            got = ours.autoencoder.decode(z).float(), ours.autoencoder.encode(images).float()
+    assert got[0].is_contiguous(memory_format=torch.channels_last)  # the layout really ran
+    for mine, reference, want in zip(got, theirs, exact, strict=True):
+        assert mine.shape == want.shape
+        assert (mine - want).abs().mean() <= 1.5 * (reference - want).abs().mean() + 1e-3

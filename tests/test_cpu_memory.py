@@ -88,3 +88,42 @@ def test_release_hands_retained_pages_back() -> None:
         pytest.skip("not glibc")
     out = subprocess.run([sys.executable, "-c", _RELEASE], capture_output=True, text=True, check=True)
     assert int(out.stdout.strip()) > 100 << 20
+
+
+_TRAINING_FAULTS = """
+import resource, sys, torch
+from t2i_engine.utils.cpu_memory import TRAINING_MMAP_THRESHOLD, retain_freed_memory
+assert retain_freed_memory(mmap_threshold=TRAINING_MMAP_THRESHOLD)
+elements = int(sys.argv[1])
+for _ in range(12):
+    x = torch.empty(elements).fill_(1.0); del x
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    x = torch.empty(elements).fill_(1.0)
+    del x
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
+def test_training_threshold_reuses_activations_and_maps_weight_sized_blocks() -> None:
+    """With the training loop's threshold a 16 MiB block (an activation) is reused from the heap,
+    a 64 MiB one (a large layer's gradient) is mapped afresh each time, as with glibc's defaults
+    (kept in the heap such blocks fragmented it: docs/benchmarks.md)."""
+    import os
+    import platform
+    import subprocess
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+
+    def faults(mib: int) -> tuple[int, int]:
+        env = {k: v for k, v in os.environ.items() if k != cpu_memory.ENV}
+        out = subprocess.run([sys.executable, "-c", _TRAINING_FAULTS, str(mib << 18)], env=env,
+                             capture_output=True, text=True, check=True)
+        return int(out.stdout.strip()), 10 * (mib << 20) // 4096
+
+    small, small_pages = faults(16)
+    large, large_pages = faults(64)
+    assert small < small_pages // 100
+    assert large > large_pages // 2

@@ -170,12 +170,12 @@ def _ours_train(folder: str, precision: str, args: argparse.Namespace) -> tuple[
     from t2i_plugin_sd.model import build_model
     from t2i_plugin_sd.presets import PRESETS
 
-    from t2i_engine.utils.cpu_memory import TRAINING_MMAP_THRESHOLD, retain_freed_memory
+    from t2i_engine.utils.cpu_memory import retain_freed_memory
 
     unet = build_model(DiffusersFolder().load(folder), PRESETS[args.preset]).unet.train()
     _resident(unet)
     opt = build_optimizer(unet.parameters(), TrainConfig(lr=1e-5))  # the train task's AdamW (fused here)
-    retain_freed_memory(mmap_threshold=TRAINING_MMAP_THRESHOLD)  # what the train loop does on the CPU before its first step
+    retain_freed_memory()  # what the train loop does on the CPU before its first step
     x, t, context, target = _train_inputs(args)
     cond = Conditioning(text=TextEmbedding(context))
 

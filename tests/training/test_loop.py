@@ -253,10 +253,7 @@ def test_cpu_training_keeps_freed_memory_in_the_heap(tmp_path, monkeypatch):
     steps: list[int] = []
     calls: list[int] = []  # the number of steps run when it was called
     real_step = loop.train_step
-    thresholds: list[int] = []
-    monkeypatch.setattr(loop, "retain_freed_memory",
-                        lambda **kw: thresholds.append(kw["mmap_threshold"]) or calls.append(len(steps)) or True)
+    monkeypatch.setattr(loop, "retain_freed_memory", lambda: calls.append(len(steps)) or True)
     monkeypatch.setattr(loop, "train_step", lambda *a, **k: (steps.append(1), real_step(*a, **k))[1])
     fit(TinyDenoiser(), DictDataset(), _cfg(max_steps=2, checkpoint_every=0), output_dir=tmp_path / "run", seed=0)
     assert calls == [0] and len(steps) == 2
-    assert thresholds == [loop.TRAINING_MMAP_THRESHOLD]  # weight-sized blocks stay mmapped

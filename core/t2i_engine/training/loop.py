@@ -40,7 +40,7 @@ from t2i_engine.training.logging import MetricsLogger, peak_memory_mb
 from t2i_engine.training.lr import lr_factor
 from t2i_engine.training.optim import build_optimizer
 from t2i_engine.training.protocol import check_trainable, prompts_list, sample_method
-from t2i_engine.utils.cpu_memory import TRAINING_MMAP_THRESHOLD, retain_freed_memory
+from t2i_engine.utils.cpu_memory import retain_freed_memory
 
 __all__ = ["TrainState", "build_fabric", "fit", "interrupted", "train_step", "validate"]
 
@@ -254,8 +254,7 @@ def fit(model: nn.Module, dataset: Any, train_config: TrainConfig, *, output_dir
     fabric = fabric or build_fabric(cfg)
     if fabric.device.type == "cpu":
         cpu_paths.select()  # this machine's CPU paths (the oneDNN training linear): cached, timed once
-        # else every step page-faults its freed activations back in; weight-sized blocks stay mmapped (docs/training.md)
-        retain_freed_memory(mmap_threshold=TRAINING_MMAP_THRESHOLD)
+        retain_freed_memory()  # else every step page-faults its freed activations back in (docs/training.md)
     if not _is_using_cli():  # under `fabric run` the CLI has launched the processes already
         fabric.launch()  # a no-op when already launched
     if cfg.deterministic:

@@ -16,15 +16,6 @@ step (a 32 px Imagen base step: 0.82x the time, a seventh of the page faults; do
 back to the system only when more than ``trim`` bytes lie free at the heap top. It is a no-op
 off glibc, and ``T2I_MALLOC_RETAIN=0`` turns it off.
 
-Training passes :data:`TRAINING_MMAP_THRESHOLD` (32 MiB, the ceiling of glibc's own adaptive
-threshold) instead: blocks above it, which in a large model are weight-sized (the gradients and
-bf16 casts of SD-1.5's 1280 x 1280 x 3 x 3 convolutions are 30-120 MB), go back to ``mmap``. Kept
-in the heap, they were freed and re-allocated in another order every step and left holes: an
-SD-1.5 UNet training step at 256 px (docs/benchmarks.md, the Intel Xeon of 2026-12-05) peaked at
-11.6 GB with the 256 MiB threshold, 10.3 GB with 32 MiB (float32: 10.9 and 10.2 GB), at the same
-step time (bf16, paired steps: 1.01x; float32 0.94x). Activations of small models (the Imagen
-shapes base: 8 MiB blocks) stay below it, so they keep the heap's reuse.
-
 What the heap keeps can fragment: blocks freed between live ones are kept resident until reused.
 :func:`release_free_memory` (glibc's ``malloc_trim``) hands every free page back at once;
 generation calls it between the denoising loop and the decoder (whose activations are much larger
@@ -39,15 +30,13 @@ import ctypes.util
 import os
 import sys
 
-__all__ = ["ENV", "TRAINING_MMAP_THRESHOLD", "release_free_memory", "retain_freed_memory"]
+__all__ = ["ENV", "release_free_memory", "retain_freed_memory"]
 
 ENV = "T2I_MALLOC_RETAIN"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MIB = 1 << 20
 _done = False
-TRAINING_MMAP_THRESHOLD = 32 * _MIB
-"""The ``mmap_threshold`` the training loop passes to :func:`retain_freed_memory` (module doc)."""
 _libc: ctypes.CDLL | bool | None = None  # None: not looked up yet; False: not glibc
 
 

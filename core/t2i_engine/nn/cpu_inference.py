@@ -30,7 +30,8 @@ model they own (:func:`t2i_engine.tasks.common.prepare_for_inference`, via :func
 An autoencoder is the other case: few channels, large activations (256 channels at 128x128 in
 the KL decoder at 256 px), no weight worth packing. In bf16 its time goes to oneDNN reordering
 each NCHW activation into its blocked layout and back, around every convolution: on the Intel
-Xeon with AMX of docs/benchmarks.md those reorders were 38 % of diffusers' bf16 decode, and the
+Xeon with AMX of docs/benchmarks.md those copies were 38 % of diffusers' bf16 decode (3 % in
+``channels_last``), and the
 same decoder in ``channels_last`` took 0.41x the NCHW time. :func:`channels_last_bf16` converts a
 module whose convolutions run in bf16 on the CPU, where this machine's timing keeps that
 (``channels_last_bf16``); float32 gains nothing from it (0.95-1.04x there).

@@ -34,7 +34,7 @@ Xeon with AMX of docs/benchmarks.md those copies were 38 % of diffusers' bf16 de
 ``channels_last``), and the
 same decoder in ``channels_last`` took 0.41x the NCHW time. :func:`channels_last_bf16` converts a
 module whose convolutions run in bf16 on the CPU, where this machine's timing keeps that
-(``channels_last_bf16``); float32 gains nothing from it (0.95-1.04x there).
+(``channels_last_bf16``); float32 gains nothing from it (0.92-1.04x there).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def channels_last_bf16(module: nn.Module) -> bool:
     cast, as :func:`t2i_engine.nn.precision.cast_autocast_weights` does under autocast) and this
     machine's timing kept that (path ``channels_last_bf16``). Returns whether it did. The results
     equal the NCHW ones up to bf16 rounding; outputs may come back in ``channels_last`` strides."""
-    convs = [m.weight for m in module.modules() if isinstance(m, nn.Conv2d) and isinstance(m.weight, torch.Tensor)]
+    convs = [m.weight for m in module.modules() if isinstance(m, nn.Conv2d)]
     if (not convs or cpu_path_unsupported() is not None or not cpu_paths.enabled("channels_last_bf16")
             or any(w.is_mkldnn or w.device.type != "cpu" or w.dtype != torch.bfloat16 for w in convs)):
         return False

@@ -99,16 +99,20 @@ def prepare_for_inference(model: LatentDiffusionModel, *, autocast_dtype: torch.
     """
     if autocast_dtype is not None and autocast_dtype != torch.float32:
         prepare_for_autocast(model, autocast_dtype)
+    if _on_cpu(model.denoiser) or _on_cpu(model.autoencoder):
+        cpu_paths.select()  # this machine's fast paths: cached, timed on the first run here
     if isinstance(model.denoiser, torch.nn.Module):
-        if any(p.device.type == "cpu" for p in model.denoiser.parameters()):
-            cpu_paths.select()  # this machine's fast paths: cached, timed on the first run here
+        if _on_cpu(model.denoiser):
             warn_slow_cpu_bf16(model.denoiser, autocast_dtype)
         if pack:
             pack_weights(model.denoiser)  # CPU layers only: it skips the others
-    if isinstance(model.autoencoder, torch.nn.Module):
-        if any(p.device.type == "cpu" for p in model.autoencoder.parameters()):
-            cpu_paths.select()
-            channels_last_bf16(model.autoencoder)  # bf16 CPU convolutions only: it skips the others
+    if _on_cpu(model.autoencoder):
+        channels_last_bf16(model.autoencoder)  # bf16 CPU convolutions only: it skips the others
+
+
+def _on_cpu(part: object) -> bool:
+    """Whether ``part`` is a module with parameters on the CPU."""
+    return isinstance(part, torch.nn.Module) and any(p.device.type == "cpu" for p in part.parameters())
 
 
 def compile_denoiser(model: LatentDiffusionModel, device: torch.device) -> str:
